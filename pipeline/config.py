@@ -1,0 +1,258 @@
+"""Settings for every stage: pydantic models, loaded from YAML plus ``--set`` overrides.
+
+Paths never live here: they come from the command line (the Makefile's variables).
+Every model forbids unknown keys, so a misspelled setting fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.io import InputError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SampleConfig(_Section):
+    """The generated sample scenes (``make sample``)."""
+
+    seed: int = Field(0, description="Random seed; the same seed gives byte-identical files.")
+    gsd: float = Field(0.15, gt=0, description="Ground sample distance of the scenes in metres.")
+    train_scenes: int = Field(4, ge=1, description="Labelled training scenes in raw/images.")
+    incoming_scenes: int = Field(2, ge=1, description="Scenes to predict in incoming/ (with truth).")
+    width: int = Field(1200, ge=64, description="Scene width in pixels (one scene is made narrower).")
+    height: int = Field(1000, ge=64, description="Scene height in pixels.")
+    epsg: int = Field(32633, description="Projected CRS of the scenes (a UTM zone).")
+
+
+class TileConfig(_Section):
+    """Cutting scenes into chips (``make tiles``)."""
+
+    chip_size: int = Field(256, ge=16, description="Chip width and height in pixels.")
+    overlap: int = Field(32, ge=0, description="Pixels shared by neighbouring chips.")
+    min_valid_fraction: float = Field(
+        0.5, ge=0, le=1, description="Chips with less valid (non-nodata) area are skipped."
+    )
+    gsd: float | None = Field(
+        None, gt=0, description="Resample every scene to this GSD in metres (None = keep native)."
+    )
+    bands: list[int] = Field(
+        default_factory=lambda: [1, 2, 3], description="1-based band indexes, in model order."
+    )
+    resampling: Literal["bilinear", "cubic", "lanczos"] = Field(
+        "bilinear", description="Resampling for imagery when a scene is brought to `gsd`."
+    )
+    geographic: Literal["reproject", "refuse"] = Field(
+        "reproject",
+        description="A scene in degrees is reprojected to its UTM zone, or refused.",
+    )
+    val_fraction: float = Field(
+        0.2, ge=0, lt=1, description="Share of chips (or scenes) held out for validation."
+    )
+    split_block_m: float = Field(
+        60.0, gt=0, description="Side of the spatial blocks used to split a single scene, metres."
+    )
+    seed: int = Field(0, description="Seed of the train/validation split.")
+
+
+class LabelConfig(_Section):
+    """Rasterizing car footprints into chip masks (``make masks``)."""
+
+    all_touched: bool = Field(False, description="Burn every pixel a polygon touches.")
+    point_length_m: float = Field(4.5, gt=0, description="Footprint length for Point labels.")
+    point_width_m: float = Field(1.9, gt=0, description="Footprint width for Point labels.")
+    weight_map: bool = Field(
+        True, description="Write U-Net gap weights (Ronneberger eq. 2) next to each mask."
+    )
+    w0: float = Field(10.0, ge=0, description="Peak extra weight in the gaps between cars.")
+    sigma_m: float = Field(0.75, gt=0, description="Width of the gap weight falloff, metres.")
+
+
+class AugmentConfig(_Section):
+    """albumentations applied to chip, mask and weights together."""
+
+    flips: bool = Field(True, description="Horizontal/vertical flips and 90 degree rotations.")
+    scale_rotate: bool = Field(True, description="Small scale and rotation jitter.")
+    color: bool = Field(True, description="Brightness, contrast, hue jitter.")
+    blur_noise: bool = Field(True, description="Light blur and Gaussian noise.")
+
+
+class TrainConfig(_Section):
+    """The U-Net and its training run (``make train``)."""
+
+    depth: int = Field(4, ge=1, le=6, description="Down-sampling levels of the U-Net.")
+    base_filters: int = Field(32, ge=4, description="Filters of the first level (doubling per level).")
+    batch_norm: bool = Field(True, description="Batch normalisation after each convolution.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout at the bottleneck.")
+    epochs: int = Field(40, ge=1, description="Maximum epochs.")
+    steps_per_epoch: int | None = Field(
+        None, ge=1, description="Batches per epoch (None = one pass over the training chips)."
+    )
+    batch_size: int = Field(16, ge=1, description="Chips per batch.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak Adam learning rate (cosine decay).")
+    dice_weight: float = Field(0.0, ge=0, description="Weight of the Dice loss added to BCE.")
+    use_gap_weights: bool = Field(True, description="Multiply BCE by the gap weight maps.")
+    positive_fraction: float | None = Field(
+        0.7, ge=0, le=1, description="Share of chips with cars per batch (None = natural ratio)."
+    )
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    pretrained_encoder: str | None = Field(
+        None, description="keras.applications encoder name (e.g. 'ResNet50'); None = from scratch."
+    )
+    max_minutes: float | None = Field(
+        None, gt=0, description="Wall-clock budget; training ends cleanly when it is spent."
+    )
+    early_stopping_patience: int = Field(8, ge=1, description="Epochs without val IoU gain.")
+    mixed_precision: Literal["auto", "on", "off"] = Field(
+        "auto", description="'auto' = mixed_float16 on a GPU, float32 on a CPU."
+    )
+    cache_in_memory: bool = Field(True, description="Hold chips in RAM when they fit.")
+    seed: int = Field(0, description="Seed for weights, sampling and augmentation.")
+
+
+class PredictConfig(_Section):
+    """Sliding-window inference and stitching (``make predict``)."""
+
+    window: int | None = Field(None, ge=16, description="Window size (None = the model's chip size).")
+    overlap: int = Field(64, ge=0, description="Pixels shared by neighbouring windows.")
+    batch_size: int = Field(8, ge=1, description="Windows per forward pass.")
+    tta: bool = Field(False, description="Average over flips (test-time augmentation).")
+    threshold: float | None = Field(
+        None, gt=0, lt=1, description="Car threshold (None = the one stored in the model bundle)."
+    )
+
+
+class VectorConfig(_Section):
+    """Car polygons from the stitched mask (``make vectors``)."""
+
+    window: int = Field(2048, ge=64, description="Vectorizing window size in pixels.")
+    halo: int = Field(64, ge=8, description="Extra pixels read around each window.")
+    min_area_m2: float = Field(2.0, ge=0, description="Smaller blobs are dropped.")
+    max_area_m2: float = Field(40.0, gt=0, description="Larger blobs are dropped.")
+    split_touching: bool = Field(True, description="Split touching cars (watershed).")
+    min_car_width_m: float = Field(1.4, gt=0, description="Smallest car width the splitter keeps.")
+    regularize: bool = Field(False, description="Replace each polygon by its min. rotated rectangle.")
+    format: Literal["gpkg", "geojson", "parquet"] = Field("gpkg", description="Output format.")
+
+
+class EvaluateConfig(_Section):
+    """Metrics against ground truth (``make evaluate``)."""
+
+    match_by: Literal["iou", "centroid"] = Field("iou", description="Object matching criterion.")
+    iou_threshold: float = Field(0.5, gt=0, le=1, description="Minimum IoU for a match.")
+    max_centroid_m: float = Field(1.5, gt=0, description="Maximum centroid distance for a match.")
+    size_bins_m2: list[float] = Field(
+        default_factory=lambda: [0, 6, 8, 10, 1e9], description="Car area bins for recall by size."
+    )
+
+
+class ReportConfig(_Section):
+    """The HTML report (``make report``)."""
+
+    crops: int = Field(4, ge=0, description="Example crops per scene.")
+    crop_size: int = Field(256, ge=32, description="Crop size in pixels.")
+
+
+class DistributedConfig(_Section):
+    """Where batch work runs (Dask)."""
+
+    scheduler: str | None = Field(
+        None, description="Address of an existing Dask scheduler; None = embedded LocalCluster."
+    )
+    workers: int | None = Field(None, ge=1, description="LocalCluster workers (None = cores).")
+    threads_per_worker: int = Field(1, ge=1, description="Threads per LocalCluster worker.")
+    retries: int = Field(1, ge=0, description="Retries of a failing scene before it is reported.")
+
+
+class Config(_Section):
+    """All settings. Each stage reads only its own section."""
+
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    tile: TileConfig = Field(default_factory=TileConfig)
+    labels: LabelConfig = Field(default_factory=LabelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
+    vectors: VectorConfig = Field(default_factory=VectorConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+
+# Which sections decide whether each stage's output is stale. Tiling does not depend on train
+# settings, so changing `train.epochs` never redoes tiling.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "sample": ("sample",),
+    "tile": ("tile",),
+    "masks": ("tile", "labels"),
+    "train": ("tile", "labels", "train"),
+    "predict": ("predict",),
+    "vectors": ("vectors",),
+    "evaluate": ("evaluate",),
+    "report": ("report",),
+}
+
+
+def _parse_value(text: str) -> Any:
+    # YAML gives numbers, booleans, null and [lists] their types; plain words stay strings.
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``dotted.key=value`` overrides to a nested settings dict (in place, returned)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set {item!r}: expected dotted.key=value")
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise InputError(f"--set {item!r}: {part!r} is not a section")
+        node[parts[-1]] = _parse_value(value.strip())
+    return data
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML settings file, apply overrides, validate.
+
+    Raises:
+        InputError: the file is missing, not YAML, or holds an unknown or invalid setting.
+    """
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise InputError(f"{path}: config file not found") from None
+        except yaml.YAMLError as exc:
+            raise InputError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: expected a mapping of sections at the top level")
+    apply_overrides(data, overrides or [])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise InputError(f"{path or 'settings'}: {where}: {err['msg']}") from None
+
+
+def stage_settings(cfg: Config, stage: str) -> dict:
+    """The settings that decide whether ``stage``'s output is stale, as plain JSON data."""
+    return {name: getattr(cfg, name).model_dump(mode="json") for name in STAGE_SECTIONS[stage]}
+
+
+def settings_digest(settings: dict) -> str:
+    """A short stable fingerprint of a settings dict."""
+    blob = json.dumps(settings, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,167 @@
+"""The U-Net and the model bundle (``model.keras`` + ``metadata.json``) that train writes and
+predict reads. Only ``keras.*`` APIs, so the same code runs on TensorFlow, JAX and PyTorch."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.io import InputError, atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.keras"
+METADATA_FILE = "metadata.json"
+BUNDLE_VERSION = 1
+
+
+def build_unet(
+    bands: int = 3,
+    *,
+    depth: int = 4,
+    base_filters: int = 32,
+    batch_norm: bool = True,
+    dropout: float = 0.1,
+    name: str = "car_unet",
+):
+    """Build a U-Net that maps (H, W, bands) float images to (H, W, 1) car probability.
+
+    H and W are left open so the same model predicts windows of any size divisible by
+    ``2**depth``. The head is a 1x1 sigmoid convolution computed in float32, so mixed precision
+    never rounds probabilities or the loss.
+    """
+    import keras
+    from keras import layers
+
+    def conv_block(x, filters: int, prefix: str):
+        for i in (1, 2):
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=not batch_norm,
+                              kernel_initializer="he_normal", name=f"{prefix}_conv{i}")(x)
+            if batch_norm:
+                x = layers.BatchNormalization(name=f"{prefix}_bn{i}")(x)
+            x = layers.Activation("relu", name=f"{prefix}_relu{i}")(x)
+        return x
+
+    inputs = keras.Input(shape=(None, None, bands), name="image")
+    x = inputs
+    skips = []
+    # === Encoder ===
+    for level in range(depth):
+        x = conv_block(x, base_filters * 2**level, f"enc{level}")
+        skips.append(x)
+        x = layers.MaxPooling2D(2, name=f"enc{level}_pool")(x)
+    # === Bottleneck ===
+    x = conv_block(x, base_filters * 2**depth, "bottleneck")
+    if dropout:
+        x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
+    # === Decoder ===
+    for level in reversed(range(depth)):
+        x = layers.Conv2DTranspose(base_filters * 2**level, 2, strides=2, padding="same",
+                                   name=f"dec{level}_up")(x)
+        x = layers.Concatenate(name=f"dec{level}_concat")([x, skips[level]])
+        x = conv_block(x, base_filters * 2**level, f"dec{level}")
+    # === Head ===
+    outputs = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="car_prob")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def normalize(image: np.ndarray, normalization: dict) -> np.ndarray:
+    """Scale a (rows, cols, bands) image to float32 with the bundle's per-band mean and std."""
+    mean = np.asarray(normalization["mean"], dtype=np.float32)
+    std = np.asarray(normalization["std"], dtype=np.float32)
+    return (image.astype(np.float32) - mean) / std
+
+
+@dataclass
+class Bundle:
+    """A trained model and everything predict needs to use it correctly."""
+
+    model: Any
+    metadata: dict
+    path: Path
+
+    @property
+    def bands(self) -> list[int]:
+        return list(self.metadata["bands"])
+
+    @property
+    def gsd(self) -> float | None:
+        return self.metadata.get("gsd")
+
+    @property
+    def chip_size(self) -> int:
+        return int(self.metadata["chip_size"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.metadata["threshold"])
+
+    @property
+    def multiple(self) -> int:
+        """Window sizes must be a multiple of this (2 ** U-Net depth)."""
+        return int(self.metadata.get("size_multiple", 1))
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """Normalise a (rows, cols, bands) image the way training did."""
+        return normalize(image, self.metadata["normalization"])
+
+
+REQUIRED_METADATA = ("bands", "normalization", "chip_size", "threshold", "dtype")
+
+
+def save_bundle(model, metadata: dict, model_dir: Path | str) -> Path:
+    """Write ``metadata.json`` then ``model.keras`` atomically; returns the model path.
+
+    The model file is written last so its mtime marks a complete bundle for Make.
+    """
+    model_dir = Path(model_dir)
+    missing = [k for k in REQUIRED_METADATA if k not in metadata]
+    if missing:
+        raise ValueError(f"bundle metadata lacks {missing}")
+    metadata = {"bundle_version": BUNDLE_VERSION, **metadata}
+    write_json(model_dir / METADATA_FILE, metadata)
+    target = model_dir / MODEL_FILE
+    with atomic_path(target) as tmp:
+        model.save(tmp)
+    return target
+
+
+def read_metadata(model_dir: Path | str) -> dict:
+    """Read and check a bundle's metadata without loading Keras."""
+    path = Path(model_dir) / METADATA_FILE
+    if not path.exists():
+        raise InputError(f"{path}: model metadata not found; run `make train` first")
+    try:
+        metadata = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise InputError(f"{path}: model metadata is not valid JSON") from None
+    missing = [k for k in REQUIRED_METADATA if k not in metadata]
+    if missing:
+        raise InputError(f"{path}: model metadata lacks {', '.join(missing)}")
+    return metadata
+
+
+def load_bundle(model_dir: Path | str) -> Bundle:
+    """Load ``model.keras`` (safe mode) and its metadata.
+
+    Raises:
+        InputError: the bundle is missing, incomplete or unreadable.
+    """
+    import keras
+
+    model_dir = Path(model_dir)
+    metadata = read_metadata(model_dir)
+    model_path = model_dir / MODEL_FILE
+    if not model_path.exists():
+        raise InputError(f"{model_path}: model not found; run `make train` first")
+    try:
+        model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
+    except Exception as exc:  # Keras raises many types for a damaged archive
+        raise InputError(f"{model_path}: cannot load the model ({exc.__class__.__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return Bundle(model=model, metadata=metadata, path=model_dir)

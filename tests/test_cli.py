@@ -1,0 +1,44 @@
+"""The CLI contract: --help on every stage, one clear line and a non-zero exit on bad input."""
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.cli import build_parser, main
+
+STAGES = ["sample", "tile", "masks", "index", "train", "predict", "vectors", "evaluate",
+          "report", "settings"]
+
+
+def test_every_stage_has_help(capsys):
+    for stage in STAGES:
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args([stage, "--help"])
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert "--config" in out and "--set" in out, stage
+
+
+def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    code = main(["tile", str(tmp_path / "images"), str(tmp_path / "chips")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [f"error: {tmp_path / 'images'}: no GeoTIFF scenes (*.tif) to tile"]
+    assert not (tmp_path / "chips").exists()
+
+
+def test_bad_setting_is_one_line(tmp_path, capsys):
+    code = main(["settings", "tile", str(tmp_path / "s.json"), "--set", "tile.chip_sise=3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "tile.chip_sise" in err[0]
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_module_entry_point_runs():
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 0
+    for stage in STAGES:
+        assert stage in proc.stdout
