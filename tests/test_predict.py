@@ -1,0 +1,295 @@
+"""Sliding-window prediction: known answers, window independence, nodata, edges and bad input."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rio_cogeo.cogeo import cog_validate
+
+from pipeline.config import PredictConfig
+from pipeline.io import InputError
+from pipeline.model import build_unet, save_bundle
+from pipeline.predict import axis_weight, encode, get_bundle, predict_scene, window_offsets
+from tests.conftest import GSD, TRANSFORM, UTM, write_scene
+
+keras = pytest.importorskip("keras")
+
+
+def _metadata(**extra) -> dict:
+    meta = dict(bands=[1, 2, 3], dtype="uint8",
+                normalization={"mean": [0.0] * 3, "std": [255.0] * 3},
+                gsd=GSD, chip_size=32, size_multiple=1, threshold=0.5, data_fingerprint="test")
+    meta.update(extra)
+    return meta
+
+
+@pytest.fixture(scope="module")
+def identity_model(tmp_path_factory) -> Path:
+    """A model whose output is band 1 / 255: the prediction must reproduce the input."""
+    inputs = keras.Input((None, None, 3))
+    conv = keras.layers.Conv2D(1, 1, activation=None)
+    model = keras.Model(inputs, conv(inputs))
+    conv.set_weights([np.array([1.0, 0.0, 0.0], np.float32).reshape(1, 1, 3, 1),
+                      np.zeros(1, np.float32)])
+    model_dir = tmp_path_factory.mktemp("identity")
+    save_bundle(model, _metadata(), model_dir)
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def conv_model(tmp_path_factory) -> tuple[Path, object]:
+    """One 5x5 convolution + sigmoid: translation-equivariant, 2 px of edge effect."""
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((None, None, 3))
+    model = keras.Model(inputs, keras.layers.Conv2D(1, 5, padding="same",
+                                                    activation="sigmoid")(inputs))
+    model_dir = tmp_path_factory.mktemp("conv")
+    meta = _metadata(normalization={"mean": [127.0] * 3, "std": [40.0] * 3}, chip_size=32)
+    save_bundle(model, meta, model_dir)
+    return model_dir, model
+
+
+def _read(path: Path) -> tuple[np.ndarray, dict]:
+    with rasterio.open(path) as ds:
+        return ds.read(1), dict(crs=ds.crs, transform=ds.transform, shape=(ds.height, ds.width),
+                                tags=ds.tags(), nodata=ds.nodata)
+
+
+def _scene(rng, rows: int, cols: int, dtype=np.uint8) -> np.ndarray:
+    return rng.integers(1, 255, size=(3, rows, cols)).astype(dtype)
+
+
+def test_blend_weights_are_a_partition_of_unity():
+    # Two windows of 32 at stride 24: across the overlap the two weights sum to exactly 1.
+    left = axis_weight(0, 32, 56, 8)
+    right = axis_weight(24, 32, 56, 8)
+    total = np.zeros(56)
+    total[:32] += left
+    total[24:] += right
+    np.testing.assert_allclose(total, 1.0, atol=1e-6)
+    assert left[0] == 1.0 and right[-1] == 1.0  # true scene edges keep full weight
+    assert right[0] == 0.0 and left[-1] == 0.0  # inner edges (padding artefacts) get none
+
+
+@settings(max_examples=50, deadline=None)
+@given(length=st.integers(1, 500), window=st.integers(16, 128), frac=st.floats(0, 0.5))
+def test_window_offsets_cover_on_the_stride_lattice(length, window, frac):
+    overlap = int(frac * window)
+    offsets = window_offsets(length, window, overlap)
+    stride = window - overlap
+    assert offsets[0] == 0 and all(o % stride == 0 for o in offsets)
+    assert offsets[-1] + window >= length  # every pixel covered
+    assert len(offsets) == 1 or offsets[-2] + window < length  # no window that is all padding
+
+
+def test_bundle_is_loaded_once_per_process(identity_model):
+    assert get_bundle(identity_model) is get_bundle(identity_model)
+
+
+def test_identity_model_reproduces_input(tmp_path, rng, identity_model):
+    data = _scene(rng, 70, 95)
+    scene = write_scene(tmp_path / "in" / "scene.tif", data, nodata=None)
+    prob_path, mask_path = predict_scene(scene, identity_model, tmp_path / "out",
+                                         cfg=PredictConfig(window=32, overlap=8, batch_size=3))
+    assert prob_path == tmp_path / "out" / "probability" / "scene.tif"
+    assert mask_path == tmp_path / "out" / "masks" / "scene.tif"
+    prob, info = _read(prob_path)
+    expected = np.rint(data[0] / 255.0 * 254).astype(np.uint8)
+    np.testing.assert_array_equal(prob, expected)
+    mask, minfo = _read(mask_path)
+    np.testing.assert_array_equal(mask, (data[0] / 255.0 >= 0.5).astype(np.uint8))
+    for i in (info, minfo):
+        assert i["crs"] == UTM and i["transform"] == TRANSFORM and i["shape"] == (70, 95)
+        assert i["nodata"] == 255
+    assert info["tags"]["threshold"] == "0.5" and info["tags"]["data_fingerprint"] == "test"
+    assert info["tags"]["model"].endswith("model.keras")
+    assert cog_validate(prob_path)[0] and cog_validate(mask_path)[0]
+    with rasterio.open(prob_path) as ds:
+        assert ds.compression.name.lower() == "deflate"
+    # The intermediates are gone: only the two output folders remain.
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["masks", "probability"]
+
+
+def test_large_output_has_overviews(tmp_path, rng, identity_model):
+    data = rng.integers(1, 255, size=(3, 1100, 1300)).astype(np.uint8)
+    scene = write_scene(tmp_path / "big.tif", data, nodata=None)
+    prob_path, mask_path = predict_scene(scene, identity_model, tmp_path / "out",
+                                         cfg=PredictConfig(window=256, overlap=64))
+    np.testing.assert_array_equal(_read(prob_path)[0], np.rint(data[0] / 255 * 254))
+    for path, resampling in ((prob_path, "AVERAGE"), (mask_path, "NEAREST")):
+        assert cog_validate(path)[0]
+        with rasterio.open(path) as ds:
+            assert ds.overviews(1) and ds.tags()["OVERVIEW_RESAMPLING"] == resampling
+            assert "255 = nodata" in ds.descriptions[0]
+            if resampling == "NEAREST":
+                overview = ds.read(1, out_shape=(ds.height // 2, ds.width // 2))
+                assert set(np.unique(overview)) <= {0, 1}
+
+
+def test_tta_and_threshold_override(tmp_path, rng, identity_model):
+    data = _scene(rng, 40, 50)
+    scene = write_scene(tmp_path / "scene.tif", data, nodata=None)
+    prob_path, mask_path = predict_scene(
+        scene, identity_model, tmp_path / "out",
+        cfg=PredictConfig(window=16, overlap=4, tta=True, threshold=0.25))
+    np.testing.assert_array_equal(_read(prob_path)[0], np.rint(data[0] / 255 * 254))
+    np.testing.assert_array_equal(_read(mask_path)[0], data[0] / 255.0 >= 0.25)
+    assert _read(mask_path)[1]["tags"]["threshold"] == "0.25"
+
+
+def test_nodata_pixels_come_out_as_nodata(tmp_path, rng, identity_model):
+    data = _scene(rng, 60, 60)
+    data[:, 10:30, 20:45] = 0  # nodata = 0 in every band
+    data[0, 40:45, 5:10] = 0  # only one band zero: still valid
+    scene = write_scene(tmp_path / "scene.tif", data, nodata=0)
+    prob_path, mask_path = predict_scene(scene, identity_model, tmp_path / "out",
+                                         cfg=PredictConfig(window=16, overlap=6))
+    prob, mask = _read(prob_path)[0], _read(mask_path)[0]
+    hole = np.zeros((60, 60), bool)
+    hole[10:30, 20:45] = True
+    assert (prob[hole] == 255).all() and (mask[hole] == 255).all()
+    np.testing.assert_array_equal(prob[~hole], np.rint(data[0][~hole] / 255 * 254))
+    assert (prob[40:45, 5:10] == 0).all()
+
+
+def _whole_scene(model, data: np.ndarray, mean: float, std: float) -> np.ndarray:
+    image = (np.moveaxis(data, 0, -1).astype(np.float32) - mean) / std
+    return np.asarray(model.predict_on_batch(image[None]))[0, ..., 0]
+
+
+@settings(max_examples=8, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(40, 150), cols=st.integers(40, 150), window=st.integers(16, 64),
+       overlap_frac=st.floats(0, 1), seed=st.integers(0, 2**16))
+def test_windows_equal_whole_scene(conv_model, rows, cols, window, overlap_frac, seed):
+    """Predicting through any windows equals applying the model to the whole scene at once."""
+    model_dir, model = conv_model
+    overlap = 4 + int(overlap_frac * (window // 2 - 4))
+    data = _scene(np.random.default_rng(seed), rows, cols)
+    with tempfile.TemporaryDirectory() as tmp:
+        scene = write_scene(Path(tmp) / "scene.tif", data, nodata=None)
+        prob_path, _ = predict_scene(scene, model_dir, Path(tmp) / "out",
+                                     cfg=PredictConfig(window=window, overlap=overlap))
+        prob = _read(prob_path)[0].astype(np.float64) / 254
+    whole = _whole_scene(model, data, 127.0, 40.0)
+    diff = np.abs(prob - whole)[2:-2, 2:-2]
+    assert diff.max() <= 1 / 254 + 1e-6, (window, overlap, np.unravel_index(diff.argmax(),
+                                                                            diff.shape))
+
+
+@pytest.mark.parametrize("crop_rows, crop_cols", [(128, 192), (150, 203)])
+def test_crop_gives_same_result_as_whole_scene(tmp_path, rng, crop_rows, crop_cols):
+    """A crop offset by a multiple of 64 px predicts like the scene, one overlap from its edges.
+
+    The 150 x 203 crop ends off the U-Net's pooling lattice, so its last windows must stay on it.
+    """
+    keras.utils.set_random_seed(3)
+    model = build_unet(3, depth=2, base_filters=4)
+    model_dir = tmp_path / "unet"
+    save_bundle(model, _metadata(normalization={"mean": [127.0] * 3, "std": [50.0] * 3},
+                                 chip_size=64, size_multiple=4), model_dir)
+    data = _scene(rng, 256, 360)
+    overlap = 32
+    cfg = PredictConfig(overlap=overlap)
+    whole = write_scene(tmp_path / "whole.tif", data, nodata=None)
+    r0, c0 = 64, 128
+    crop_t = TRANSFORM @ Affine.translation(c0, r0)
+    crop = write_scene(tmp_path / "crop.tif", data[:, r0:r0 + crop_rows, c0:c0 + crop_cols].copy(),
+                       transform=crop_t, nodata=None)
+    pw, mw = predict_scene(whole, model_dir, tmp_path / "out", cfg=cfg)
+    pc, mc = predict_scene(crop, model_dir, tmp_path / "out", cfg=cfg)
+    assert _read(pc)[1]["transform"] == crop_t
+    inner = (slice(r0 + overlap, r0 + crop_rows - overlap),
+             slice(c0 + overlap, c0 + crop_cols - overlap))
+    crop_inner = (slice(overlap, crop_rows - overlap), slice(overlap, crop_cols - overlap))
+    p_whole = _read(pw)[0][inner].astype(int)
+    p_crop = _read(pc)[0][crop_inner].astype(int)
+    assert np.abs(p_whole - p_crop).max() <= 2
+    m_whole, m_crop = _read(mw)[0][inner], _read(mc)[0][crop_inner]
+    decided = np.abs(p_whole - 127) > 2  # away from the 0.5 threshold
+    np.testing.assert_array_equal(m_whole[decided], m_crop[decided])
+
+
+def test_one_pixel_scene(tmp_path, identity_model):
+    data = np.full((3, 1, 1), 200, np.uint8)
+    scene = write_scene(tmp_path / "tiny.tif", data, nodata=None)
+    prob_path, mask_path = predict_scene(scene, identity_model, tmp_path / "out",
+                                         cfg=PredictConfig())
+    prob, info = _read(prob_path)
+    assert info["shape"] == (1, 1) and prob[0, 0] == round(200 / 255 * 254)
+    assert _read(mask_path)[0][0, 0] == 1
+
+
+def test_all_nodata_scene(tmp_path, identity_model):
+    scene = write_scene(tmp_path / "empty.tif", np.zeros((3, 50, 40), np.uint8), nodata=0)
+    prob_path, mask_path = predict_scene(scene, identity_model, tmp_path / "out",
+                                         cfg=PredictConfig(window=16, overlap=4))
+    for path in (prob_path, mask_path):
+        assert (_read(path)[0] == 255).all()
+        assert cog_validate(path)[0]
+
+
+def test_other_gsd_is_resampled_and_returned_on_input_grid(tmp_path, identity_model):
+    # A smooth ramp at twice the model's GSD: the answer is still band1 on the input grid.
+    yy, xx = np.mgrid[0:60, 0:80]
+    band = (40 + xx + 2 * yy).astype(np.uint8)
+    data = np.stack([band, band, band])
+    transform = Affine(2 * GSD, 0, 500000, 0, -2 * GSD, 4000000)
+    scene = write_scene(tmp_path / "coarse.tif", data, transform=transform, nodata=None)
+    prob_path, _ = predict_scene(scene, identity_model, tmp_path / "out",
+                                 cfg=PredictConfig(window=32, overlap=8))
+    prob, info = _read(prob_path)
+    assert info["transform"] == transform and info["shape"] == (60, 80)
+    expected = np.rint(band / 255 * 254)
+    assert np.abs(prob[1:-1, 1:-1] - expected[1:-1, 1:-1]).max() <= 2
+    assert (prob != 255).all()
+
+
+def _expect_clean_failure(tmp_path, scene, model_dir, match):
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=match) as err:
+        predict_scene(scene, model_dir, out, cfg=PredictConfig(window=16, overlap=4))
+    assert "\n" not in str(err.value) and str(scene) in str(err.value)
+    # Nothing half-written: no output, no intermediate, no temporary file.
+    assert not [p for p in out.rglob("*") if p.is_file()] if out.exists() else True
+
+
+def test_corrupt_tiff_is_refused(tmp_path, identity_model):
+    bad = tmp_path / "corrupt.tif"
+    bad.write_bytes(b"II*\x00" + b"\x00garbage" * 50)
+    _expect_clean_failure(tmp_path, bad, identity_model, "not a readable GeoTIFF")
+
+
+def test_truncated_tiff_is_refused(tmp_path, rng, identity_model):
+    scene = write_scene(tmp_path / "trunc.tif", _scene(rng, 200, 200), nodata=None)
+    blob = scene.read_bytes()
+    scene.write_bytes(blob[: len(blob) * 2 // 3])
+    _expect_clean_failure(tmp_path, scene, identity_model, "trunc.tif")
+
+
+def test_missing_crs_is_refused(tmp_path, rng, identity_model):
+    scene = write_scene(tmp_path / "nocrs.tif", _scene(rng, 20, 20), crs=None)
+    _expect_clean_failure(tmp_path, scene, identity_model, "no CRS")
+
+
+def test_too_few_bands_is_refused(tmp_path, rng, identity_model):
+    scene = write_scene(tmp_path / "two.tif", _scene(rng, 20, 20)[:2].copy())
+    _expect_clean_failure(tmp_path, scene, identity_model, "2 band")
+
+
+def test_wrong_dtype_is_refused(tmp_path, rng, identity_model):
+    scene = write_scene(tmp_path / "u16.tif", _scene(rng, 20, 20, np.uint16))
+    _expect_clean_failure(tmp_path, scene, identity_model, "uint16.*uint8")
+
+
+def test_encode_quantises_and_marks_nodata():
+    prob = np.array([[0.0, 0.5, 1.0, np.nan]], np.float32)
+    q, m = encode(prob, 0.5)
+    assert q.tolist() == [[0, 127, 254, 255]] and m.tolist() == [[0, 1, 1, 255]]
