@@ -1,0 +1,350 @@
+"""Metrics of the predicted scenes against ground-truth car footprints.
+
+Pixel level: truth is rasterized on each predicted mask's grid; pixels the mask marks 255
+(nodata) are ignored. Object level: predicted polygons are matched one to one with truth
+polygons by an optimal assignment (Hungarian, ``scipy.optimize.linear_sum_assignment``) rather
+than greedily, so a car is never lost because a neighbour grabbed its partner first.
+
+Truth may come in any vector format and CRS; it is reprojected to each scene's CRS, and a
+scene's truth cars are those that cover at least one of its valid pixels.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import rasterio.features
+import rasterio.windows
+import shapely
+from rasterio.windows import Window
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from pipeline.config import EvaluateConfig
+from pipeline.geo import pixel_size
+from pipeline.io import InputError, atomic_dir, open_scene, read_vector, write_json
+
+log = logging.getLogger(__name__)
+
+MASK_NODATA = 255
+PROB_NODATA = 255
+PROB_SCALE = 254.0
+THRESHOLDS = [round(0.05 * i, 2) for i in range(1, 20)]  # 0.05 .. 0.95
+CAR_SUFFIXES = (".gpkg", ".geojson", ".parquet")
+STRIP_ROWS = 1024  # rows read at a time: memory stays bounded on any scene size
+
+
+# === Matching ===
+
+def match_objects(truth: list, pred: list, *, cfg: EvaluateConfig
+                  ) -> tuple[list[tuple[int, int, float]], np.ndarray]:
+    """Match truth and predicted polygons one to one.
+
+    The assignment maximises the number of matches first and the total IoU (or closeness) second.
+    It is solved per connected group of candidate pairs, so memory stays small on scenes with
+    thousands of cars.
+
+    Returns:
+        ``(truth_index, pred_index, iou)`` for every match, and each truth polygon's best IoU
+        with any prediction.
+    """
+    best_iou = np.zeros(len(truth))
+    if not truth or not pred:
+        return [], best_iou
+    t_geoms, p_geoms = np.asarray(truth, dtype=object), np.asarray(pred, dtype=object)
+    if cfg.match_by == "iou":
+        ti, pi = shapely.STRtree(p_geoms).query(t_geoms, predicate="intersects")
+    else:
+        ti, pi = shapely.STRtree(shapely.centroid(p_geoms)).query(
+            shapely.centroid(t_geoms), predicate="dwithin", distance=cfg.max_centroid_m)
+    if len(ti) == 0:
+        return [], best_iou
+    inter = shapely.area(shapely.intersection(t_geoms[ti], p_geoms[pi]))
+    union = shapely.area(shapely.union(t_geoms[ti], p_geoms[pi]))
+    iou = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+    np.maximum.at(best_iou, ti, iou)
+    if cfg.match_by == "iou":
+        ok = iou >= cfg.iou_threshold
+        score = iou
+    else:
+        dist = shapely.distance(shapely.centroid(t_geoms[ti]), shapely.centroid(p_geoms[pi]))
+        ok = dist <= cfg.max_centroid_m
+        score = 1.0 - dist / cfg.max_centroid_m
+    ti, pi, iou, score = ti[ok], pi[ok], iou[ok], score[ok]
+    if len(ti) == 0:
+        return [], best_iou
+    n_t, n_p = len(truth), len(pred)
+    graph = coo_matrix((np.ones(len(ti)), (ti, n_t + pi)), shape=(n_t + n_p,) * 2)
+    _, group = connected_components(graph, directed=False)
+    pair_iou = dict(zip(zip(ti.tolist(), pi.tolist(), strict=True), iou.tolist(), strict=True))
+    matches = []
+    pair_group = group[ti]
+    for g in np.unique(pair_group):
+        sel = pair_group == g
+        rows, cols = np.unique(ti[sel]), np.unique(pi[sel])
+        r_idx = {v: k for k, v in enumerate(rows.tolist())}
+        c_idx = {v: k for k, v in enumerate(cols.tolist())}
+        # Each allowed pair is worth more than all score bonuses together: maximise count first.
+        big = min(len(rows), len(cols)) + 1.0
+        weight = np.zeros((len(rows), len(cols)))
+        for t, p, s in zip(ti[sel], pi[sel], score[sel], strict=True):
+            weight[r_idx[t], c_idx[p]] = big + s
+        r, c = linear_sum_assignment(weight, maximize=True)
+        for a, b in zip(r, c, strict=True):
+            if weight[a, b] > 0:
+                t, p = int(rows[a]), int(cols[b])
+                matches.append((t, p, float(pair_iou[(t, p)])))
+    return sorted(matches), best_iou
+
+
+def _prf(tp: float, fp: float, fn: float) -> dict:
+    precision = tp / (tp + fp) if tp + fp else float("nan")
+    recall = tp / (tp + fn) if tp + fn else float("nan")
+    if tp:
+        f1 = 2 * precision * recall / (precision + recall)
+    else:
+        f1 = 0.0 if fp + fn else float("nan")
+    iou = tp / (tp + fp + fn) if tp + fp + fn else float("nan")
+    return {"tp": int(tp), "fp": int(fp), "fn": int(fn), "precision": precision,
+            "recall": recall, "f1": f1, "iou": iou}
+
+
+# === Per scene ===
+
+def _find_cars(out_dir: Path, scene: str) -> Path | None:
+    for suffix in CAR_SUFFIXES:
+        path = out_dir / "cars" / f"{scene}{suffix}"
+        if path.exists():
+            return path
+    return None
+
+
+def _scene_truth(truth, src) -> list:
+    """Truth polygons (in the scene CRS) whose bounds meet the scene's."""
+    if truth is None or len(truth) == 0:
+        return []
+    gdf = truth.to_crs(src.crs) if truth.crs != src.crs else truth
+    left, bottom, right, top = src.bounds
+    idx = gdf.sindex.query(shapely.box(left, bottom, right, top), predicate="intersects")
+    geoms = [g for g in gdf.geometry.iloc[np.sort(idx)] if g is not None and not g.is_empty]
+    return [shapely.make_valid(g) if not g.is_valid else g for g in geoms]
+
+
+def _pixel_counts(src, prob_src, geoms: list) -> tuple[dict, set, tuple]:
+    """Pixel TP/FP/FN, the truth polygons touching valid pixels, probability histograms.
+
+    Read in strips of rows, so memory stays bounded on any scene size.
+    """
+    tree = shapely.STRtree(geoms) if geoms else None
+    counts = {"tp": 0, "fp": 0, "fn": 0}
+    seen: set[int] = set()
+    hist_pos = np.zeros(255, np.int64) if prob_src is not None else None
+    hist_neg = np.zeros(255, np.int64) if prob_src is not None else None
+    for row in range(0, src.height, STRIP_ROWS):
+        win = Window(0, row, src.width, min(STRIP_ROWS, src.height - row))
+        wt = rasterio.windows.transform(win, src.transform)
+        mask = src.read(1, window=win)
+        valid = mask != MASK_NODATA
+        truth_px = np.zeros(mask.shape, bool)
+        if tree is not None:
+            box = shapely.box(*rasterio.windows.bounds(win, src.transform))
+            near = np.sort(tree.query(box, predicate="intersects"))
+            if len(near):
+                truth_px = rasterio.features.rasterize(
+                    [(geoms[i], 1) for i in near], out_shape=mask.shape, transform=wt,
+                    fill=0, dtype="uint8").astype(bool)
+                # A truth car belongs to the scene when it touches one valid pixel.
+                ids = rasterio.features.rasterize(
+                    [(geoms[i], int(i) + 1) for i in near], out_shape=mask.shape, transform=wt,
+                    fill=0, dtype="int32", all_touched=True)
+                seen.update((np.unique(ids[valid & (ids > 0)]) - 1).tolist())
+        truth_px &= valid
+        pred_px = (mask == 1) & valid
+        counts["tp"] += int(np.sum(pred_px & truth_px))
+        counts["fp"] += int(np.sum(pred_px & ~truth_px))
+        counts["fn"] += int(np.sum(~pred_px & truth_px))
+        if prob_src is not None:
+            # Histograms of probability for truth and background pixels give every threshold.
+            prob = prob_src.read(1, window=win)
+            ok = valid & (prob != PROB_NODATA)
+            hist_pos += np.bincount(prob[ok & truth_px], minlength=256)[:255]
+            hist_neg += np.bincount(prob[ok & ~truth_px], minlength=256)[:255]
+    return counts, seen, (hist_pos, hist_neg)
+
+
+def evaluate_scene(mask_tif: Path, out_dir: Path, truth, *, cfg: EvaluateConfig) -> dict:
+    """Pixel, threshold and object counts of one scene (``truth`` a GeoDataFrame or None)."""
+    scene = mask_tif.stem
+    prob_tif = out_dir / "probability" / f"{scene}.tif"
+    with open_scene(mask_tif) as src:
+        gsd = pixel_size(src.transform)
+        crs = src.crs
+        candidates = _scene_truth(truth, src)
+        prob_src = rasterio.open(prob_tif) if prob_tif.exists() else None
+        try:
+            counts, seen, hists = _pixel_counts(src, prob_src, candidates)
+        finally:
+            if prob_src is not None:
+                prob_src.close()
+    geoms = [candidates[i] for i in sorted(seen)]
+    pixel = _prf(counts["tp"], counts["fp"], counts["fn"])
+    hist_pos, hist_neg = hists
+
+    cars_file = _find_cars(out_dir, scene)
+    pred_geoms: list = []
+    pred_attrs: list = []
+    if cars_file is None:
+        log.warning("%s: no car polygons in %s; object metrics count it as no cars", scene,
+                    out_dir / "cars")
+    else:
+        cars = read_vector(cars_file)
+        if len(cars):
+            cars = cars.to_crs(crs) if cars.crs != crs else cars
+            pred_geoms = list(cars.geometry)
+            pred_attrs = [float(v) for v in cars.get("mean_prob", [float("nan")] * len(cars))]
+    matches, best_iou = match_objects(geoms, pred_geoms, cfg=cfg)
+    t_match = {t: (p, i) for t, p, i in matches}
+    p_match = {p: (t, i) for t, p, i in matches}
+    objects = []
+    for i, g in enumerate(geoms):
+        p, iou = t_match.get(i, (None, best_iou[i] if len(best_iou) else 0.0))
+        c = g.centroid
+        objects.append({"scene": scene, "kind": "truth", "id": i, "matched": p is not None,
+                        "match_id": "" if p is None else p, "iou": round(float(iou), 4),
+                        "area_m2": round(g.area, 3), "x": round(c.x, 3), "y": round(c.y, 3),
+                        "mean_prob": ""})
+    for j, g in enumerate(pred_geoms):
+        t, iou = p_match.get(j, (None, 0.0))
+        c = g.centroid
+        objects.append({"scene": scene, "kind": "pred", "id": j, "matched": t is not None,
+                        "match_id": "" if t is None else t, "iou": round(float(iou), 4),
+                        "area_m2": round(g.area, 3), "x": round(c.x, 3), "y": round(c.y, 3),
+                        "mean_prob": round(pred_attrs[j], 4) if pred_attrs else ""})
+    tp = len(matches)
+    obj = _prf(tp, len(pred_geoms) - tp, len(geoms) - tp)
+    obj["mean_iou_matched"] = float(np.mean([m[2] for m in matches])) if matches else float("nan")
+    return {"scene": scene, "gsd": gsd, "pixel": pixel, "object": obj,
+            "truth_cars": len(geoms), "pred_cars": len(pred_geoms),
+            "count_error": len(pred_geoms) - len(geoms),
+            "vectors": str(cars_file) if cars_file else None,
+            "_hist": (hist_pos, hist_neg), "_objects": objects,
+            "_truth_areas": [(g.area, i in t_match) for i, g in enumerate(geoms)]}
+
+
+# === All scenes ===
+
+def _threshold_rows(hist_pos: np.ndarray, hist_neg: np.ndarray) -> list[dict]:
+    values = np.arange(255) / PROB_SCALE
+    rows = []
+    for t in THRESHOLDS:
+        above = values >= t - 1e-9
+        tp, fp = hist_pos[above].sum(), hist_neg[above].sum()
+        fn = hist_pos[~above].sum()
+        m = _prf(tp, fp, fn)
+        rows.append({"threshold": t, **{k: m[k] for k in ("precision", "recall", "f1", "iou")}})
+    return rows
+
+
+def _recall_by_size(areas: list[tuple[float, bool]], bins: list[float]) -> list[dict]:
+    rows = []
+    for lo, hi in zip(bins[:-1], bins[1:], strict=True):
+        inside = [m for a, m in areas if lo <= a < hi]
+        rows.append({"min_m2": lo, "max_m2": hi, "truth_cars": len(inside),
+                     "recall": (sum(inside) / len(inside)) if inside else float("nan")})
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _clean(value):
+    """NaN is not JSON: write null instead."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return None if math.isnan(value) else round(float(value), 6)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def evaluate(out_dir: Path, truth: Path, *, cfg: EvaluateConfig) -> Path:
+    """Evaluate every predicted scene in ``out_dir`` against ``truth``.
+
+    Writes ``out_dir/evaluation/`` (atomically, as one folder): ``metrics.json`` (overall and
+    per scene), ``per_scene.csv``, ``objects.csv`` (every truth and predicted car with its match
+    and IoU) and ``thresholds.csv`` (pixel precision/recall/F1 for thresholds 0.05..0.95).
+
+    Returns:
+        The path of ``metrics.json``.
+
+    Raises:
+        InputError: no predicted masks, or an unreadable truth file.
+    """
+    out_dir, truth = Path(out_dir), Path(truth)
+    masks = sorted(p for p in (out_dir / "masks").glob("*.tif") if not p.name.startswith("."))
+    if not masks:
+        raise InputError(f"{out_dir / 'masks'}: no predicted masks; run `make predict` first")
+    truth_gdf = read_vector(truth)
+    if len(truth_gdf):
+        polys = truth_gdf.geometry.geom_type.isin(["Polygon", "MultiPolygon"])
+        if not polys.all():
+            log.warning("%s: %d non-polygon truth features ignored", truth, int((~polys).sum()))
+            truth_gdf = truth_gdf[polys]
+    results = [evaluate_scene(m, out_dir, truth_gdf, cfg=cfg) for m in masks]
+
+    sums = {k: sum(r["pixel"][k] for r in results) for k in ("tp", "fp", "fn")}
+    pixel = _prf(sums["tp"], sums["fp"], sums["fn"])
+    osums = {k: sum(r["object"][k] for r in results) for k in ("tp", "fp", "fn")}
+    obj = _prf(osums["tp"], osums["fp"], osums["fn"])
+    errors = [r["count_error"] for r in results]
+    truth_cars = sum(r["truth_cars"] for r in results)
+    count = {"truth_cars": truth_cars, "pred_cars": sum(r["pred_cars"] for r in results),
+             "mean_abs_error": float(np.mean(np.abs(errors))),
+             "total_error": int(sum(errors)),
+             "relative_error": (sum(errors) / truth_cars) if truth_cars else float("nan")}
+    areas = [a for r in results for a in r["_truth_areas"]]
+    hists = [r["_hist"] for r in results if r["_hist"][0] is not None]
+    thresholds = (_threshold_rows(sum(h[0] for h in hists), sum(h[1] for h in hists))
+                  if hists else [])
+    metrics = {
+        "truth": str(truth),
+        "settings": cfg.model_dump(mode="json"),
+        "overall": {"pixel": pixel, "object": obj, "count": count,
+                    "recall_by_size": _recall_by_size(areas, cfg.size_bins_m2),
+                    "scenes": len(results)},
+        "per_scene": {r["scene"]: {k: v for k, v in r.items() if not k.startswith("_")}
+                      for r in results},
+    }
+    per_scene = [{"scene": r["scene"], "truth_cars": r["truth_cars"], "pred_cars": r["pred_cars"],
+                  "count_error": r["count_error"],
+                  **{f"pixel_{k}": r["pixel"][k] for k in ("iou", "precision", "recall", "f1")},
+                  **{f"object_{k}": r["object"][k] for k in ("precision", "recall", "f1")},
+                  "object_tp": r["object"]["tp"], "object_fp": r["object"]["fp"],
+                  "object_fn": r["object"]["fn"]} for r in results]
+    objects = [o for r in results for o in r["_objects"]]
+    target = out_dir / "evaluation"
+    with atomic_dir(target) as tmp:
+        write_json(tmp / "metrics.json", _clean(metrics))
+        _write_csv(tmp / "per_scene.csv", _clean(per_scene), list(per_scene[0]))
+        _write_csv(tmp / "objects.csv", objects,
+                   ["scene", "kind", "id", "matched", "match_id", "iou", "area_m2", "x", "y",
+                    "mean_prob"])
+        _write_csv(tmp / "thresholds.csv", _clean(thresholds),
+                   ["threshold", "precision", "recall", "f1", "iou"])
+    log.info("evaluated %d scenes: pixel IoU %.3f, object F1 %.3f, %d/%d cars matched",
+             len(results), pixel["iou"] if not math.isnan(pixel["iou"]) else float("nan"),
+             obj["f1"] if not math.isnan(obj["f1"]) else float("nan"), osums["tp"], truth_cars)
+    return target / "metrics.json"

@@ -1,0 +1,536 @@
+"""Car polygons from the stitched mask: one polygon per car, the same whatever the window size.
+
+The mask is read window by window with a halo around each window, so memory stays bounded on
+any scene size. Connected components are labelled in window + halo, and a component is kept
+only by the window whose core holds its representative pixel (its first pixel in row-major
+order). A component that does not touch the block's edge is seen whole, so its first pixel is
+the same whatever the window size: every car is emitted by exactly one window, never cut in two
+at a window boundary. The rare blob cut by the block's edge (larger than the halo, e.g. a row
+of merged parked cars) is read again on a window grown around it until it is whole (up to
+``MAX_BLOB_PX``), so the output never depends on where windows fall.
+
+Touching cars are split with a watershed on the distance transform, seeded by the blob's
+separate cores (see ``split_component``), only when a blob is not car-shaped (low solidity);
+a split is kept only when every piece is still car-sized (``min_car_width_m`` wide).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import rasterio.features
+import rasterio.windows
+import shapely
+from affine import Affine
+from rasterio.windows import Window
+from scipy import ndimage
+
+from pipeline.config import VectorConfig
+from pipeline.geo import pixel_size
+from pipeline.io import InputError, atomic_path, open_scene, read_vector, write_vector
+
+log = logging.getLogger(__name__)
+
+MASK_NODATA = 255
+PROB_NODATA = 255
+PROB_SCALE = 254.0
+# A blob whose area is below this share of its convex hull is not car-shaped: try to split it.
+CAR_SOLIDITY = 0.9
+# Share of the minimum car half-width that a car's core must reach from the blob's edge.
+CORE_DEPTH = 0.8
+# ... and rise above the level where it separates by this share of the half-width.
+CORE_MARGIN = 0.1
+# A probability core must rise this far (0..1) above the level where it separates.
+PROB_MARGIN = 0.08
+# Length over width of a typical car, for cutting a large blob into car-shaped strips.
+CAR_ASPECT = 2.4
+# Only a blob filling this share of its minimum rectangle is cut into strips.
+RECT_FILL = 0.85
+# A blob is grown past its window only up to this many pixels, so memory stays bounded.
+MAX_BLOB_PX = 4096 * 4096
+VECTOR_SUFFIX = {"gpkg": ".gpkg", "geojson": ".geojson", "parquet": ".parquet"}
+COLUMNS = ["scene", "area_m2", "length_m", "width_m", "heading_deg", "mean_prob", "max_prob"]
+_EIGHT = np.ones((3, 3), dtype=bool)
+
+
+# === Geometry attributes ===
+
+def rectangle_attributes(geom) -> tuple[float, float, float]:
+    """Length, width (CRS units) and heading of the long axis of ``geom``'s minimum rectangle.
+
+    The heading is in degrees clockwise from grid north, in ``[0, 180)``.
+    """
+    rect = shapely.minimum_rotated_rectangle(geom)
+    coords = np.asarray(rect.exterior.coords) if rect.geom_type == "Polygon" else None
+    if coords is None or len(coords) < 4:
+        return 0.0, 0.0, 0.0
+    edges = np.diff(coords[:3], axis=0)  # two adjacent sides
+    lengths = np.hypot(edges[:, 0], edges[:, 1])
+    long_side = edges[int(np.argmax(lengths))]
+    # x is east, y is north: clockwise-from-north angle is atan2(dx, dy).
+    heading = math.degrees(math.atan2(long_side[0], long_side[1])) % 180.0
+    if heading >= 180.0 - 1e-9:
+        heading = 0.0
+    return float(lengths.max()), float(lengths.min()), float(heading)
+
+
+# === Splitting touching cars ===
+
+def split_component(comp: np.ndarray, *, gsd: float, cfg: VectorConfig,
+                    prob: np.ndarray | None = None) -> np.ndarray:
+    """Label the cars in one blob (a boolean crop): 1..n, 0 outside; one label when not split.
+
+    Only a blob that is not car-shaped (solidity below ``CAR_SOLIDITY``) or larger than one car
+    (``cfg.max_car_area_m2``) is split, by the first of these that gives car-sized pieces:
+
+    1. Distance-transform cores: the connected parts of ``{distance to background >= t}``, each
+       deep enough to be the middle of a car ``min_car_width_m`` wide; the level ``t`` with the
+       most cores wins. The inner parallel set of a convex shape is convex, hence connected, so a
+       car-shaped blob is never cut; cars joined by a neck fall apart above the neck.
+    2. Probability cores, the same way on the probability raster: the model's probability dips
+       in the gap between cars even where the thresholded masks touch.
+    3. For a blob larger than one car only: cut its minimum rectangle into equal strips, across
+       whichever axis leaves car-shaped pieces (side by side, or end to end).
+    """
+    labels = comp.astype(np.int32)
+    if not cfg.split_touching:
+        return labels
+    area_px = int(comp.sum())
+    large = area_px * gsd * gsd > cfg.max_car_area_m2
+    if not large and area_px / _hull_area(comp) >= CAR_SOLIDITY:
+        return labels  # one car-shaped blob: never split
+    half_width_px = cfg.min_car_width_m / 2.0 / gsd
+    dist = ndimage.distance_transform_edt(np.pad(comp, 1))[1:-1, 1:-1]
+    surfaces = [(dist, np.arange(1.0, float(dist.max()) + 0.5, 0.5),
+                 CORE_DEPTH * half_width_px, CORE_MARGIN * half_width_px)]
+    if prob is not None:
+        smooth = ndimage.gaussian_filter(prob.astype(np.float32), 1.0)
+        smooth[~comp] = 0
+        inside = smooth[comp]
+        surfaces.append((smooth, np.linspace(inside.min(), inside.max(), 24)[1:],
+                         0.0, PROB_MARGIN * PROB_SCALE))
+    for surface, levels, deep, margin in surfaces:
+        out = _split_by_cores(comp, surface, levels, deep, margin, gsd=gsd, cfg=cfg)
+        if out is not None:
+            return out
+    if large:
+        out = _split_by_strips(comp, gsd=gsd, cfg=cfg)
+        if out is not None:
+            return out
+    return labels
+
+
+def _car_sized(pieces: np.ndarray, values, *, gsd: float, cfg: VectorConfig) -> bool:
+    # Each piece must hold a car at least min_car_width wide and twice as long.
+    min_px = max(cfg.min_area_m2, 2 * cfg.min_car_width_m**2) / gsd**2
+    return all((pieces == v).sum() >= min_px
+               and _min_rect_width(pieces == v) * gsd >= cfg.min_car_width_m for v in values)
+
+
+def _split_by_cores(comp, surface, levels, deep: float, margin: float, *, gsd: float,
+                    cfg: VectorConfig) -> np.ndarray | None:
+    from skimage.segmentation import watershed
+
+    candidates = []
+    for level in levels:
+        cores, n = ndimage.label(comp & (surface >= level), structure=_EIGHT)
+        if n < 2:
+            continue
+        peak = ndimage.maximum(surface, cores, index=np.arange(1, n + 1))
+        # A core must rise clearly above the level: ridge pixels of one car make mere bumps.
+        keep = np.flatnonzero((peak >= deep) & (peak >= level + margin)) + 1
+        if len(keep) >= 2:
+            candidates.append((-len(keep), level, np.where(np.isin(cores, keep), cores, 0)))
+    # Most cars first; a split that leaves a sliver falls back to fewer cars, then to none.
+    for _, _, markers in sorted(candidates, key=lambda c: c[:2]):
+        pieces = watershed(-surface, markers, mask=comp)
+        values = [v for v in np.unique(pieces) if v]
+        if _car_sized(pieces, values, gsd=gsd, cfg=cfg):
+            out = np.zeros(comp.shape, np.int32)
+            for k, v in enumerate(values, start=1):
+                out[pieces == v] = k
+            return out
+    return None
+
+
+def _split_by_strips(comp: np.ndarray, *, gsd: float, cfg: VectorConfig) -> np.ndarray | None:
+    pts = np.argwhere(comp).astype(float)
+    rect = shapely.minimum_rotated_rectangle(shapely.multipoints(pts))
+    if rect.geom_type != "Polygon":
+        return None
+    c = np.asarray(rect.exterior.coords)
+    sides = [c[1] - c[0], c[2] - c[1]]
+    rect_px = (np.hypot(*sides[0]) + 1) * (np.hypot(*sides[1]) + 1)
+    if len(pts) < RECT_FILL * rect_px:
+        return None  # not a rectangle of cars: strips would cut across them
+    best = None
+    for k in range(2, 6):
+        for axis, other in ((sides[0], sides[1]), (sides[1], sides[0])):
+            along = (np.hypot(*axis) + 1) / k * gsd  # piece size along the cut axis, metres
+            across = (np.hypot(*other) + 1) * gsd
+            short, long_ = sorted((along, across))
+            if short < cfg.min_car_width_m or long_ * short > cfg.max_car_area_m2:
+                continue
+            # Cars are about 2.4 times as long as wide; prefer the cut closest to that.
+            score = abs(math.log((long_ / short) / CAR_ASPECT))
+            if 1.6 <= long_ / short <= 3.5 and (best is None or score < best[0]):
+                best = (score, k, axis)
+    if best is None:
+        return None
+    _, k, axis = best
+    unit = axis / np.hypot(*axis)
+    t = (pts - c[0]) @ unit
+    bins = np.clip(((t - t.min()) / (np.ptp(t) + 1e-9) * k).astype(int), 0, k - 1) + 1
+    out = np.zeros(comp.shape, np.int32)
+    out[pts[:, 0].astype(int), pts[:, 1].astype(int)] = bins
+    if not _car_sized(out, range(1, k + 1), gsd=gsd, cfg=cfg):
+        return None
+    return out
+
+
+def _hull_area(comp: np.ndarray) -> float:
+    """Area in pixels of the convex hull of a blob's pixels."""
+    hull = shapely.convex_hull(shapely.multipoints(np.argwhere(comp).astype(float)))
+    # Pixel centres understate the hull by half a pixel on each side; buffer to compare fairly.
+    return max(hull.buffer(0.5, join_style="mitre").area, 1.0)
+
+
+def _min_rect_width(piece: np.ndarray) -> float:
+    pts = np.argwhere(piece).astype(float)
+    rect = shapely.minimum_rotated_rectangle(shapely.multipoints(pts))
+    if rect.geom_type != "Polygon":
+        return 1.0
+    c = np.asarray(rect.exterior.coords)
+    return float(min(np.hypot(*(c[1] - c[0])), np.hypot(*(c[2] - c[1])))) + 1.0
+
+
+# === Window by window ===
+
+def _core_windows(width: int, height: int, size: int) -> list[Window]:
+    return [Window(c, r, min(size, width - c), min(size, height - r))
+            for r in range(0, height, size) for c in range(0, width, size)]
+
+
+def _one_polygon(parts: list):
+    geom = shapely.union_all(parts) if len(parts) > 1 else parts[0]
+    if not geom.is_valid:
+        geom = shapely.make_valid(geom)
+    if geom.geom_type != "Polygon":
+        polys = [g for g in getattr(geom, "geoms", []) if g.geom_type == "Polygon"]
+        geom = max(polys, key=lambda g: g.area)  # only a diagonal pixel touch makes a multi
+    return geom
+
+
+def _read_block(mask_src, prob_src, block: Window):
+    """Car pixels (bool) and probabilities (or None) of a window, nodata never a car."""
+    cars = mask_src.read(1, window=block) == 1  # 255 (nodata) is never a car
+    prob = None
+    if prob_src is not None:
+        prob = prob_src.read(1, window=block)
+        cars &= prob != PROB_NODATA
+    return cars, prob
+
+
+def _clip(mask_src, row0: int, col0: int, row1: int, col1: int) -> Window:
+    row0, col0 = max(0, row0), max(0, col0)
+    row1, col1 = min(mask_src.height, row1), min(mask_src.width, col1)
+    return Window(col0, row0, col1 - col0, row1 - row0)
+
+
+def _cut(sl, block: Window, mask_src) -> bool:
+    """True when a component's bounding box touches a block edge inside the raster."""
+    return ((sl[0].start == 0 and block.row_off > 0)
+            or (sl[1].start == 0 and block.col_off > 0)
+            or (sl[0].stop == block.height and block.row_off + block.height < mask_src.height)
+            or (sl[1].stop == block.width and block.col_off + block.width < mask_src.width))
+
+
+def _whole_component(mask_src, prob_src, seed: tuple[int, int], block: Window, sl, halo: int):
+    """Grow the read around a component cut by its block edge until it is seen whole.
+
+    Returns (component crop, probability crop, crop's global (row, col) offset), or None when
+    the blob outgrows ``MAX_BLOB_PX`` (memory stays bounded; such a blob is no car anyway).
+    """
+    r0, c0 = block.row_off + sl[0].start, block.col_off + sl[1].start
+    r1, c1 = block.row_off + sl[0].stop, block.col_off + sl[1].stop
+    while True:
+        region = _clip(mask_src, r0 - halo, c0 - halo, r1 + halo, c1 + halo)
+        if region.width * region.height > MAX_BLOB_PX:
+            return None
+        cars, prob = _read_block(mask_src, prob_src, region)
+        labels, _ = ndimage.label(cars, structure=_EIGHT)
+        value = labels[seed[0] - region.row_off, seed[1] - region.col_off]
+        comp_sl = ndimage.find_objects((labels == value).astype(np.int32))[0]
+        if not _cut(comp_sl, region, mask_src):
+            comp = labels[comp_sl] == value
+            crop_prob = prob[comp_sl] if prob is not None else None
+            return comp, crop_prob, (region.row_off + comp_sl[0].start,
+                                     region.col_off + comp_sl[1].start)
+        r0, c0 = region.row_off + comp_sl[0].start, region.col_off + comp_sl[1].start
+        r1, c1 = region.row_off + comp_sl[0].stop, region.col_off + comp_sl[1].stop
+
+
+def _cars_in_window(mask_src, prob_src, core: Window, *, cfg: VectorConfig, gsd: float,
+                    stats: dict) -> list[tuple[tuple[int, int], list[dict]]]:
+    """Cars whose representative pixel lies in ``core``, each with its global sort key."""
+    halo = cfg.halo
+    block = _clip(mask_src, core.row_off - halo, core.col_off - halo,
+                  core.row_off + core.height + halo, core.col_off + core.width + halo)
+    cars, prob = _read_block(mask_src, prob_src, block)
+    if not cars.any():
+        return []
+    labels, _ = ndimage.label(cars, structure=_EIGHT)
+
+    def in_core(row: int, col: int) -> bool:
+        return (core.row_off <= row < core.row_off + core.height
+                and core.col_off <= col < core.col_off + core.width)
+
+    out, seen = [], set()
+    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        # First pixel in row-major order: for a component seen whole, the same pixel whatever
+        # the block, so exactly one window owns it.
+        r, c = sl[0].start, sl[1].start + int(np.argmax(labels[sl[0].start, sl[1]] == i))
+        seed = (r + block.row_off, c + block.col_off)
+        if not _cut(sl, block, mask_src):
+            if not in_core(*seed):
+                continue  # another window owns this component
+            comp = labels[sl] == i
+            crop_prob = prob[sl] if prob is not None else None
+            origin = (block.row_off + sl[0].start, block.col_off + sl[1].start)
+            key = seed
+        else:
+            # Larger than the halo: only reading further shows where it really starts.
+            # The piece holding the blob's first pixel overlaps the core if this window owns it.
+            if not _overlaps_core(sl, block, core):
+                continue
+            whole = _whole_component(mask_src, prob_src, seed, block, sl, halo)
+            if whole is None:
+                stats["too_large"] += 1
+                continue
+            comp, crop_prob, origin = whole
+            rr, cc = np.argwhere(comp)[0]  # argwhere is row-major: the first pixel
+            key = (int(rr) + origin[0], int(cc) + origin[1])
+            if not in_core(*key) or key in seen:
+                continue  # owned by another window, or already done via another piece
+            seen.add(key)
+        records = _component_cars(comp, crop_prob, origin, cfg=cfg, gsd=gsd, stats=stats)
+        out.append((key, records))
+    _add_geometry([r for _, recs in out for r in recs], mask_src.transform, cfg=cfg)
+    return out
+
+
+def _add_geometry(records: list[dict], transform, *, cfg: VectorConfig) -> None:
+    """Polygonize every car piece of a window in one ``shapes`` call (it is slow per call)."""
+    if not records:
+        return
+    r0 = min(r["origin"][0] for r in records)
+    c0 = min(r["origin"][1] for r in records)
+    r1 = max(r["origin"][0] + r["piece"].shape[0] for r in records)
+    c1 = max(r["origin"][1] + r["piece"].shape[1] for r in records)
+    canvas = np.zeros((r1 - r0, c1 - c0), np.int32)
+    for k, rec in enumerate(records, start=1):
+        piece, (rr, cc) = rec.pop("piece"), rec.pop("origin")
+        view = canvas[rr - r0:rr - r0 + piece.shape[0], cc - c0:cc - c0 + piece.shape[1]]
+        view[piece] = k
+    parts: dict[int, list] = {}
+    # Polygonize in whole scene pixels (exact in floating point), then map to the CRS with the
+    # scene's transform: bit-identical coordinates whatever window the car came from.
+    for geom, value in rasterio.features.shapes(canvas, mask=canvas > 0, connectivity=8,
+                                                transform=Affine.translation(c0, r0)):
+        parts.setdefault(int(value), []).append(shapely.geometry.shape(geom))
+    matrix = np.array([[transform.a, transform.d], [transform.b, transform.e]])
+    offset = np.array([transform.c, transform.f])
+    for k, rec in enumerate(records, start=1):
+        geom = shapely.transform(_one_polygon(parts[k]), lambda xy: xy @ matrix + offset)
+        if cfg.regularize:
+            geom = shapely.minimum_rotated_rectangle(geom)
+        length, width, heading = rectangle_attributes(geom)
+        rec.update({"area_m2": float(geom.area), "length_m": length, "width_m": width,
+                    "heading_deg": heading, "geometry": geom})
+
+
+def _overlaps_core(sl, block: Window, core: Window) -> bool:
+    r0, r1 = block.row_off + sl[0].start, block.row_off + sl[0].stop
+    c0, c1 = block.col_off + sl[1].start, block.col_off + sl[1].stop
+    return (r0 < core.row_off + core.height and core.row_off < r1
+            and c0 < core.col_off + core.width and core.col_off < c1)
+
+
+def _component_cars(comp: np.ndarray, crop_prob: np.ndarray | None, origin: tuple[int, int],
+                    *, cfg: VectorConfig, gsd: float, stats: dict) -> list[dict]:
+    """Split one whole blob into cars: each car's pixels, global (row, col) origin, probability."""
+    px_area = gsd * gsd
+    if comp.sum() * px_area < cfg.min_area_m2:
+        stats["too_small"] += 1
+        return []
+    pieces = split_component(comp, gsd=gsd, cfg=cfg, prob=crop_prob)
+    n_pieces = int(pieces.max())
+    if n_pieces > 1:
+        stats["split"] += 1
+    records = []
+    for k in range(1, n_pieces + 1):
+        piece = pieces == k
+        area = float(piece.sum() * px_area)
+        if area < cfg.min_area_m2:
+            stats["too_small"] += 1
+            continue
+        if area > cfg.max_area_m2:
+            stats["too_large"] += 1
+            continue
+        if crop_prob is not None:
+            values = crop_prob[piece].astype(np.float64) / PROB_SCALE
+            mean_prob, max_prob = float(values.mean()), float(values.max())
+        else:
+            mean_prob = max_prob = float("nan")
+        records.append({"piece": piece, "origin": origin, "mean_prob": mean_prob,
+                        "max_prob": max_prob})
+    return records
+
+
+def empty_cars(crs):
+    """An empty car layer with the full schema and ``crs``."""
+    import geopandas as gpd
+    import pandas as pd
+
+    frame = pd.DataFrame({"scene": pd.Series(dtype="str"),
+                          **{c: pd.Series(dtype="float64") for c in COLUMNS[1:]}})
+    return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries([], crs=crs), crs=crs)
+
+
+def vectorize_scene(mask_tif: Path, out_dir: Path, *, cfg: VectorConfig) -> Path:
+    """Polygonize one scene's car mask into ``out_dir/cars/<scene>.<format>``.
+
+    Args:
+        mask_tif: ``out_dir/masks/<scene>.tif`` (uint8, 1 car, 0 background, 255 nodata).
+            The probability raster ``out_dir/probability/<scene>.tif`` gives ``mean_prob`` and
+            ``max_prob``; without it those are NaN.
+        out_dir: the output root.
+        cfg: vectorizing settings.
+
+    Returns:
+        The vector file written (one polygon per car, in the scene's CRS).
+    """
+    import geopandas as gpd
+
+    mask_tif, out_dir = Path(mask_tif), Path(out_dir)
+    scene = mask_tif.stem
+    prob_tif = out_dir / "probability" / f"{scene}.tif"
+    target = out_dir / "cars" / f"{scene}{VECTOR_SUFFIX[cfg.format]}"
+    with open_scene(mask_tif) as mask_src:
+        if mask_src.count != 1 or mask_src.dtypes[0] != "uint8":
+            raise InputError(f"{mask_tif}: expected a single-band uint8 car mask, got "
+                             f"{mask_src.count} band(s) of {mask_src.dtypes[0]}")
+        prob_src = None
+        if prob_tif.exists():
+            prob_src = open_scene(prob_tif)
+            if (prob_src.width, prob_src.height, prob_src.transform) != (
+                    mask_src.width, mask_src.height, mask_src.transform):
+                prob_src.close()
+                raise InputError(f"{prob_tif}: not on the grid of {mask_tif}")
+        else:
+            log.warning("%s: no probability raster; mean_prob/max_prob will be empty", prob_tif)
+        gsd = pixel_size(mask_src.transform)
+        crs = mask_src.crs
+        stats = {"too_small": 0, "too_large": 0, "split": 0}
+        found = []
+        try:
+            for core in _core_windows(mask_src.width, mask_src.height, cfg.window):
+                found += _cars_in_window(mask_src, prob_src, core, cfg=cfg, gsd=gsd, stats=stats)
+        finally:
+            if prob_src is not None:
+                prob_src.close()
+    # Row-major order of representative pixels: the same file whatever the window size.
+    found.sort(key=lambda item: item[0])
+    records = [r for _, recs in found for r in recs]
+    if records:
+        gdf = gpd.GeoDataFrame(records, geometry="geometry", crs=crs)
+        gdf.insert(0, "scene", scene)
+        gdf = gdf[[*COLUMNS, "geometry"]]
+    else:
+        gdf = empty_cars(crs)
+    if len(gdf) or target.suffix == ".parquet":
+        write_vector(gdf, target, layer="cars")
+    else:
+        # An empty layer has no geometry to infer its type from: declare it, so GIS opens a
+        # polygon layer rather than one of unknown type.
+        with atomic_path(target) as tmp:
+            gdf.to_file(tmp, driver="GPKG" if target.suffix == ".gpkg" else "GeoJSON",
+                        engine="pyogrio", geometry_type="Polygon",
+                        **({"layer": "cars"} if target.suffix == ".gpkg" else {}))
+    log.info("%s: %d cars (%d blobs split, %d dropped as too small, %d as too large)",
+             scene, len(gdf), stats["split"], stats["too_small"], stats["too_large"])
+    return target
+
+
+# === Summary ===
+
+def _read_log(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {"status": "failed", "error": f"{path}: unreadable log"}
+
+
+def find_cars_file(out_dir: Path, scene: str) -> Path | None:
+    """The car vector file of ``scene`` in ``out_dir/cars``, whatever its format."""
+    for suffix in VECTOR_SUFFIX.values():
+        path = Path(out_dir) / "cars" / f"{scene}{suffix}"
+        if path.exists():
+            return path
+    return None
+
+
+def write_summary(out_dir: Path) -> Path:
+    """Write ``out_dir/cars/summary.csv``: scene, cars, car_area_m2, seconds, status, error.
+
+    Scenes come from the predicted masks and the per-scene logs; a scene that failed in
+    predict or vectors is listed with status ``failed`` and its error.
+    """
+    out_dir = Path(out_dir)
+    logs = out_dir / "logs"
+    scenes = {p.stem for p in (out_dir / "masks").glob("*.tif")}
+    scenes |= {p.name.split(".")[0] for p in logs.glob("*.predict.json")}
+    scenes |= {p.name.split(".")[0] for p in logs.glob("*.vectors.json")}
+    rows = []
+    for scene in sorted(scenes):
+        seconds, errors = 0.0, []
+        for stage in ("predict", "vectors"):
+            entry = _read_log(logs / f"{scene}.{stage}.json")
+            if entry is None:
+                continue
+            if entry.get("status") == "ok":
+                seconds += float(entry.get("seconds", 0.0))
+            else:
+                errors.append(f"{stage}: {entry.get('error', 'failed')}")
+        cars_file = find_cars_file(out_dir, scene)
+        cars, area = 0, 0.0
+        if cars_file is None and not errors:
+            errors.append("vectors: no car file")
+        elif cars_file is not None and not errors:
+            try:
+                gdf = read_vector(cars_file)
+                cars, area = len(gdf), float(gdf.geometry.area.sum()) if len(gdf) else 0.0
+            except InputError as exc:
+                errors.append(f"vectors: {exc}")
+        rows.append({"scene": scene, "cars": cars if not errors else "",
+                     "car_area_m2": round(area, 3) if not errors else "",
+                     "seconds": round(seconds, 3), "status": "failed" if errors else "ok",
+                     "error": "; ".join(errors)})
+    target = out_dir / "cars" / "summary.csv"
+    with atomic_path(target) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["scene", "cars", "car_area_m2", "seconds",
+                                                "status", "error"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return target
+

@@ -1,0 +1,135 @@
+"""Evaluation: optimal one-to-one matching, pixel metrics on the mask grid, nodata ignored."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio.features
+from conftest import GSD, ORIGIN, TRANSFORM, UTM, write_scene
+from shapely.geometry import box
+
+from pipeline.config import EvaluateConfig, VectorConfig
+from pipeline.evaluate import evaluate, match_objects
+from pipeline.io import InputError
+from pipeline.vectorize import vectorize_scene
+
+
+def test_hungarian_beats_greedy():
+    # IoU(T1,P1)=0.9 is the best pair, but taking it leaves T2 with nothing; the optimal
+    # assignment T1-P2 (0.54) and T2-P1 (0.55) matches both.
+    t1, t2 = box(0, 0, 10, 1), box(4, 0, 12, 1)
+    p1, p2 = box(1, 0, 10, 1), box(-3, 0, 7, 1)
+    cfg = EvaluateConfig(iou_threshold=0.5)
+    iou = {(t, p): ti.intersection(pi).area / ti.union(pi).area
+           for t, ti in enumerate([t1, t2]) for p, pi in enumerate([p1, p2])}
+    assert iou[(0, 0)] > 0.85 and iou[(1, 1)] < 0.5 and min(iou[(0, 1)], iou[(1, 0)]) > 0.5
+    # Greedy by best IoU first (or by file order, T1 first): one match only.
+    greedy, used_t, used_p = [], set(), set()
+    for (t, p), v in sorted(iou.items(), key=lambda kv: -kv[1]):
+        if v >= 0.5 and t not in used_t and p not in used_p:
+            greedy.append((t, p))
+            used_t.add(t)
+            used_p.add(p)
+    assert len(greedy) == 1
+    matches, best = match_objects([t1, t2], [p1, p2], cfg=cfg)
+    assert [(t, p) for t, p, _ in matches] == [(0, 1), (1, 0)]
+    assert matches[0][2] == pytest.approx(iou[(0, 1)])
+    assert best[0] == pytest.approx(iou[(0, 0)])
+
+
+def test_centroid_matching():
+    truth = [box(0, 0, 2, 4), box(10, 0, 12, 4)]
+    pred = [box(0.5, 0.5, 2.5, 4.5), box(13, 0, 15, 4)]  # second is 3 m off
+    matches, _ = match_objects(truth, pred, cfg=EvaluateConfig(match_by="centroid",
+                                                               max_centroid_m=1.5))
+    assert [(t, p) for t, p, _ in matches] == [(0, 0)]
+    assert match_objects([], pred, cfg=EvaluateConfig())[0] == []
+
+
+def car_px(row, col, h=30, w=13):
+    x0, y0 = ORIGIN[0] + col * GSD, ORIGIN[1] - row * GSD
+    return box(x0, y0 - h * GSD, x0 + w * GSD, y0)
+
+
+@pytest.fixture
+def predicted(tmp_path):
+    """One 120x120 scene: predicted cars A (right), B (false positive); truth A, C (missed),
+    E under nodata (ignored), F far away (other scene); truth stored in EPSG:4326."""
+    out = tmp_path / "out"
+    a, b, c, e = car_px(10, 10), car_px(60, 60), car_px(10, 60), car_px(80, 5)
+    shape = (120, 120)
+    mask = rasterio.features.rasterize([(a, 1), (b, 1)], out_shape=shape, transform=TRANSFORM,
+                                       dtype="uint8")
+    mask[70:, :40] = 255  # nodata corner holding E
+    prob = np.where(mask == 255, 255, np.where(mask == 1, 200, 20)).astype(np.uint8)
+    prob[rasterio.features.rasterize([(c, 1)], out_shape=shape, transform=TRANSFORM) == 1] = 100
+    write_scene(out / "masks" / "s1.tif", mask[None], nodata=255)
+    write_scene(out / "probability" / "s1.tif", prob[None], nodata=255)
+    vectorize_scene(out / "masks" / "s1.tif", out, cfg=VectorConfig())
+    far = box(ORIGIN[0] + 500, ORIGIN[1] - 500, ORIGIN[0] + 502, ORIGIN[1] - 496)
+    truth = gpd.GeoDataFrame({"id": [1, 2, 3, 4]}, geometry=[a, c, e, far], crs=UTM)
+    path = tmp_path / "truth.geojson"
+    truth.to_crs(4326).to_file(path)
+    return out, path, (a, b, c)
+
+
+def test_evaluate_known_answer(predicted):
+    out, truth, (a, b, c) = predicted
+    metrics_path = evaluate(out, truth, cfg=EvaluateConfig())
+    metrics = json.loads(metrics_path.read_text())
+    scene = metrics["per_scene"]["s1"]
+    assert scene["truth_cars"] == 2  # E lies over nodata, F in no scene
+    assert scene["pred_cars"] == 2
+    assert scene["count_error"] == 0
+    obj = metrics["overall"]["object"]
+    assert (obj["tp"], obj["fp"], obj["fn"]) == (1, 1, 1)
+    assert obj["precision"] == obj["recall"] == obj["f1"] == pytest.approx(0.5)
+    px = metrics["overall"]["pixel"]
+    car = 30 * 13
+    # A is right, B is all false positive, C all false negative (the 4326 round trip may
+    # move an edge by a fraction of a pixel, hence the tolerance).
+    assert px["tp"] == pytest.approx(car, abs=30)
+    assert px["fp"] == pytest.approx(car, abs=30)
+    assert px["fn"] == pytest.approx(car, abs=30)
+    assert px["iou"] == pytest.approx(1 / 3, abs=0.03)
+
+    with open(out / "evaluation" / "thresholds.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [float(r["threshold"]) for r in rows] == pytest.approx(
+        [0.05 * i for i in range(1, 20)])
+    by_t = {round(float(r["threshold"]), 2): r for r in rows}
+    # prob 20/254 = 0.08 on background, 100/254 = 0.39 on C, 200/254 = 0.79 on A and B.
+    assert float(by_t[0.3]["recall"]) == pytest.approx(1.0, abs=0.05)
+    assert float(by_t[0.5]["recall"]) == pytest.approx(0.5, abs=0.05)
+    assert float(by_t[0.5]["precision"]) == pytest.approx(0.5, abs=0.05)
+    assert float(by_t[0.85]["recall"]) == 0.0
+
+    with open(out / "evaluation" / "objects.csv") as fh:
+        objects = list(csv.DictReader(fh))
+    assert sorted((o["kind"], o["matched"]) for o in objects) == [
+        ("pred", "False"), ("pred", "True"), ("truth", "False"), ("truth", "True")]
+    assert (out / "evaluation" / "per_scene.csv").exists()
+    sizes = metrics["overall"]["recall_by_size"]
+    assert sum(s["truth_cars"] for s in sizes) == 2
+
+
+def test_evaluate_bad_truth(predicted, tmp_path):
+    out, _, _ = predicted
+    bad = tmp_path / "bad.gpkg"
+    bad.write_text("not a geopackage")
+    with pytest.raises(InputError, match="bad.gpkg"):
+        evaluate(out, bad, cfg=EvaluateConfig())
+    assert not (out / "evaluation").exists()
+
+
+def test_strips_do_not_change_metrics(predicted, monkeypatch):
+    out, truth, _ = predicted
+    whole = json.loads(evaluate(out, truth, cfg=EvaluateConfig()).read_text())
+    monkeypatch.setattr("pipeline.evaluate.STRIP_ROWS", 17)  # strips cut through every car
+    strips = json.loads(evaluate(out, truth, cfg=EvaluateConfig()).read_text())
+    assert strips["overall"] == whole["overall"]
+    assert (out / "evaluation" / "thresholds.csv").read_text().count("\n") == 20

@@ -1,0 +1,259 @@
+"""Vectorizing: one polygon per car, window-size independent, right attributes, nodata respected."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyogrio
+import pytest
+import rasterio.features
+import shapely
+from conftest import GSD, ORIGIN, TRANSFORM, UTM, write_scene
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy import ndimage
+from shapely import affinity
+from shapely.geometry import box
+
+from pipeline.config import VectorConfig
+from pipeline.io import read_vector
+from pipeline.vectorize import COLUMNS, rectangle_attributes, vectorize_scene, write_summary
+
+
+def car(cx_px: float, cy_px: float, *, length_m=4.5, width_m=1.9, heading_deg=0.0):
+    """A car footprint in map coordinates, centred on pixel (col, row), long axis at heading."""
+    x = ORIGIN[0] + cx_px * GSD
+    y = ORIGIN[1] - cy_px * GSD
+    rect = box(x - width_m / 2, y - length_m / 2, x + width_m / 2, y + length_m / 2)
+    # shapely rotates counter-clockwise for positive angles; heading is clockwise from north.
+    return affinity.rotate(rect, -heading_deg, origin=(x, y))
+
+
+def burn(shape, geoms, value=1):
+    return rasterio.features.rasterize([(g, value) for g in geoms], out_shape=shape,
+                                       transform=TRANSFORM, fill=0, dtype="uint8")
+
+
+def write_pred(out_dir, scene, mask, prob=None):
+    """Write out_dir/masks/<scene>.tif and probability/<scene>.tif the way predict does."""
+    if prob is None:
+        prob = np.where(mask == 255, 255, mask.astype(np.uint16) * 230).astype(np.uint8)
+    write_scene(out_dir / "probability" / f"{scene}.tif", prob[None], nodata=255)
+    return write_scene(out_dir / "masks" / f"{scene}.tif", mask[None].astype(np.uint8),
+                       nodata=255)
+
+
+def run(out_dir, scene, **kw):
+    path = vectorize_scene(out_dir / "masks" / f"{scene}.tif", out_dir, cfg=VectorConfig(**kw))
+    return read_vector(path)
+
+
+def test_rotated_rectangle_attributes(tmp_path):
+    truth = car(60, 60, heading_deg=30)
+    write_pred(tmp_path, "s", burn((120, 120), [truth]))
+    gdf = run(tmp_path, "s")
+    assert len(gdf) == 1
+    row = gdf.iloc[0]
+    assert gdf.crs == UTM
+    assert row.area_m2 == pytest.approx(4.5 * 1.9, rel=0.08)
+    assert row.length_m == pytest.approx(4.5, abs=0.25)
+    assert row.width_m == pytest.approx(1.9, abs=0.25)
+    assert row.heading_deg == pytest.approx(30, abs=3)
+    assert row.mean_prob == pytest.approx(230 / 254, abs=1e-6)
+    assert row.max_prob == pytest.approx(230 / 254, abs=1e-6)
+    assert row.scene == "s"
+    assert list(gdf.columns) == [*COLUMNS, "geometry"]
+    assert gdf.geometry.iloc[0].symmetric_difference(truth).area < truth.length * GSD
+
+    reg = run(tmp_path, "s", regularize=True)
+    assert len(shapely.get_coordinates(reg.geometry.iloc[0])) == 5  # a rectangle
+
+
+def test_axis_aligned_rectangle_known_answer():
+    # 3 m east-west by 6 m north-south: heading 0; then east-west long axis: heading 90.
+    length, width, heading = rectangle_attributes(box(0, 0, 3, 6))
+    assert (length, width, heading) == pytest.approx((6, 3, 0))
+    length, width, heading = rectangle_attributes(box(0, 0, 6, 3))
+    assert (length, width, heading) == pytest.approx((6, 3, 90))
+    _, _, heading = rectangle_attributes(affinity.rotate(box(0, 0, 1, 5), -135, origin=(0, 0)))
+    assert heading == pytest.approx(135)
+
+
+@pytest.mark.parametrize("offset", [(18, 12), (28, 9), (22, 12)])
+def test_touching_cars_split(tmp_path, offset):
+    # Two parallel cars touching along a short stretch (side by side, staggered; end to end
+    # with a sideways offset): one blob in the mask, two cars out.
+    a = car(40, 40)
+    b = car(40 + offset[1], 40 + offset[0])
+    mask = burn((100, 100), [a]) | burn((100, 100), [b])
+    assert ndimage.label(mask, np.ones((3, 3)))[1] == 1  # the masks really touch
+    write_pred(tmp_path, "s", mask)
+    gdf = run(tmp_path, "s")
+    assert len(gdf) == 2
+    for truth in (a, b):
+        best = max(gdf.geometry, key=lambda g: g.intersection(truth).area)
+        assert best.intersection(truth).area / best.union(truth).area > 0.7
+    assert len(run(tmp_path, "s", split_touching=False)) == 1
+
+
+def test_single_car_never_split(tmp_path):
+    write_pred(tmp_path, "s", burn((100, 100), [car(50, 50, heading_deg=h) for h in [0]]))
+    assert len(run(tmp_path, "s")) == 1
+    for i, h in enumerate([0, 17, 45, 72, 90, 130]):
+        write_pred(tmp_path, f"h{i}", burn((100, 100), [car(50, 50, heading_deg=h)]))
+        assert len(run(tmp_path, f"h{i}")) == 1, h
+
+
+def _random_cars(rng, size=300, n=20):
+    cars = []
+    # Force some cars straddling the 64-px window boundaries.
+    centres = [(64, 64), (128, 130), (192, 60), (250, 256)]
+    while len(centres) < 200 and len(cars) < n:
+        centres.append(tuple(rng.uniform(15, size - 15, 2)))
+    for cx, cy in centres:
+        cand = car(cx, cy, heading_deg=float(rng.uniform(0, 180)))
+        if all(cand.distance(c) > 0.5 for c in cars):
+            cars.append(cand)
+        if len(cars) == n:
+            break
+    return cars
+
+
+def test_cars_do_not_depend_on_window_size(tmp_path, rng):
+    cars = _random_cars(rng)
+    assert len(cars) == 20
+    write_pred(tmp_path, "s", burn((300, 300), cars))
+    small = run(tmp_path, "s", window=64, halo=64)
+    large = run(tmp_path, "s", window=512, halo=64)
+    # A halo smaller than a car: blobs cut by the block edge are read again, grown until whole.
+    tiny_halo = run(tmp_path, "s", window=64, halo=8)
+    assert len(small) == len(large) == len(tiny_halo) == 20
+    for g in small.geometry:
+        for frame in (large, tiny_halo):
+            other = min(frame.geometry, key=lambda h: h.centroid.distance(g.centroid))
+            assert g.symmetric_difference(other).area < g.length * GSD
+    for truth in cars:  # and every car is where it was drawn
+        best = max(small.geometry, key=lambda g: g.intersection(truth).area)
+        assert best.intersection(truth).area / best.union(truth).area > 0.7
+
+
+def test_no_cars_over_nodata(tmp_path):
+    blobs_left = [car(30, 40), car(30, 100, heading_deg=60)]
+    real = car(120, 70)
+    mask = burn((150, 160), blobs_left + [real])
+    prob = np.where(mask == 1, 250, 3).astype(np.uint8)
+    mask[:, :75] = 255  # left half is nodata in the mask, while prob still shows blobs there
+    # A blob the mask calls a car but where the probability raster says nodata.
+    extra = car(120, 20, heading_deg=90)
+    mask |= burn((150, 160), [extra]) & (mask != 255)
+    prob[burn((150, 160), [extra]) == 1] = 255
+    write_pred(tmp_path, "s", mask, prob)
+    gdf = run(tmp_path, "s")
+    assert len(gdf) == 1
+    assert gdf.geometry.iloc[0].intersection(real).area > 0.9 * real.area
+    assert gdf.iloc[0].mean_prob == pytest.approx(250 / 254)
+
+
+def test_area_filters(tmp_path):
+    tiny = car(20, 20, length_m=1.0, width_m=1.0)
+    roof = car(80, 60, length_m=7.0, width_m=7.0)  # 49 m2, and no way to cut it into cars
+    normal = car(20, 80)
+    write_pred(tmp_path, "s", burn((120, 120), [tiny, roof, normal]))
+    gdf = run(tmp_path, "s", min_area_m2=2.0, max_area_m2=40.0)
+    assert len(gdf) == 1
+    assert gdf.geometry.iloc[0].intersects(normal)
+
+
+@pytest.mark.parametrize("fmt", ["gpkg", "geojson", "parquet"])
+def test_empty_result_has_schema_and_crs(tmp_path, fmt):
+    write_pred(tmp_path, "empty", np.zeros((64, 64), np.uint8))
+    path = vectorize_scene(tmp_path / "masks" / "empty.tif", tmp_path,
+                           cfg=VectorConfig(format=fmt))
+    assert path.name == f"empty.{fmt}"
+    gdf = read_vector(path)
+    assert len(gdf) == 0
+    assert gdf.crs == UTM
+    if fmt != "geojson":  # GeoJSON keeps fields only in features: an empty file has none
+        assert set(COLUMNS) <= set(gdf.columns)
+    if fmt == "gpkg":
+        assert pyogrio.read_info(path)["geometry_type"] == "Polygon"
+
+
+def test_summary_lists_failed_scenes(tmp_path):
+    write_pred(tmp_path, "a", burn((100, 100), [car(30, 30), car(70, 70)]))
+    run(tmp_path, "a")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "a.predict.json").write_text(json.dumps({"seconds": 2.5, "status": "ok"}))
+    (logs / "a.vectors.json").write_text(json.dumps({"seconds": 0.5, "status": "ok"}))
+    (logs / "b.predict.json").write_text(json.dumps({"status": "failed", "error": "b.tif: bad"}))
+    import pandas as pd
+
+    table = pd.read_csv(write_summary(tmp_path)).set_index("scene")
+    assert table.loc["a", "cars"] == 2
+    assert table.loc["a", "seconds"] == pytest.approx(3.0)
+    assert table.loc["a", "car_area_m2"] == pytest.approx(2 * 4.5 * 1.9, rel=0.1)
+    assert table.loc["a", "status"] == "ok"
+    assert table.loc["b", "status"] == "failed"
+    assert "b.tif: bad" in table.loc["b", "error"]
+    assert math.isnan(table.loc["b", "cars"])
+
+
+def test_blob_larger_than_halo_is_one_blob_whatever_the_window(tmp_path):
+    # A U of touching cars spanning several 64-px windows, read with a halo smaller than a car:
+    # its arms meet only outside most blocks, yet it must come out the same as in one window.
+    cars = [car(40 + 12 * i, 40) for i in range(6)]  # side by side, overlapping
+    cars += [car(40, 70 + 29 * i) for i in range(3)]
+    cars += [car(100, 70 + 29 * i) for i in range(3)]
+    mask = burn((200, 200), cars)
+    assert ndimage.label(mask, np.ones((3, 3)))[1] == 1
+    write_pred(tmp_path, "u", mask)
+    kw = dict(max_area_m2=1000.0, split_touching=False)
+    whole = run(tmp_path, "u", window=512, **kw)
+    windowed = run(tmp_path, "u", window=64, halo=8, **kw)
+    assert len(whole) == len(windowed) == 1
+    assert whole.geometry.iloc[0].symmetric_difference(windowed.geometry.iloc[0]).area < 1e-6
+
+
+@settings(max_examples=6, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), window=st.sampled_from([64, 96, 200]),
+       halo=st.sampled_from([8, 20, 64]))
+def test_window_independence_property(tmp_path, seed, window, halo):
+    # Touching and separate cars anywhere: any window and halo give the very same file content.
+    r = np.random.default_rng(seed)
+    cars = [car(*r.uniform(10, 150, 2), heading_deg=float(r.uniform(0, 180)))
+            for _ in range(int(r.integers(5, 25)))]
+    scene = f"p{seed}_{window}_{halo}"
+    write_pred(tmp_path, scene, burn((160, 160), cars))
+    ref = run(tmp_path, scene, window=1024)
+    got = run(tmp_path, scene, window=window, halo=halo)
+    assert len(ref) == len(got)
+    for a, b in zip(ref.geometry, got.geometry, strict=True):
+        assert a.equals(b)
+
+
+@pytest.mark.parametrize("heading", [0, 30, 90])
+def test_cars_in_full_contact_split_and_vans_kept(tmp_path, heading):
+    # Side by side and end to end with no neck at all: only the size says there are two cars.
+    # A van (6 x 2.4 m, larger than max_car_area_m2) is one vehicle and stays whole.
+    rad = math.radians(heading)
+    along, across = np.array([math.sin(rad), math.cos(rad)]), np.array([math.cos(rad), -math.sin(rad)])
+    def at(offset_m):  # pixel centre (col, row) moved by metres along a map direction
+        return 60 + offset_m[0] / GSD, 60 - offset_m[1] / GSD
+    cases = {"side": [car(*at(-0.94 * across), heading_deg=heading),
+                      car(*at(0.94 * across), heading_deg=heading)],
+             "end": [car(*at(-2.24 * along), heading_deg=heading),
+                     car(*at(2.24 * along), heading_deg=heading)],
+             "van": [car(60, 60, length_m=6.0, width_m=2.4, heading_deg=heading)]}
+    for name, cars in cases.items():
+        mask = burn((120, 120), cars)
+        assert ndimage.label(mask, np.ones((3, 3)))[1] == 1
+        write_pred(tmp_path, name, mask)
+        gdf = run(tmp_path, name)
+        assert len(gdf) == len(cars), name
+        for truth in cars:
+            best = max(gdf.geometry, key=lambda g: g.intersection(truth).area)
+            assert best.intersection(truth).area / best.union(truth).area > 0.75, name
