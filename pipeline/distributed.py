@@ -12,6 +12,7 @@ import logging
 import os
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,12 +57,23 @@ def run_one(func: Callable, item: Any, args: tuple, kwargs: dict) -> float:
     return time.perf_counter() - start
 
 
-def _client(cfg: DistributedConfig):
+# How long to wait for an existing scheduler before telling the user it is not there.
+CONNECT_TIMEOUT = "20s"
+
+
+def _client(cfg: DistributedConfig, n_items: int | None = None):
     from dask.distributed import Client, LocalCluster
 
     if cfg.scheduler:
-        return Client(cfg.scheduler), None
+        try:
+            return Client(cfg.scheduler, timeout=CONNECT_TIMEOUT), None
+        except (OSError, TimeoutError) as exc:
+            raise InputError(f"{cfg.scheduler}: no Dask scheduler answers at this address "
+                             f"({exc.__class__.__name__}); start one with `dask scheduler` or "
+                             "leave DASK_SCHEDULER empty for a local cluster") from None
     workers = cfg.workers or os.cpu_count() or 1
+    # More workers than scenes would only start processes (each loading the model) that idle.
+    workers = min(workers, n_items) if n_items else workers
     cluster = LocalCluster(n_workers=workers, threads_per_worker=cfg.threads_per_worker,
                            processes=True, dashboard_address=None)
     return Client(cluster), cluster
@@ -87,21 +99,34 @@ def run_batch(func: Callable, items: Sequence[Any], *, args: tuple = (), kwargs:
             _record(result, name(item), outcome)
         return result
 
-    client, cluster = _client(cfg)
+    from dask.distributed import as_completed
+
+    client, cluster = _client(cfg, len(items))
+    # A fresh token per batch: a long-lived cluster must never hand back an earlier batch's
+    # result for a key it still holds.
+    token = uuid.uuid4().hex[:8]
     try:
-        futures = {name(item): client.submit(run_one, func, item, args, kwargs, pure=False,
-                                             retries=cfg.retries, key=f"{func.__name__}-{name(item)}")
+        futures = {client.submit(run_one, func, item, args, kwargs, pure=False,
+                                 retries=cfg.retries,
+                                 key=f"{func.__name__}-{name(item)}-{token}"): name(item)
                    for item in items}
-        for key, future in futures.items():
+        for i, future in enumerate(as_completed(futures), 1):
+            key = futures[future]
             try:
                 outcome = future.result()
             except Exception as exc:  # the task's own exception, after its retries
                 outcome = exc
             _record(result, key, outcome)
+            log.info("%s: %s (%d of %d)", key,
+                     "done" if key in result.done else "failed", i, len(futures))
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
+    # Report in batch order, not in the order the workers happened to finish.
+    order = {name(item): i for i, item in enumerate(items)}
+    result.done = dict(sorted(result.done.items(), key=lambda kv: order.get(kv[0], 0)))
+    result.failed = dict(sorted(result.failed.items(), key=lambda kv: order.get(kv[0], 0)))
     return result
 
 

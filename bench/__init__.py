@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench` (CPU suite) and `python -m bench.gpu` (accelerator)."""
