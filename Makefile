@@ -18,6 +18,7 @@ OUT ?= $(DATA)/processed
 DASK_SCHEDULER ?=
 WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 PYTHON ?= python3
+REPORTS ?= reports
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -32,7 +33,7 @@ LABELS := $(DATA)/raw/labels
 CHIPS := $(DATA)/interim/chips
 MASKS := $(DATA)/interim/masks
 SETTINGS := $(DATA)/interim/settings
-REPORT := reports/$(RUN)
+REPORT := $(REPORTS)/$(RUN)
 
 TRAIN_SCENES := $(sort $(wildcard $(RAW_IMAGES)/*.tif))
 LABEL_FILES := $(sort $(foreach e,gpkg geojson shp parquet,$(wildcard $(LABELS)/*.$(e))))

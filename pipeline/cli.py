@@ -267,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING if args.quiet else logging.DEBUG if args.debug else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    for noisy in ("pyogrio", "rasterio", "matplotlib", "PIL", "distributed", "absl", "h5py"):
+        # Libraries' INFO chatter ("Created 99 records") hides the pipeline's own lines.
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.debug else logging.WARNING)
     if not args.debug:
         # TensorFlow's C++ banner is noise to a GIS user; --debug keeps it.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

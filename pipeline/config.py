@@ -139,6 +139,9 @@ class VectorConfig(_Section):
     max_area_m2: float = Field(40.0, gt=0, description="Larger blobs are dropped.")
     split_touching: bool = Field(True, description="Split touching cars (watershed).")
     min_car_width_m: float = Field(1.4, gt=0, description="Smallest car width the splitter keeps.")
+    max_car_area_m2: float = Field(
+        12.0, gt=0, description="Blobs larger than one car of this area are split even when "
+        "car-shaped (two cars side by side).")
     regularize: bool = Field(False, description="Replace each polygon by its min. rotated rectangle.")
     format: Literal["gpkg", "geojson", "parquet"] = Field("gpkg", description="Output format.")
 

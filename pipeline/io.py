@@ -104,7 +104,8 @@ def write_vector(gdf, path: Path | str, *, layer: str | None = None) -> Path:
         else:
             driver = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON",
                       ".fgb": "FlatGeobuf", ".shp": "ESRI Shapefile"}[path.suffix]
-            kwargs = {"layer": layer} if layer and driver == "GPKG" else {}
+            # The temporary file's random name would otherwise become the layer name.
+            kwargs = {"layer": layer or path.stem} if driver in ("GPKG", "GeoJSON") else {}
             gdf.to_file(tmp, driver=driver, engine="pyogrio", **kwargs)
     return path
 

@@ -1,12 +1,11 @@
 """Window arithmetic known answers (the property test lives in test_tile.py)."""
 
+import numpy as np
 import pytest
 from affine import Affine
+from rasterio.crs import CRS
 
 from pipeline.geo import GeoArray, axis_offsets, grid_windows, pixel_size, utm_crs_for
-
-import numpy as np
-from rasterio.crs import CRS
 
 
 def test_axis_offsets_last_window_reaches_edge():

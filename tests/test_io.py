@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.io import atomic_dir, atomic_path, list_scenes, open_scene, InputError
+from pipeline.io import InputError, atomic_dir, atomic_path, list_scenes, open_scene
 
 
 def test_atomic_path_keeps_old_file_on_failure(tmp_path):
