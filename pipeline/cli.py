@@ -45,6 +45,24 @@ def _cfg(args) -> Config:
     return cfg
 
 
+def _import_keras_quietly(debug: bool) -> None:
+    """Import Keras (and its TensorFlow backend) with C++ start-up chatter kept off stderr.
+
+    TensorFlow's native logger prints oneDNN/CUDA notices before any Python setting can reach
+    it; a GIS user needs none of them, so stderr is pointed at /dev/null for the import only.
+    """
+    if debug or "keras" in sys.modules:
+        return
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import keras  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 # === Commands ===
 
 def cmd_settings(args) -> int:
@@ -111,6 +129,7 @@ def cmd_index(args) -> int:
 
 
 def cmd_train(args) -> int:
+    _import_keras_quietly(args.debug)
     from pipeline.train import train
 
     cfg = _cfg(args)
@@ -123,6 +142,7 @@ def cmd_predict(args) -> int:
     from pipeline.distributed import run_stage_batch
     from pipeline.io import list_scenes
     from pipeline.model import METADATA_FILE, MODEL_FILE
+    _import_keras_quietly(args.debug)
     from pipeline.predict import predict_scene
 
     cfg = _cfg(args)

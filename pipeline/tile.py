@@ -323,8 +323,8 @@ def build_index(chips_dir: Path, masks_dir: Path, *, cfg: TileConfig) -> Path:
 
 
 def _val_scenes(scenes: list[str], cfg: TileConfig) -> set[str] | None:
-    """Scenes held out for validation when there are >= 3; None means split within scenes."""
-    if len(scenes) < 3:
+    """Scenes held out for validation when there are >= 2; None means split within a scene."""
+    if len(scenes) < 2:
         return None
     scenes = sorted(scenes)
     n_val = min(len(scenes) - 1, max(1, round(cfg.val_fraction * len(scenes))))
@@ -332,10 +332,17 @@ def _val_scenes(scenes: list[str], cfg: TileConfig) -> set[str] | None:
     return {scenes[i] for i in order[:n_val]}
 
 
-def _block_split(chips, cfg: TileConfig, scene: str) -> np.ndarray:
-    """Spatial blocks of ``split_block_m``; chips over both a train and a val block -> buffer."""
+def _block_split(chips, cfg: TileConfig, scene: str, block: float | None = None) -> np.ndarray:
+    """Spatial blocks of ``split_block_m``; chips over both a train and a val block -> buffer.
+
+    A scene that fits in one block is split with blocks half the size, so there is always a
+    training and (where the scene allows) a validation side.
+    """
     bounds = chips.geometry.bounds.to_numpy()
-    block = cfg.split_block_m
+    block = block or cfg.split_block_m
+    width = max(bounds[:, 2].max() - bounds[:, 0].min(), bounds[:, 3].max() - bounds[:, 1].min())
+    if width <= block and block > 1e-3:
+        return _block_split(chips, cfg, scene, block / 2)
     x0, y1 = bounds[:, 0].min(), bounds[:, 3].max()
     # Shrink by a hair so a chip that ends exactly on a block line is not counted in the next.
     eps = 1e-6 * block
