@@ -135,7 +135,8 @@ class VectorConfig(_Section):
 
     window: int = Field(2048, ge=64, description="Vectorizing window size in pixels.")
     halo: int = Field(64, ge=8, description="Extra pixels read around each window.")
-    min_area_m2: float = Field(2.0, ge=0, description="Smaller blobs are dropped.")
+    min_area_m2: float = Field(
+        3.0, ge=0, description="Smaller blobs are dropped (the smallest cars cover ~4.5 m2).")
     max_area_m2: float = Field(40.0, gt=0, description="Larger blobs are dropped.")
     split_touching: bool = Field(True, description="Split touching cars (watershed).")
     min_car_width_m: float = Field(1.4, gt=0, description="Smallest car width the splitter keeps.")
