@@ -291,8 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         # Libraries' INFO chatter ("Created 99 records") hides the pipeline's own lines.
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.debug else logging.WARNING)
     if not args.debug:
-        # TensorFlow's C++ banner is noise to a GIS user; --debug keeps it.
+        # TensorFlow's C++ banner and Dask's worker start/stop narration are noise to a GIS
+        # user; --debug keeps them. Dask reads this variable at import, in every worker too.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     try:
         return args.func(args)
     except InputError as exc:
