@@ -142,7 +142,6 @@ def cmd_predict(args) -> int:
     from pipeline.distributed import run_stage_batch
     from pipeline.io import list_scenes
     from pipeline.model import METADATA_FILE, MODEL_FILE
-    _import_keras_quietly(args.debug)
     from pipeline.predict import predict_scene
 
     cfg = _cfg(args)
@@ -157,7 +156,8 @@ def cmd_predict(args) -> int:
         extra_inputs=[model_dir / MODEL_FILE, model_dir / METADATA_FILE]
         + ([args.settings] if args.settings else []),
         args=(model_dir, args.out), kwargs={"cfg": cfg.predict}, cfg=cfg.distributed,
-        force=args.force, log_dir=args.out / "logs")
+        force=args.force, log_dir=args.out / "logs",
+        prepare=lambda: _import_keras_quietly(args.debug))
 
 
 def cmd_vectors(args) -> int:

@@ -142,7 +142,8 @@ def _record(result: BatchResult, key: str, outcome: Any) -> None:
 def run_stage_batch(stage: str, func: Callable, items: Sequence[Path], *,
                     outputs: Callable[[Path], list[Path]], extra_inputs: Sequence[Path],
                     args: tuple, kwargs: dict, cfg: DistributedConfig, force: bool = False,
-                    log_dir: Path | None = None) -> int:
+                    log_dir: Path | None = None, prepare: Callable[[], None] | None = None
+                    ) -> int:
     """Run a per-scene stage over the stale items; return the CLI exit status.
 
     An item is stale when one of its outputs is missing or older than the item itself or one of
@@ -154,6 +155,8 @@ def run_stage_batch(stage: str, func: Callable, items: Sequence[Path], *,
         log.info("%s: all %d up to date", stage, len(items))
         return 0
     log.info("%s: %d of %d to do", stage, len(stale), len(items))
+    if prepare is not None:
+        prepare()  # heavy set-up (importing Keras) only when there is work
     name = (lambda i: i.parent.name) if stage == "masks" else (lambda i: Path(i).stem)
     result = run_batch(func, stale, args=args, kwargs=kwargs, cfg=cfg, name=name)
     if log_dir is not None:

@@ -187,18 +187,31 @@ def _rgb(src, window, bands: list[int], size: int) -> np.ndarray:
     from rasterio.enums import Resampling
 
     bands = [b for b in bands if 1 <= b <= src.count][:3] or [1]
-    data = src.read(bands, window=window, boundless=True, fill_value=0,
-                    out_shape=(len(bands), size, size),
-                    resampling=Resampling.bilinear).astype(np.float32)
+    window = window.round_offsets().round_lengths()
+    if (window.height, window.width) == (size, size):
+        # Same grid: a plain boundless read. (A boundless read with out_shape goes through a
+        # VRT that squeezes partly-outside windows into the corner.)
+        data = src.read(bands, window=window, boundless=True, fill_value=0).astype(np.float32)
+    else:
+        data = src.read(bands, window=window, boundless=True, fill_value=0,
+                        out_shape=(len(bands), size, size),
+                        resampling=Resampling.bilinear).astype(np.float32)
     if len(bands) < 3:
         data = np.repeat(data[:1], 3, axis=0)
     lo, hi = np.nanpercentile(data, 2), np.nanpercentile(data, 98)
     return np.clip((data - lo) / max(hi - lo, 1e-6), 0, 1).transpose(1, 2, 0)
 
 
-def _crop_centres(scene: str, objects: list[dict], cars, n: int) -> list[tuple[float, float, str]]:
-    """Map points to centre crops on: errors first (FN, FP), then hits, else predicted cars."""
+def _crop_centres(scene: str, objects: list[dict], cars, n: int, inside=None
+                  ) -> list[tuple[float, float, str]]:
+    """Map points to centre crops on: errors first (FN, FP), then hits, else predicted cars.
+
+    ``inside(x, y)`` says whether a crop centred there stays within the scene; such points are
+    preferred, so crops show imagery rather than the padding beyond the scene's edge.
+    """
     mine = [o for o in objects if o["scene"] == scene]
+    if inside is not None:
+        mine.sort(key=lambda o: not inside(_num(o["x"]), _num(o["y"])))
     picked: list[tuple[float, float, str]] = []
     if mine:
         groups = [("missed car", [o for o in mine if o["kind"] == "truth" and o["matched"] != "True"]),
@@ -233,7 +246,15 @@ def plot_crops(scene: str, *, out_dir: Path, data_dir: Path | None, truth, objec
     mask_path = out_dir / "masks" / f"{scene}.tif"
     cars_file = find_cars_file(out_dir, scene)
     cars = read_vector(cars_file) if cars_file else None
-    centres = _crop_centres(scene, objects, cars, cfg.crops)
+    with rasterio.open(mask_path) as msk:
+        height, width, to_pixel = msk.height, msk.width, ~msk.transform
+    half = cfg.crop_size // 2
+
+    def inside(x: float, y: float) -> bool:
+        col, row = to_pixel * (x, y)
+        return half <= col <= width - half and half <= row <= height - half
+
+    centres = _crop_centres(scene, objects, cars, cfg.crops, inside)
     if not centres:
         return None, f"{scene}: no cars to show"
     plt = _plt()
