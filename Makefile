@@ -93,6 +93,9 @@ $(REPORT)/settings.json: FORCE | $(INSTALLED)
 
 FORCE:
 
+# $(call need,LIST,MESSAGE): fail with one clear line when LIST is empty.
+need = $(if $(strip $(1)),:,echo "error: $(2)" >&2; exit 2)
+
 # === Stages ===
 sample: $(DATA)/sample-manifest.json ## write the generated sample scenes and labels into DATA
 
@@ -100,6 +103,7 @@ $(DATA)/sample-manifest.json: $(SETTINGS)/sample.json | $(INSTALLED)
 	$(CLI) sample $(DATA) $(CFG)
 
 tiles: $(SCENE_CHIPS) ## chips from every scene in DATA/raw/images
+	@$(call need,$(TRAIN_SCENES),$(RAW_IMAGES): no training scenes (*.tif))
 
 $(SCENE_CHIPS) &: $(TRAIN_SCENES) $(SETTINGS)/tile.json | $(INSTALLED)
 	$(CLI) tile $(RAW_IMAGES) $(CHIPS) --settings $(SETTINGS)/tile.json $(CFG) $(BATCH)
@@ -114,10 +118,13 @@ $(INDEX): $(SCENE_MASKS)
 
 train: $(MODEL) ## the model in MODEL_DIR
 
-$(MODEL): $(INDEX) $(MODEL_DIR)/settings.json
+# Without training scenes in DATA (a bundle trained elsewhere), the model is taken as it is.
+$(MODEL): $(if $(TRAIN_SCENES),$(INDEX) $(MODEL_DIR)/settings.json)
+	@$(call need,$(TRAIN_SCENES),$(RAW_IMAGES): no training scenes (*.tif) and no model in $(MODEL_DIR))
 	$(CLI) train $(CHIPS) $(MASKS) $(MODEL_DIR) $(CFG)
 
 predict: $(PROBS) ## probability and mask rasters for every scene in IMAGES
+	@$(call need,$(BATCH_SCENES),$(IMAGES): no GeoTIFF scenes (*.tif) to predict)
 
 # One recipe for the whole batch (so Dask sees every scene); it redoes only stale scenes.
 $(PROBS) $(PMASKS) &: $(BATCH_SCENES) $(MODEL) $(OUT)/settings/predict.json

@@ -51,7 +51,7 @@ _FLUSH_ROWS = 64  # rows handed to the writer at a time
 # GDAL's block cache defaults to 5% of RAM and fills up as large outputs stream through it; a
 # small one is enough for strip-by-strip writes and keeps memory flat whatever the scene size.
 # (rasterio passes an integer straight to GDALSetCacheMax64, so it is in bytes, not MB.)
-_GDAL_ENV = {"GDAL_CACHEMAX": 64 * 2**20, "GDAL_TIFF_INTERNAL_MASK": True}
+_GDAL_ENV = {"GDAL_CACHEMAX": 32 * 2**20, "GDAL_TIFF_INTERNAL_MASK": True}
 
 
 # === Model bundle, cached per process ===

@@ -91,6 +91,16 @@ def test_make_all_is_real_and_incremental(tmp_path):
     assert after[out / "probability" / f"{changed}.tif"] > before[
         out / "probability" / f"{changed}.tif"]
 
+    # A new batch, with only the model bundle at hand (no training data), never retrains.
+    batch, empty = tmp_path / "batch", tmp_path / "empty"
+    batch.mkdir()
+    empty.mkdir()
+    (batch / "other.tif").write_bytes((data / "incoming" / f"{kept}.tif").read_bytes())
+    make("predict", env_vars={**env, "DATA": str(empty), "IMAGES": str(batch),
+                              "OUT": str(tmp_path / "batch_out")})
+    assert (tmp_path / "batch_out" / "masks" / "other.tif").exists()
+    assert (model / "model.keras").stat().st_mtime_ns == after[model / "model.keras"]
+
     # A train-only setting retrains without re-tiling.
     chips_index = data / "interim" / "chips" / "index.gpkg"
     make("train", env_vars={**env, "SET": "train.epochs=3"})
