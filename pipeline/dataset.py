@@ -11,7 +11,6 @@ gap weight elsewhere). Packing the weight into ``y_true`` keeps the loss a plain
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.io import InputError
+from pipeline.io import InputError, read_json
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +53,7 @@ def read_stats(chips_dir: Path | str) -> dict:
         InputError: missing, not JSON, or a std of zero (a constant band cannot be normalised).
     """
     path = Path(chips_dir) / STATS_FILE
-    if not path.exists():
-        raise InputError(f"{path}: chip statistics not found; run `make masks` first")
-    try:
-        stats = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise InputError(f"{path}: not valid JSON") from None
+    stats = read_json(path, missing="chip statistics not found; run `make masks` first")
     for key in ("mean", "std"):
         if key not in stats or not isinstance(stats[key], list) or not stats[key]:
             raise InputError(f"{path}: lacks a per-band '{key}' list")

@@ -84,6 +84,21 @@ def write_json(path: Path | str, data: Any) -> Path:
     return path
 
 
+def read_json(path: Path | str, *, missing: str) -> Any:
+    """Read a JSON file the pipeline wrote.
+
+    Raises:
+        InputError: the file is absent (``missing`` says what to run) or not valid JSON.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise InputError(f"{path}: not valid JSON") from None
+
+
 def write_if_changed(path: Path | str, data: Any) -> bool:
     """Write JSON only when its content differs, so Make sees a new mtime only on real change."""
     path = Path(path)

@@ -3,7 +3,6 @@ predict reads. Only ``keras.*`` APIs, so the same code runs on TensorFlow, JAX a
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.io import InputError, atomic_path, write_json
+from pipeline.io import InputError, atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +133,7 @@ def save_bundle(model, metadata: dict, model_dir: Path | str) -> Path:
 def read_metadata(model_dir: Path | str) -> dict:
     """Read and check a bundle's metadata without loading Keras."""
     path = Path(model_dir) / METADATA_FILE
-    if not path.exists():
-        raise InputError(f"{path}: model metadata not found; run `make train` first")
-    try:
-        metadata = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise InputError(f"{path}: model metadata is not valid JSON") from None
+    metadata = read_json(path, missing="model metadata not found; run `make train` first")
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
     if missing:
         raise InputError(f"{path}: model metadata lacks {', '.join(missing)}")

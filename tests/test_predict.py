@@ -252,41 +252,50 @@ def test_other_gsd_is_resampled_and_returned_on_input_grid(tmp_path, identity_mo
     assert (prob != 255).all()
 
 
-def _expect_clean_failure(tmp_path, scene, model_dir, match):
+def _failure(tmp_path, scene, model_dir, match) -> tuple[str, list[Path]]:
+    """Predict a bad scene; return the InputError's message and every file left in the output."""
     out = tmp_path / "out"
     with pytest.raises(InputError, match=match) as err:
         predict_scene(scene, model_dir, out, cfg=PredictConfig(window=16, overlap=4))
-    assert "\n" not in str(err.value) and str(scene) in str(err.value)
-    # Nothing half-written: no output, no intermediate, no temporary file.
-    assert not [p for p in out.rglob("*") if p.is_file()] if out.exists() else True
+    return str(err.value), [p for p in out.rglob("*") if p.is_file()]
 
 
 def test_corrupt_tiff_is_refused(tmp_path, identity_model):
     bad = tmp_path / "corrupt.tif"
     bad.write_bytes(b"II*\x00" + b"\x00garbage" * 50)
-    _expect_clean_failure(tmp_path, bad, identity_model, "not a readable GeoTIFF")
+    message, leftovers = _failure(tmp_path, bad, identity_model, "not a readable GeoTIFF")
+    assert "\n" not in message and str(bad) in message
+    assert leftovers == []  # no output, no intermediate, no temporary file
 
 
 def test_truncated_tiff_is_refused(tmp_path, rng, identity_model):
     scene = write_scene(tmp_path / "trunc.tif", _scene(rng, 200, 200), nodata=None)
     blob = scene.read_bytes()
     scene.write_bytes(blob[: len(blob) * 2 // 3])
-    _expect_clean_failure(tmp_path, scene, identity_model, "trunc.tif")
+    message, leftovers = _failure(tmp_path, scene, identity_model, "trunc.tif")
+    assert "\n" not in message and str(scene) in message
+    assert leftovers == []  # no output, no intermediate, no temporary file
 
 
 def test_missing_crs_is_refused(tmp_path, rng, identity_model):
     scene = write_scene(tmp_path / "nocrs.tif", _scene(rng, 20, 20), crs=None)
-    _expect_clean_failure(tmp_path, scene, identity_model, "no CRS")
+    message, leftovers = _failure(tmp_path, scene, identity_model, "no CRS")
+    assert "\n" not in message and str(scene) in message
+    assert leftovers == []  # no output, no intermediate, no temporary file
 
 
 def test_too_few_bands_is_refused(tmp_path, rng, identity_model):
     scene = write_scene(tmp_path / "two.tif", _scene(rng, 20, 20)[:2].copy())
-    _expect_clean_failure(tmp_path, scene, identity_model, "2 band")
+    message, leftovers = _failure(tmp_path, scene, identity_model, "2 band")
+    assert "\n" not in message and str(scene) in message
+    assert leftovers == []  # no output, no intermediate, no temporary file
 
 
 def test_wrong_dtype_is_refused(tmp_path, rng, identity_model):
     scene = write_scene(tmp_path / "u16.tif", _scene(rng, 20, 20, np.uint16))
-    _expect_clean_failure(tmp_path, scene, identity_model, "uint16.*uint8")
+    message, leftovers = _failure(tmp_path, scene, identity_model, "uint16.*uint8")
+    assert "\n" not in message and str(scene) in message
+    assert leftovers == []  # no output, no intermediate, no temporary file
 
 
 def test_encode_quantises_and_marks_nodata():
