@@ -92,27 +92,18 @@ def make_chips(folder: Path, *, n: int, size: int, seed: int = 0, bands: int = 3
     return records
 
 
-def weighted_bce(y_true, y_pred):
-    """BCE with the per-pixel weight packed in ``y_true[..., 1]`` (the dataset's batch format)."""
-    from keras import ops
-
-    target, weight = y_true[..., 0:1], y_true[..., 1:2]
-    y_pred = ops.clip(ops.cast(y_pred, "float32"), 1e-7, 1 - 1e-7)
-    bce = -(target * ops.log(y_pred) + (1 - target) * ops.log(1 - y_pred))
-    return ops.sum(bce * weight) / ops.maximum(ops.sum(weight), 1.0)
-
-
 def build_model(*, bands: int, depth: int, base_filters: int, learning_rate: float = 1e-3,
                 mixed_precision: bool = False):
     """The U-Net compiled the way training compiles it (Adam, weighted BCE)."""
     import keras
 
     from pipeline.model import build_unet
+    from pipeline.train import make_loss
 
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed_precision else "float32")
     try:
         model = build_unet(bands, depth=depth, base_filters=base_filters)
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=weighted_bce)
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=make_loss())
     finally:
         # The policy is global; leave float32 behind for whoever builds the next model.
         keras.mixed_precision.set_global_policy("float32")

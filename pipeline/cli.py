@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import STAGE_SECTIONS, Config, load_config, stage_settings
-from pipeline.io import InputError, write_if_changed
+from pipeline.io import CHIPS_FILE, MASKS_FILE, InputError, write_if_changed
 
 log = logging.getLogger("pipeline")
 
@@ -93,7 +93,7 @@ def cmd_tile(args) -> int:
         raise InputError(f"{args.images}: no GeoTIFF scenes (*.tif) to tile")
     return run_stage_batch(
         "tile", tile_scene, scenes,
-        outputs=lambda s: [args.chips / s.stem / "chips.gpkg"],
+        outputs=lambda s: [args.chips / s.stem / CHIPS_FILE],
         extra_inputs=[args.settings] if args.settings else [],
         args=(args.chips,), kwargs={"cfg": cfg.tile}, cfg=cfg.distributed, force=args.force)
 
@@ -107,13 +107,13 @@ def cmd_masks(args) -> int:
     label_files = list_vectors(args.labels)
     if not label_files:
         raise InputError(f"{args.labels}: no label files (.gpkg, .geojson, .shp, .parquet)")
-    scene_indexes = sorted(args.chips.glob("*/chips.gpkg"))
+    scene_indexes = sorted(args.chips.glob(f"*/{CHIPS_FILE}"))
     if not scene_indexes:
         raise InputError(f"{args.chips}: no chips; run `make tiles` first")
     labels = load_labels(label_files, cfg=cfg.labels)
     return run_stage_batch(
         "masks", rasterize_scene, scene_indexes,
-        outputs=lambda idx: [args.masks / idx.parent.name / "masks.json"],
+        outputs=lambda idx: [args.masks / idx.parent.name / MASKS_FILE],
         extra_inputs=label_files + ([args.settings] if args.settings else []),
         args=(labels, args.masks), kwargs={"cfg": cfg.labels}, cfg=cfg.distributed,
         force=args.force)
@@ -162,13 +162,14 @@ def cmd_predict(args) -> int:
 
 def cmd_vectors(args) -> int:
     from pipeline.distributed import run_stage_batch
+    from pipeline.io import VECTOR_SUFFIX, list_scenes
     from pipeline.vectorize import vectorize_scene, write_summary
 
     cfg = _cfg(args)
-    masks = sorted((args.out / "masks").glob("*.tif"))
+    masks = list_scenes(args.out / "masks")
     if not masks:
         raise InputError(f"{args.out / 'masks'}: no predicted masks; run `make predict` first")
-    suffix = {"gpkg": ".gpkg", "geojson": ".geojson", "parquet": ".parquet"}[cfg.vectors.format]
+    suffix = VECTOR_SUFFIX[cfg.vectors.format]
     status = run_stage_batch(
         "vectors", vectorize_scene, masks,
         outputs=lambda m: [args.out / "cars" / f"{m.stem}{suffix}"],

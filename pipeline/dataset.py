@@ -19,12 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.io import InputError, read_json
+from pipeline.io import INDEX_FILE, STATS_FILE, InputError, read_json
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "index.gpkg"
-STATS_FILE = "stats.json"
 INDEX_COLUMNS = ("chip", "scene", "row_off", "col_off", "width", "height", "valid_fraction",
                  "gsd", "car_pixels", "split")
 IGNORE = 255

@@ -28,7 +28,15 @@ from scipy.sparse.csgraph import connected_components
 
 from pipeline.config import EvaluateConfig
 from pipeline.geo import pixel_size
-from pipeline.io import InputError, atomic_dir, open_scene, read_vector, write_json
+from pipeline.io import (
+    InputError,
+    atomic_dir,
+    find_cars_file,
+    list_scenes,
+    open_scene,
+    read_vector,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +44,6 @@ MASK_NODATA = 255
 PROB_NODATA = 255
 PROB_SCALE = 254.0
 THRESHOLDS = [round(0.05 * i, 2) for i in range(1, 20)]  # 0.05 .. 0.95
-CAR_SUFFIXES = (".gpkg", ".geojson", ".parquet")
 STRIP_ROWS = 1024  # rows read at a time: memory stays bounded on any scene size
 
 
@@ -117,14 +124,6 @@ def _prf(tp: float, fp: float, fn: float) -> dict:
 
 # === Per scene ===
 
-def _find_cars(out_dir: Path, scene: str) -> Path | None:
-    for suffix in CAR_SUFFIXES:
-        path = out_dir / "cars" / f"{scene}{suffix}"
-        if path.exists():
-            return path
-    return None
-
-
 def _scene_truth(truth, src) -> list:
     """Truth polygons (in the scene CRS) whose bounds meet the scene's."""
     if truth is None or len(truth) == 0:
@@ -196,7 +195,7 @@ def evaluate_scene(mask_tif: Path, out_dir: Path, truth, *, cfg: EvaluateConfig)
     pixel = _prf(counts["tp"], counts["fp"], counts["fn"])
     hist_pos, hist_neg = hists
 
-    cars_file = _find_cars(out_dir, scene)
+    cars_file = find_cars_file(out_dir, scene)
     pred_geoms: list = []
     pred_attrs: list = []
     if cars_file is None:
@@ -294,7 +293,7 @@ def evaluate(out_dir: Path, truth: Path, *, cfg: EvaluateConfig) -> Path:
         InputError: no predicted masks, or an unreadable truth file.
     """
     out_dir, truth = Path(out_dir), Path(truth)
-    masks = sorted(p for p in (out_dir / "masks").glob("*.tif") if not p.name.startswith("."))
+    masks = list_scenes(out_dir / "masks")
     if not masks:
         raise InputError(f"{out_dir / 'masks'}: no predicted masks; run `make predict` first")
     truth_gdf = read_vector(truth)

@@ -19,6 +19,13 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 VECTOR_SUFFIXES = (".gpkg", ".geojson", ".json", ".shp", ".parquet", ".fgb")
+# Files between stages (docs/ARCHITECTURE.md): the writer and every reader name them from here.
+CHIPS_FILE = "chips.gpkg"  # DATA/interim/chips/<scene>/chips.gpkg, one scene's chips
+MASKS_FILE = "masks.json"  # DATA/interim/masks/<scene>/masks.json, car pixels per chip
+INDEX_FILE = "index.gpkg"  # DATA/interim/chips/index.gpkg, every chip with its split
+STATS_FILE = "stats.json"  # DATA/interim/chips/stats.json, band statistics of train chips
+# The car layer's file suffix for each `vectors.format`.
+VECTOR_SUFFIX = {"gpkg": ".gpkg", "geojson": ".geojson", "parquet": ".parquet"}
 
 
 class InputError(Exception):
@@ -140,7 +147,7 @@ def read_vector(path: Path | str):
         gdf = gpd.read_parquet(path) if path.suffix == ".parquet" else gpd.read_file(
             path, engine="pyogrio")
     except Exception as exc:  # pyogrio/arrow raise many types; the user needs the file and why
-        raise InputError(f"{path}: not a readable vector file ({_first_line(exc)})") from None
+        raise InputError(f"{path}: not a readable vector file ({first_line(exc)})") from None
     if gdf.crs is None and len(gdf):
         raise InputError(f"{path}: vector file has no CRS; set one (e.g. with ogr2ogr -a_srs)")
     return gdf
@@ -162,6 +169,15 @@ def list_scenes(folder: Path | str) -> list[Path]:
                   if p.suffix.lower() in (".tif", ".tiff") and not p.name.startswith("."))
 
 
+def find_cars_file(out_dir: Path | str, scene: str) -> Path | None:
+    """The car vector file of ``scene`` in ``out_dir/cars``, whatever its format."""
+    for suffix in VECTOR_SUFFIX.values():
+        path = Path(out_dir) / "cars" / f"{scene}{suffix}"
+        if path.exists():
+            return path
+    return None
+
+
 def open_scene(path: Path | str, *, allow_geographic: bool = False):
     """Open a GeoTIFF scene for reading and check that it is georeferenced.
 
@@ -178,7 +194,7 @@ def open_scene(path: Path | str, *, allow_geographic: bool = False):
     try:
         src = rasterio.open(path)
     except RasterioIOError as exc:
-        raise InputError(f"{path}: not a readable GeoTIFF ({_first_line(exc)})") from None
+        raise InputError(f"{path}: not a readable GeoTIFF ({first_line(exc)})") from None
     try:
         check_georeferenced(src, path, allow_geographic=allow_geographic)
     except InputError:
@@ -199,6 +215,6 @@ def check_georeferenced(src, path: Path | str, *, allow_geographic: bool = False
             "projected CRS in metres (e.g. its UTM zone) first")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else exc.__class__.__name__

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.io import InputError, atomic_path, read_json, write_json
+from pipeline.io import InputError, atomic_path, first_line, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -157,5 +157,5 @@ def load_bundle(model_dir: Path | str) -> Bundle:
         model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a damaged archive
         raise InputError(f"{model_path}: cannot load the model ({exc.__class__.__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+                         f"{first_line(exc)})") from None
     return Bundle(model=model, metadata=metadata, path=model_dir)

@@ -37,7 +37,7 @@ from rasterio.windows import transform as window_transform
 
 from pipeline.config import PredictConfig
 from pipeline.geo import pixel_size, valid_mask
-from pipeline.io import InputError, atomic_path, open_scene
+from pipeline.io import InputError, atomic_path, first_line, open_scene
 from pipeline.model import METADATA_FILE, MODEL_FILE, Bundle, load_bundle, read_metadata
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ class _StripReader:
             data = self.src.read(self.bands, window=win)
             mask = self.src.dataset_mask(window=win) if self.use_dataset_mask else None
         except RasterioError as exc:
-            raise InputError(f"{self.scene}: cannot read pixels ({_first_line(exc)})") from None
+            raise InputError(f"{self.scene}: cannot read pixels ({first_line(exc)})") from None
         valid = valid_mask(data, self.src.nodata, mask)
         if n < rows:
             data = np.pad(data, ((0, 0), (0, rows - n), (0, 0)), mode="symmetric")
@@ -482,8 +482,3 @@ def _reproject_strip(warped, shape: tuple[int, int], dst_transform: Affine, crs,
     reproject(rasterio.band(warped, 1), out, src_nodata=np.nan, dst_transform=dst_transform,
               dst_crs=crs, dst_nodata=np.nan, resampling=resampling)
     return out
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else exc.__class__.__name__

@@ -20,11 +20,10 @@ from rasterio.windows import transform as window_transform
 
 from pipeline.config import LabelConfig
 from pipeline.geo import pixel_size
-from pipeline.io import InputError, atomic_dir, read_vector, write_json
+from pipeline.io import MASKS_FILE, InputError, atomic_dir, read_vector, write_json
 
 log = logging.getLogger(__name__)
 
-MASKS_FILE = "masks.json"
 AREAL = ("Polygon", "MultiPolygon")
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import ReportConfig
-from pipeline.io import atomic_path, list_scenes, list_vectors, read_vector
+from pipeline.io import atomic_path, find_cars_file, list_scenes, list_vectors, read_vector
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,6 @@ def plot_crops(scene: str, *, out_dir: Path, data_dir: Path | None, truth, objec
     import rasterio.windows
     from rasterio.windows import Window
 
-    from pipeline.vectorize import find_cars_file
 
     src_path = scene_path(scene, out_dir, data_dir)
     if src_path is None:
@@ -449,8 +448,7 @@ def _crops_section(summary: list[dict], metrics: dict | None, metadata: dict | N
                    out_dir: Path, data_dir: Path | None, cfg: ReportConfig, dst_dir: Path) -> str:
     if cfg.crops == 0:
         return _note("crops are turned off (report.crops=0)")
-    scenes = sorted(p.stem for p in (out_dir / "masks").glob("*.tif")
-                    if not p.name.startswith("."))
+    scenes = [p.stem for p in list_scenes(out_dir / "masks")]
     if not scenes:
         return _note("no predicted scenes")
     truth = None

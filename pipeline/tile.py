@@ -9,7 +9,6 @@ marks them 255 in the mask, so training gives them zero weight.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -29,13 +28,22 @@ from rasterio.windows import transform as window_transform
 
 from pipeline.config import TileConfig
 from pipeline.geo import axis_offsets, pixel_size, utm_crs_for, valid_mask
-from pipeline.io import InputError, atomic_dir, open_scene, write_json, write_vector
+from pipeline.io import (
+    CHIPS_FILE,
+    INDEX_FILE,
+    MASKS_FILE,
+    STATS_FILE,
+    InputError,
+    atomic_dir,
+    first_line,
+    open_scene,
+    read_json,
+    write_json,
+    write_vector,
+)
 
 log = logging.getLogger(__name__)
 
-CHIPS_FILE = "chips.gpkg"
-INDEX_FILE = "index.gpkg"
-STATS_FILE = "stats.json"
 DTYPES = ("uint8", "uint16")
 # Widest strip read at once, in pixels: bounds memory for very wide scenes.
 MAX_STRIP_WIDTH = 4096
@@ -175,7 +183,7 @@ def tile_scene(scene: Path, chips_dir: Path, *, cfg: TileConfig) -> Path:
                 write_vector(chips, tmp / CHIPS_FILE, layer="chips")
         except RasterioError as exc:
             # A corrupt block surfaces only when read; the user needs the file and GDAL's reason.
-            raise InputError(f"{scene}: tiling failed ({str(exc).splitlines()[0]})") from None
+            raise InputError(f"{scene}: tiling failed ({first_line(exc)})") from None
         finally:
             if grid is not src:
                 grid.close()
@@ -285,11 +293,9 @@ def build_index(chips_dir: Path, masks_dir: Path, *, cfg: TileConfig) -> Path:
         chips = gpd.read_file(gpkg, engine="pyogrio")
         if not len(chips):
             continue
-        masks_json = masks_dir / gpkg.parent.name / "masks.json"
-        if not masks_json.exists():
-            raise InputError(f"{masks_json}: masks missing for scene {gpkg.parent.name}; "
-                             "run `make masks` first")
-        masks = json.loads(masks_json.read_text())
+        masks = read_json(masks_dir / gpkg.parent.name / MASKS_FILE,
+                          missing=f"masks missing for scene {gpkg.parent.name}; "
+                                  "run `make masks` first")
         chips["car_pixels"] = chips["chip"].map(masks["chips"]).fillna(0).astype(int)
         label_ids.update(masks.get("label_ids", []))
         labels_total = max(labels_total, masks.get("labels_total", 0))

@@ -33,7 +33,16 @@ from scipy import ndimage
 
 from pipeline.config import VectorConfig
 from pipeline.geo import pixel_size
-from pipeline.io import InputError, atomic_path, open_scene, read_vector, write_vector
+from pipeline.io import (
+    VECTOR_SUFFIX,
+    InputError,
+    atomic_path,
+    find_cars_file,
+    list_scenes,
+    open_scene,
+    read_vector,
+    write_vector,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +63,6 @@ CAR_ASPECT = 2.4
 RECT_FILL = 0.85
 # A blob is grown past its window only up to this many pixels, so memory stays bounded.
 MAX_BLOB_PX = 4096 * 4096
-VECTOR_SUFFIX = {"gpkg": ".gpkg", "geojson": ".geojson", "parquet": ".parquet"}
 COLUMNS = ["scene", "area_m2", "length_m", "width_m", "heading_deg", "mean_prob", "max_prob"]
 _EIGHT = np.ones((3, 3), dtype=bool)
 
@@ -481,15 +489,6 @@ def _read_log(path: Path) -> dict | None:
         return {"status": "failed", "error": f"{path}: unreadable log"}
 
 
-def find_cars_file(out_dir: Path, scene: str) -> Path | None:
-    """The car vector file of ``scene`` in ``out_dir/cars``, whatever its format."""
-    for suffix in VECTOR_SUFFIX.values():
-        path = Path(out_dir) / "cars" / f"{scene}{suffix}"
-        if path.exists():
-            return path
-    return None
-
-
 def write_summary(out_dir: Path) -> Path:
     """Write ``out_dir/cars/summary.csv``: scene, cars, car_area_m2, seconds, status, error.
 
@@ -498,7 +497,7 @@ def write_summary(out_dir: Path) -> Path:
     """
     out_dir = Path(out_dir)
     logs = out_dir / "logs"
-    scenes = {p.stem for p in (out_dir / "masks").glob("*.tif")}
+    scenes = {p.stem for p in list_scenes(out_dir / "masks")}
     scenes |= {p.name.split(".")[0] for p in logs.glob("*.predict.json")}
     scenes |= {p.name.split(".")[0] for p in logs.glob("*.vectors.json")}
     rows = []
