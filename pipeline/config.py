@@ -51,8 +51,9 @@ class TileConfig(_Section):
         "bilinear", description="Resampling for imagery when a scene is brought to `gsd`."
     )
     geographic: Literal["reproject", "refuse"] = Field(
-        "reproject",
-        description="A scene in degrees is reprojected to its UTM zone, or refused.",
+        "refuse",
+        description="A scene in degrees is refused (as predict does), or reprojected to its "
+        "UTM zone for training.",
     )
     val_fraction: float = Field(
         0.2, ge=0, lt=1, description="Share of chips (or scenes) held out for validation."

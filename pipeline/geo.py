@@ -10,6 +10,35 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.windows import Window
 
+# === What the uint8 output rasters mean (one home; every stage imports these) ===
+NODATA = 255  # mask and probability rasters: no data (outside the scene's valid pixels)
+PROB_SCALE = 254  # a probability p is stored as round(p * 254), so 255 stays free for nodata
+
+
+def prob_to_uint8(prob: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] to the stored uint8 scale 0..254."""
+    return np.rint(np.clip(prob, 0.0, 1.0) * PROB_SCALE).astype(np.uint8)
+
+
+def uint8_to_prob(stored: np.ndarray) -> np.ndarray:
+    """Stored uint8 values 0..254 back to probabilities (255, nodata, is not mapped)."""
+    return stored.astype(np.float32) / PROB_SCALE
+
+
+def metres_per_unit(crs: CRS) -> float:
+    """Metres in one linear unit of a projected CRS (1 for metres, ~0.3048 for US feet).
+
+    Every setting in metres (car sizes, GSD, gap-weight sigma, split blocks) is converted with
+    this before it meets coordinates, so a State Plane scene in feet works like one in metres.
+    """
+    if crs is None:
+        return 1.0
+    if not isinstance(crs, CRS):
+        crs = CRS.from_user_input(crs)  # a pyproj CRS, as GeoPandas carries
+    if not crs.is_projected:
+        return 1.0
+    return float(crs.linear_units_factor[1])
+
 
 @dataclass(frozen=True)
 class GeoArray:
@@ -26,8 +55,8 @@ class GeoArray:
 
     @property
     def gsd(self) -> float:
-        """Pixel size in CRS units (metres for a projected CRS)."""
-        return pixel_size(self.transform)
+        """Pixel size in metres."""
+        return pixel_size(self.transform) * metres_per_unit(self.crs)
 
     @property
     def bounds(self) -> tuple[float, float, float, float]:
@@ -39,7 +68,7 @@ class GeoArray:
 
 
 def pixel_size(transform: Affine) -> float:
-    """Mean absolute pixel size of a north-up (or rotated) transform."""
+    """Mean absolute pixel size of a north-up (or rotated) transform, in CRS units."""
     return float(math.sqrt(abs(transform.a * transform.e - transform.b * transform.d)))
 
 
@@ -70,6 +99,21 @@ def grid_windows(width: int, height: int, size: int, overlap: int) -> list[Windo
     return [Window(col, row, size, size)
             for row in axis_offsets(height, size, overlap)
             for col in axis_offsets(width, size, overlap)]
+
+
+def gsd_m(transform: Affine, crs: CRS) -> float:
+    """Ground sample distance in metres of a grid in any projected CRS."""
+    return pixel_size(transform) * metres_per_unit(crs)
+
+
+def window_footprint(window: Window, transform: Affine):
+    """The exact polygon a window covers on the ground (all four corners: rotation-safe)."""
+    from shapely.geometry import Polygon
+
+    c0, r0 = window.col_off, window.row_off
+    c1, r1 = c0 + window.width, r0 + window.height
+    return Polygon([transform @ (c0, r0), transform @ (c1, r0), transform @ (c1, r1),
+                    transform @ (c0, r1)])
 
 
 def utm_crs_for(lon: float, lat: float) -> CRS:

@@ -7,11 +7,13 @@ place with ``os.replace``: a crash leaves the old file or nothing, never half a 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
-import tempfile
+import socket
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,51 +30,125 @@ STATS_FILE = "stats.json"  # DATA/interim/chips/stats.json, band statistics of t
 VECTOR_SUFFIX = {"gpkg": ".gpkg", "geojson": ".geojson", "parquet": ".parquet"}
 
 
-class InputError(Exception):
+# === Errors ===
+# Bad input is told apart from bugs by type. Like rasterio's errors, each subclasses the built-in
+# a caller would otherwise catch (a missing file is also a FileNotFoundError).
+
+class InputError(ValueError):
     """Bad input: the message names the file and what is wrong; the CLI prints it as one line."""
+
+
+class InputNotFound(InputError, FileNotFoundError):
+    """An input file or folder that is not there."""
+
+
+class RasterInputError(InputError):
+    """A raster that cannot be read or used (corrupt, not georeferenced, wrong bands or dtype)."""
+
+
+class VectorInputError(InputError):
+    """A vector file that cannot be read or used (corrupt, no CRS, implausible coordinates)."""
+
+
+class SettingsError(InputError):
+    """A setting that is unknown, invalid, or inconsistent with another."""
+
+
+class OutputConflict(InputError):
+    """An output folder that would write into or over an input."""
+
+
+# Exit status of a batch stage when some scenes failed and the others are done: the next stage
+# still runs on what was done, and make fails at the end (2 = bad input, nothing done).
+EXIT_PARTIAL = 3
+
+
+# === Atomic writes ===
+# Temporaries live in a hidden folder beside their target, one subfolder per process, so no
+# scene or chip listing ever sees them, and writers that put their own temporaries beside the
+# file they write (rio-cogeo's tmpXXXX.tif) stay inside it too. A crashed process's subfolder
+# is removed by the next writer into that folder.
+TEMP_DIR = ".carseg-tmp"
+_HOST = socket.gethostname().replace("-", "_")
+_swept: set[Path] = set()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_temporaries(folder: Path | str) -> int:
+    """Remove the temporaries that crashed processes on this host left in ``folder``."""
+    root = Path(folder) / TEMP_DIR
+    removed = 0
+    if not root.is_dir():
+        return 0
+    for entry in root.iterdir():
+        host, _, rest = entry.name.partition("-")
+        pid = rest.partition("-")[0]
+        if host == _HOST and pid.isdigit() and not _pid_alive(int(pid)):
+            _remove(entry)
+            removed += 1
+    with contextlib.suppress(OSError):
+        root.rmdir()  # only when empty: another process may be writing
+    return removed
+
+
+@contextlib.contextmanager
+def temp_dir(parent: Path | str) -> Iterator[Path]:
+    """A private scratch folder under ``parent/.carseg-tmp/``, removed on exit (or next run)."""
+    parent = Path(parent)
+    if parent not in _swept:
+        sweep_temporaries(parent)
+        _swept.add(parent)
+    scratch = parent / TEMP_DIR / f"{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    for _ in range(3):  # a sweeper in another process may remove the empty parent meanwhile
+        try:
+            scratch.mkdir(parents=True)
+            break
+        except FileNotFoundError:
+            continue
+    try:
+        yield scratch
+    finally:
+        _remove(scratch)
+        with contextlib.suppress(OSError):
+            scratch.parent.rmdir()
 
 
 @contextlib.contextmanager
 def atomic_path(target: Path | str) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; move it onto ``target`` only on success.
+    """Yield a temporary path for ``target``; move it onto ``target`` only on success.
 
-    The temporary name keeps the target's suffix so GDAL/OGR pick the right driver.
+    The temporary has the target's own name (in a private folder), so GDAL/OGR pick the right
+    driver and GeoPackage layers are named after the target.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}",
-                               dir=target.parent)
-    os.close(fd)
-    os.unlink(tmp)  # writers (GDAL, OGR) want to create the file themselves
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, target)
-    finally:
-        _remove(tmp_path)
-        # Sidecars GDAL may have left beside the temporary file (.aux.xml, shapefile parts).
-        for extra in tmp_path.parent.glob(tmp_path.stem + ".*"):
-            _remove(extra)
+    with temp_dir(target.parent) as scratch:
+        tmp = scratch / target.name
+        yield tmp
+        os.replace(tmp, target)
 
 
 @contextlib.contextmanager
 def atomic_dir(target: Path | str) -> Iterator[Path]:
-    """Yield a temporary folder beside ``target``; swap it in for ``target`` on success."""
+    """Yield a temporary folder for ``target``; swap it in for ``target`` on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    with temp_dir(target.parent) as scratch:
+        tmp = scratch / target.name
+        tmp.mkdir()
         yield tmp
-        old = None
         if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
+            os.replace(target, scratch / f"{target.name}.old")  # removed with the scratch
         os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _remove(path: Path) -> None:
@@ -99,7 +175,7 @@ def read_json(path: Path | str, *, missing: str) -> Any:
     """
     path = Path(path)
     if not path.exists():
-        raise InputError(f"{path}: {missing}")
+        raise InputNotFound(f"{path}: {missing}")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
@@ -142,14 +218,24 @@ def read_vector(path: Path | str):
 
     path = Path(path)
     if not path.exists():
-        raise InputError(f"{path}: file not found")
+        raise InputNotFound(f"{path}: file not found")
     try:
         gdf = gpd.read_parquet(path) if path.suffix == ".parquet" else gpd.read_file(
             path, engine="pyogrio")
     except Exception as exc:  # pyogrio/arrow raise many types; the user needs the file and why
-        raise InputError(f"{path}: not a readable vector file ({first_line(exc)})") from None
+        raise VectorInputError(f"{path}: not a readable vector file ({first_line(exc)})") from None
     if gdf.crs is None and len(gdf):
-        raise InputError(f"{path}: vector file has no CRS; set one (e.g. with ogr2ogr -a_srs)")
+        raise VectorInputError(
+            f"{path}: vector file has no CRS; set one (e.g. with ogr2ogr -a_srs)")
+    if len(gdf) and gdf.crs.is_geographic:
+        minx, miny, maxx, maxy = gdf.total_bounds
+        if minx < -181 or maxx > 361 or miny < -91 or maxy > 91:
+            # GeoJSON without a "crs" member is WGS 84 by definition, so a file in metres that
+            # lost its CRS reads as degrees far off the globe and would burn nothing.
+            raise VectorInputError(
+                f"{path}: coordinates reach ({maxx:.0f}, {maxy:.0f}), which are not degrees, "
+                f"but the file says its CRS is {gdf.crs.to_string()}; the file has lost its real "
+                "CRS (GeoJSON without one is read as WGS 84): set it with ogr2ogr -a_srs EPSG:...")
     return gdf
 
 
@@ -160,13 +246,72 @@ def list_vectors(folder: Path | str) -> list[Path]:
                   and not p.name.startswith(".")) if folder.is_dir() else []
 
 
+# === Scenes ===
+SCENE_SUFFIXES = (".tif", ".tiff")
+
+
+def scene_name(path: Path | str) -> str:
+    """A scene's name: its file name less the .tif/.tiff suffix (dots inside are kept).
+
+    Every output of a scene is named from this: ``probability/<scene>.tif``, ``cars/<scene>.gpkg``.
+    """
+    return Path(path).stem
+
+
+def is_scene_file(path: Path) -> bool:
+    return path.suffix.lower() in SCENE_SUFFIXES and path.is_file()
+
+
 def list_scenes(folder: Path | str) -> list[Path]:
-    """GeoTIFF scenes in a folder (``*.tif``/``*.tiff``), sorted."""
+    """GeoTIFF scenes in a folder (``.tif``/``.tiff`` in any case, any file name), sorted.
+
+    This is the one scene list: the Makefile asks the CLI for it (``python -m pipeline scenes``).
+
+    Raises:
+        InputError: two files would give the same scene name (``a.tif`` and ``a.TIFF``), so
+            their outputs would overwrite each other.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir()
-                  if p.suffix.lower() in (".tif", ".tiff") and not p.name.startswith("."))
+    scenes = sorted(p for p in folder.iterdir() if is_scene_file(p))
+    seen: dict[str, Path] = {}
+    for path in scenes:
+        # Case-folded: on a case-insensitive disk `A.tif` and `a.tif` outputs are one file.
+        key = scene_name(path).casefold()
+        if key in seen:
+            raise InputError(f"{seen[key]} and {path.name}: two scenes with the same name "
+                             f"{scene_name(path)!r} would write the same outputs; rename one")
+        seen[key] = path
+    return scenes
+
+
+def check_outputs_apart(outputs: dict[str, Path | str | None],
+                        inputs: dict[str, Path | str | None]) -> None:
+    """Refuse output folders that are, hold, or lie inside an input folder.
+
+    Args:
+        outputs: name (e.g. ``"OUT/masks"``) -> a folder the run writes into.
+        inputs: name (e.g. ``"IMAGES"``) -> a folder the run reads and must never write.
+
+    Raises:
+        OutputConflict: naming both folders, before any work starts.
+    """
+    def resolved(p):
+        return Path(p).expanduser().resolve()
+
+    for out_name, out in outputs.items():
+        if out is None:
+            continue
+        o = resolved(out)
+        for in_name, src in inputs.items():
+            if src is None:
+                continue
+            i = resolved(src)
+            if o == i or i in o.parents or o in i.parents:
+                raise OutputConflict(
+                    f"{out}: {out_name} would write into or over {in_name} ({src}); "
+                    "choose an output folder apart from the inputs")
 
 
 def find_cars_file(out_dir: Path | str, scene: str) -> Path | None:
@@ -190,11 +335,11 @@ def open_scene(path: Path | str, *, allow_geographic: bool = False):
 
     path = Path(path)
     if not path.exists():
-        raise InputError(f"{path}: file not found")
+        raise InputNotFound(f"{path}: file not found")
     try:
         src = rasterio.open(path)
     except RasterioIOError as exc:
-        raise InputError(f"{path}: not a readable GeoTIFF ({first_line(exc)})") from None
+        raise RasterInputError(f"{path}: not a readable GeoTIFF ({first_line(exc)})") from None
     try:
         check_georeferenced(src, path, allow_geographic=allow_geographic)
     except InputError:
@@ -206,15 +351,35 @@ def open_scene(path: Path | str, *, allow_geographic: bool = False):
 def check_georeferenced(src, path: Path | str, *, allow_geographic: bool = False) -> None:
     """Raise InputError when a dataset lacks a CRS or transform, or is in degrees."""
     if src.crs is None:
-        raise InputError(f"{path}: GeoTIFF has no CRS; assign one (gdal_edit.py -a_srs EPSG:...)")
-    if src.transform.is_identity or src.transform.a == 0 or src.transform.e == 0:
-        raise InputError(f"{path}: GeoTIFF has no geotransform; it cannot be placed on the map")
+        raise RasterInputError(f"{path}: GeoTIFF has no CRS; assign one (gdal_edit.py -a_srs EPSG:...)")
+    # A rotated grid (a = e = 0 at 90 degrees) is fine; only a missing or degenerate one is not.
+    if src.transform.is_identity or src.transform.determinant == 0:
+        raise RasterInputError(f"{path}: GeoTIFF has no geotransform; it cannot be placed on the map")
     if src.crs.is_geographic and not allow_geographic:
-        raise InputError(
+        raise RasterInputError(
             f"{path}: CRS {src.crs.to_string()} is geographic (degrees); reproject it to a "
             "projected CRS in metres (e.g. its UTM zone) first")
 
 
 def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else exc.__class__.__name__
+    """The most telling line of an error: GDAL's own reason rather than rasterio's wrapper.
+
+    rasterio raises "Read failed. See previous exception for details." with GDAL's message as
+    the cause; a user needs the cause, and to know the file is truncated or corrupt.
+    """
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    texts = [t for t in (str(e).strip().splitlines()[0] for e in chain if str(e).strip())
+             if "see previous exception" not in t.lower()]
+    text = texts[-1] if texts else chain[0].__class__.__name__
+    if any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain) \
+            or "no space left" in text.lower():
+        return "no space left on device"
+    if any(k in text for k in ("TIFFRead", "Read error", "TIFFFillTile", "TIFFFillStrip",
+                               "IReadBlock", "not recognized as a supported file format",
+                               "not a TIFF", "Cannot read TIFF header")):
+        return f"file is truncated or corrupt ({text})"
+    return text

@@ -19,7 +19,7 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from pipeline.config import LabelConfig
-from pipeline.geo import pixel_size
+from pipeline.geo import gsd_m, metres_per_unit, window_footprint
 from pipeline.io import MASKS_FILE, InputError, atomic_dir, read_vector, write_json
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,8 @@ def _scene_labels(labels, bounds, crs, cfg: LabelConfig):
         raise InputError("labels: no CRS")
     # Candidates through the label's own spatial index, with the scene box in the label CRS
     # (densified, and padded by a car length so point labels at the edge are not lost).
-    pad = max(cfg.point_length_m, cfg.point_width_m)
+    unit = metres_per_unit(crs)  # car sizes are metres; the scene CRS may be in feet
+    pad = max(cfg.point_length_m, cfg.point_width_m) / unit
     left, bottom, right, top = bounds
     query = transform_bounds(crs, labels.crs, left - pad, bottom - pad, right + pad, top + pad,
                              densify_pts=21)
@@ -135,7 +136,7 @@ def _scene_labels(labels, bounds, crs, cfg: LabelConfig):
     is_point = (near.geom_type == "Point").to_numpy()
     if is_point.any():
         # Axis-aligned car footprints: the orientation of a point label is unknown.
-        half_l, half_w = cfg.point_length_m / 2, cfg.point_width_m / 2
+        half_l, half_w = cfg.point_length_m / 2 / unit, cfg.point_width_m / 2 / unit
         x, y = near.geometry[is_point].x.to_numpy(), near.geometry[is_point].y.to_numpy()
         rects = [box(a - half_l, b - half_w, a + half_l, b + half_w)
                  for a, b in zip(x, y, strict=True)]
@@ -161,7 +162,6 @@ def rasterize_scene(scene_chips_gpkg: Path, labels, masks_dir: Path, *, cfg: Lab
         "repaired": n, "dropped": n, "label_ids": [...], "labels_total": n}``.
     """
     import geopandas as gpd
-    from shapely.geometry import box
 
     scene_chips_gpkg = Path(scene_chips_gpkg)
     scene = scene_chips_gpkg.parent.name
@@ -188,14 +188,13 @@ def rasterize_scene(scene_chips_gpkg: Path, labels, masks_dir: Path, *, cfg: Lab
                 if src.width % 16 == 0 and src.height % 16 == 0:
                     profile.update(tiled=True, blockxsize=min(src.width, 256),
                                    blockysize=min(src.height, 256))
-            gsd = pixel_size(transform)
-            sigma_px = cfg.sigma_m / gsd
+            sigma_px = cfg.sigma_m / gsd_m(transform, src.crs)
             # Cars farther than this from the chip add less than w0*exp(-8) to any weight.
             margin = int(np.ceil(4 * sigma_px)) + 1 if cfg.weight_map else 0
-            left, top = transform @ (-margin, -margin)
-            right, bottom = transform @ (shape[1] + margin, shape[0] + margin)
-            hits = near.sindex.query(box(min(left, right), min(top, bottom), max(left, right),
-                                         max(top, bottom))) if len(near) else []
+            # The chip's true footprint (four corners), so rotated grids find every car.
+            reach = window_footprint(Window(-margin, -margin, shape[1] + 2 * margin,
+                                            shape[0] + 2 * margin), transform)
+            hits = near.sindex.query(reach) if len(near) else []
             cars = near.iloc[np.sort(hits)] if len(hits) else near.iloc[:0]
             mask = np.zeros(shape, dtype=np.uint8)
             if len(cars):

@@ -27,7 +27,15 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from pipeline.config import TileConfig
-from pipeline.geo import axis_offsets, pixel_size, utm_crs_for, valid_mask
+from pipeline.geo import (
+    axis_offsets,
+    gsd_m,
+    metres_per_unit,
+    pixel_size,
+    utm_crs_for,
+    valid_mask,
+    window_footprint,
+)
 from pipeline.io import (
     CHIPS_FILE,
     INDEX_FILE,
@@ -79,14 +87,15 @@ def _target_grid(src, path: Path, cfg: TileConfig):
             width, height = max(1, round((r2 - l2) / gsd)), max(1, round((t2 - b2) / gsd))
         log.info("%s: reprojecting from %s to %s", path.name, src.crs.to_string(), dst_crs)
         return dst_crs, transform, width, height
-    native = pixel_size(src.transform)
+    native = gsd_m(src.transform, src.crs)
     rotated = src.transform.b != 0 or src.transform.d != 0
     if cfg.gsd and (rotated or not math.isclose(native, cfg.gsd, rel_tol=1e-6)):
         left, bottom, right, top = src.bounds
-        width = max(1, round((right - left) / cfg.gsd))
-        height = max(1, round((top - bottom) / cfg.gsd))
+        step = cfg.gsd / metres_per_unit(src.crs)  # tile.gsd is in metres, the grid in CRS units
+        width = max(1, round((right - left) / step))
+        height = max(1, round((top - bottom) / step))
         log.info("%s: resampling from %.4g m to %.4g m", path.name, native, cfg.gsd)
-        return src.crs, Affine(cfg.gsd, 0, left, 0, -cfg.gsd, top), width, height
+        return src.crs, Affine(step, 0, left, 0, -step, top), width, height
     return None
 
 
@@ -150,8 +159,6 @@ def tile_scene(scene: Path, chips_dir: Path, *, cfg: TileConfig) -> Path:
     """
     import geopandas as gpd
     import pandas as pd
-    from shapely.geometry import box
-
     scene = Path(scene)
     name = scene.stem
     size, overlap = cfg.chip_size, cfg.overlap
@@ -175,7 +182,7 @@ def tile_scene(scene: Path, chips_dir: Path, *, cfg: TileConfig) -> Path:
                            "valid_fraction", "gsd", "stat_pixels"]
                 columns += [f"sum_{i}" for i in range(len(cfg.bands))]
                 columns += [f"sumsq_{i}" for i in range(len(cfg.bands))]
-                geoms = [box(*r.pop("bounds")) for r in records]
+                geoms = [r.pop("footprint") for r in records]
                 table = pd.DataFrame.from_records(records, columns=columns)
                 table["scene"] = table["scene"].astype(str)
                 table["chip"] = table["chip"].astype(str)
@@ -198,7 +205,7 @@ def _cut(grid, scene: Path, out: Path, cfg: TileConfig) -> list[dict]:
     """Read the grid strip by strip, write the kept chips into ``out``, return their records."""
     size, overlap, bands = cfg.chip_size, cfg.overlap, cfg.bands
     width, height = grid.width, grid.height
-    gsd = pixel_size(grid.transform)
+    gsd = gsd_m(grid.transform, grid.crs)
     nodata = grid.nodata
     fill = nodata if nodata is not None else 0
     masked = _has_mask(grid, bands[0])
@@ -260,12 +267,11 @@ def _chip(data, valid, row, col, col0, size, fill, out, scene, gsd, grid, profil
     sample = sub[:, ::STAT_STEP, ::STAT_STEP]
     sample_valid = sub_valid[::STAT_STEP, ::STAT_STEP]
     values = sample[:, sample_valid].astype(np.float64)
-    left, top = transform @ (0, 0)
-    right, bottom = transform @ (size, size)
     rec = {"chip": name, "scene": scene, "row_off": row, "col_off": col, "width": size,
            "height": size, "valid_fraction": n_valid / (size * size), "gsd": gsd,
            "stat_pixels": int(values.shape[1]),
-           "bounds": (min(left, right), min(top, bottom), max(left, right), max(top, bottom))}
+           # All four corners: on a rotated grid a chip's footprint is not a north-up box.
+           "footprint": window_footprint(Window(0, 0, size, size), transform)}
     for i, (s, ss) in enumerate(zip(values.sum(axis=1), (values * values).sum(axis=1),
                                          strict=True)):
         rec[f"sum_{i}"] = float(s)
@@ -345,7 +351,7 @@ def _block_split(chips, cfg: TileConfig, scene: str, block: float | None = None)
     training and (where the scene allows) a validation side.
     """
     bounds = chips.geometry.bounds.to_numpy()
-    block = block or cfg.split_block_m
+    block = block or cfg.split_block_m / metres_per_unit(chips.crs)  # metres -> CRS units
     width = max(bounds[:, 2].max() - bounds[:, 0].min(), bounds[:, 3].max() - bounds[:, 1].min())
     if width <= block and block > 1e-3:
         return _block_split(chips, cfg, scene, block / 2)

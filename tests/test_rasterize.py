@@ -233,3 +233,58 @@ def test_scene_with_zero_chips_gets_empty_masks(tmp_path):
     out = rasterize_scene(gpkg, labels, tmp_path / "masks", cfg=LabelConfig())
     assert json.loads(out.read_text())["chips"] == {}
     assert [p.name for p in out.parent.iterdir()] == ["masks.json"]
+
+
+# === Grids that are not north-up metres ===
+
+def _whole_scene_truth(labels, crs, transform, shape) -> np.ndarray:
+    return features.rasterize(((g, 1) for g in labels.to_crs(crs).geometry), out_shape=shape,
+                              transform=transform, dtype="uint8")
+
+
+def test_rotated_scene_masks_keep_every_car_pixel(tmp_path, rng):
+    # A 30-degree rotated grid: chip footprints and label queries must use all four corners.
+    from affine import Affine
+
+    rows, cols = 256, 256
+    transform = Affine.translation(X0, Y0) * Affine.rotation(30) * Affine.scale(GSD, -GSD)
+    data = rng.integers(1, 255, (3, rows, cols), dtype=np.uint8)
+    scene = write_scene(tmp_path / "images" / "rot.tif", data, transform=transform, nodata=None)
+    gpkg = tile_scene(scene, tmp_path / "chips", cfg=TileConfig(chip_size=64, overlap=0))
+    chips = gpd.read_file(gpkg)
+    assert chips.geometry.area.sum() == pytest.approx((rows * GSD) * (cols * GSD), rel=1e-6)
+    centres = [transform * (rng.uniform(10, cols - 10), rng.uniform(10, rows - 10))
+               for _ in range(40)]
+    cars = [affinity.rotate(box(x - 2.25, y - 0.95, x + 2.25, y + 0.95), rng.uniform(0, 180))
+            for x, y in centres]
+    labels_file = _write(gpd.GeoDataFrame(geometry=cars, crs=UTM).to_crs(4326),
+                         tmp_path / "labels" / "cars.gpkg")
+    cfg = LabelConfig(weight_map=False)
+    labels = load_labels([labels_file], cfg=cfg)
+    out = rasterize_scene(gpkg, labels, tmp_path / "masks", cfg=cfg)
+    burned = sum(json.loads(out.read_text())["chips"].values())
+    truth = _whole_scene_truth(labels, UTM, transform, (rows, cols))
+    assert burned == int(truth.sum()) > 0
+
+
+def test_scene_in_us_feet_uses_metre_settings_in_metres(tmp_path, rng):
+    # EPSG:2227 (California zone 3, US survey feet): 0.5 ft pixels are 0.1524 m.
+    from affine import Affine
+    from rasterio.crs import CRS
+
+    feet = CRS.from_epsg(2227)
+    ft = 0.30480060960121924
+    transform = Affine(0.5, 0, 6_000_000, 0, -0.5, 2_000_000)
+    data = rng.integers(1, 255, (3, 128, 128), dtype=np.uint8)
+    scene = write_scene(tmp_path / "images" / "ft.tif", data, transform=transform, crs=feet,
+                        nodata=None)
+    gpkg = tile_scene(scene, tmp_path / "chips", cfg=TileConfig(chip_size=128, overlap=0))
+    assert gpd.read_file(gpkg).gsd.iloc[0] == pytest.approx(0.5 * ft)
+    centre = transform * (64, 64)
+    labels_file = _write(gpd.GeoDataFrame(geometry=[Point(centre)], crs=feet).to_crs(4326),
+                         tmp_path / "labels" / "points.geojson")
+    cfg = LabelConfig(weight_map=False, point_length_m=4.5, point_width_m=1.9)
+    out = rasterize_scene(gpkg, load_labels([labels_file], cfg=cfg), tmp_path / "masks", cfg=cfg)
+    burned = sum(json.loads(out.read_text())["chips"].values())
+    # A 4.5 x 1.9 m car on 0.1524 m pixels: about 368 pixels (not 4.5 x 1.9 feet = 34).
+    assert burned == pytest.approx(4.5 * 1.9 / (0.5 * ft) ** 2, rel=0.1)

@@ -205,7 +205,8 @@ def test_geographic_scene_reprojected_to_utm(tmp_path, rng):
     scene = write_scene(tmp_path / "geo.tif", data, transform=transform,
                         crs=CRS.from_epsg(4326), nodata=None)
     gpkg = tile_scene(scene, tmp_path / "chips",
-                      cfg=TileConfig(chip_size=64, overlap=0, min_valid_fraction=0.5))
+                      cfg=TileConfig(chip_size=64, overlap=0, min_valid_fraction=0.5,
+                                     geographic="reproject"))
     chips = _chips(gpkg)
     assert chips.crs == CRS.from_epsg(32633) and len(chips) == 4
     assert np.allclose(chips.gsd, 0.15, rtol=0.01)
@@ -217,7 +218,8 @@ def test_geographic_scene_reprojected_to_utm(tmp_path, rng):
         assert 0.8 < (mask > 0).mean() < 1.0
         assert chip.read()[:, mask > 0].mean() == pytest.approx(127, abs=5)
     with pytest.raises(InputError, match=r"geo\.tif: CRS EPSG:4326 is geographic"):
-        tile_scene(scene, tmp_path / "chips2", cfg=TileConfig(geographic="refuse"))
+        # By default refused, with the same line predict gives, so the two stages agree.
+        tile_scene(scene, tmp_path / "chips2", cfg=TileConfig())
 
 
 def test_gsd_resampled_to_target(tmp_path):
