@@ -1,8 +1,12 @@
 # carseg: cars from GeoTIFFs. `make help` lists the targets; INTERFACE.md is the contract.
+#
+# Make orders the stages; the CLI (python -m pipeline) lists the scenes of each folder and redoes
+# only the scenes whose outputs are older than their inputs, settings or model. Scene names
+# therefore never pass through Make, so any file name a GIS folder holds works (spaces, unicode,
+# dots, .tif/.tiff/.TIF), and Make and the CLI always agree on one list of scenes.
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DELETE_ON_ERROR:
-.SECONDARY:
 MAKEFLAGS += --no-builtin-rules --warn-undefined-variables
 .DEFAULT_GOAL := help
 
@@ -17,6 +21,7 @@ TRUTH ?= $(DATA)/truth/cars.gpkg
 OUT ?= $(DATA)/processed
 DASK_SCHEDULER ?=
 WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
+ZONES ?=
 PYTHON ?= python3
 REPORTS ?= reports
 
@@ -24,8 +29,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 INSTALLED_DEV := $(VENV)/.installed-dev
-CFG = --config $(CONFIG) $(foreach s,$(SET),--set $(s))
-BATCH = --workers $(WORKERS) $(if $(DASK_SCHEDULER),--scheduler $(DASK_SCHEDULER))
+
+# $(call q,PATH): PATH quoted for bash, whatever it holds.
+q = '$(subst ','\'',$(1))'
+# SET goes to the CLI as one string, so values with spaces survive (tile.bands=[1, 2, 3]).
+CFG = --config $(call q,$(CONFIG)) $(if $(strip $(SET)),--sets $(call q,$(SET)))
+BATCH = --workers $(WORKERS) $(if $(strip $(DASK_SCHEDULER)),--scheduler $(call q,$(DASK_SCHEDULER)))
 CLI = $(PY) -m pipeline
 
 RAW_IMAGES := $(DATA)/raw/images
@@ -34,33 +43,49 @@ CHIPS := $(DATA)/interim/chips
 MASKS := $(DATA)/interim/masks
 SETTINGS := $(DATA)/interim/settings
 REPORT := $(REPORTS)/$(RUN)
-
-TRAIN_SCENES := $(sort $(wildcard $(RAW_IMAGES)/*.tif))
-LABEL_FILES := $(sort $(foreach e,gpkg geojson shp parquet,$(wildcard $(LABELS)/*.$(e))))
-SCENE_CHIPS := $(patsubst $(RAW_IMAGES)/%.tif,$(CHIPS)/%/chips.gpkg,$(TRAIN_SCENES))
-SCENE_MASKS := $(patsubst $(RAW_IMAGES)/%.tif,$(MASKS)/%/masks.json,$(TRAIN_SCENES))
-INDEX := $(CHIPS)/index.gpkg
 MODEL := $(MODEL_DIR)/model.keras
 
-BATCH_SCENES := $(sort $(wildcard $(IMAGES)/*.tif))
-PROBS := $(patsubst $(IMAGES)/%.tif,$(OUT)/probability/%.tif,$(BATCH_SCENES))
-PMASKS := $(patsubst $(IMAGES)/%.tif,$(OUT)/masks/%.tif,$(BATCH_SCENES))
-CARS := $(patsubst $(IMAGES)/%.tif,$(OUT)/cars/%.gpkg,$(BATCH_SCENES))
-SUMMARY := $(OUT)/cars/summary.csv
-METRICS := $(OUT)/evaluation/metrics.json
-HTML := $(REPORT)/index.html
+# === Stage commands (each is incremental by itself) ===
+TILE = $(CLI) tile $(call q,$(RAW_IMAGES)) $(call q,$(CHIPS)) \
+  --settings $(call q,$(SETTINGS)/tile.json) $(CFG) $(BATCH)
+MASK = $(CLI) masks $(call q,$(CHIPS)) $(call q,$(LABELS)) $(call q,$(MASKS)) \
+  --images $(call q,$(RAW_IMAGES)) --settings $(call q,$(SETTINGS)/masks.json) $(CFG) $(BATCH)
+INDEX = $(CLI) index $(call q,$(CHIPS)) $(call q,$(MASKS)) \
+  --settings $(call q,$(SETTINGS)/masks.json) $(CFG)
+TRAIN = $(CLI) train $(call q,$(CHIPS)) $(call q,$(MASKS)) $(call q,$(MODEL_DIR)) \
+  --images $(call q,$(RAW_IMAGES)) --settings $(call q,$(MODEL_DIR)/settings.json) $(CFG)
+PREDICT = $(CLI) predict $(call q,$(IMAGES)) --model-dir $(call q,$(MODEL_DIR)) \
+  --out $(call q,$(OUT)) --settings $(call q,$(OUT)/settings/predict.json) $(CFG) $(BATCH)
+VECTORS = $(CLI) vectors --out $(call q,$(OUT)) --images $(call q,$(IMAGES)) \
+  --settings $(call q,$(OUT)/settings/vectors.json) $(CFG) $(BATCH)
+BATCHP = $(CLI) batch --images $(call q,$(IMAGES)) --out $(call q,$(OUT)) \
+  --model-dir $(call q,$(MODEL_DIR)) $(if $(strip $(ZONES)),--zones $(call q,$(ZONES))) \
+  --settings $(call q,$(OUT)/settings/batch.json) $(CFG) $(BATCH)
+EVALUATE = $(CLI) evaluate --out $(call q,$(OUT)) --truth $(call q,$(TRUTH)) \
+  --settings $(call q,$(OUT)/settings/evaluate.json) $(CFG)
+REPORTC = $(CLI) report $(call q,$(REPORT)) --model-dir $(call q,$(MODEL_DIR)) \
+  --out $(call q,$(OUT)) --data $(call q,$(DATA)) --settings $(call q,$(REPORT)/settings.json) $(CFG)
+# Refuse outputs that would write into or over an input, before any work.
+GUARD = $(CLI) paths --data $(call q,$(DATA)) --images $(call q,$(IMAGES)) --out $(call q,$(OUT)) \
+  --model-dir $(call q,$(MODEL_DIR)) --report $(call q,$(REPORT)) --truth $(call q,$(TRUTH)) \
+  $(if $(strip $(ZONES)),--zones $(call q,$(ZONES)))
 
-# Batch outputs are written atomically scene by scene; when one scene of a batch fails, the
-# finished scenes are kept (precious) rather than deleted with the failed recipe.
-.PRECIOUS: $(SCENE_CHIPS) $(SCENE_MASKS) $(PROBS) $(PMASKS) $(CARS) $(SUMMARY)
+# $(call step,COMMAND): run a batch stage. Exit 3 means some scenes failed and the rest are
+# done: the following stages still run on those, and the target fails at the end (rc=3).
+step = { $(1) || { s=$$?; [ $$s -eq 3 ] || exit $$s; rc=3; }; }
+# Training data to a model: chips, masks, index, then train (which says why it (re)trains);
+# without training scenes, an existing bundle is used as it is.
+TRAIN_ALL = if $(CLI) scenes --any $(call q,$(RAW_IMAGES)); then $(TILE); $(MASK); $(INDEX); fi; \
+  $(TRAIN)
+HAS_TRUTH = test -f $(call q,$(TRUTH))
 
-.PHONY: help install install-dev sample tiles masks train predict vectors evaluate report all \
-        demo bench bench-gpu test lint clean FORCE
+.PHONY: help install install-dev guard sample tiles masks train predict vectors batch evaluate \
+        report all demo bench bench-gpu test lint clean
 
 help: ## list every target with one line
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
 	  awk 'BEGIN{FS=":.*## "} {printf "  %-12s %s\n", $$1, $$2}'
-	@echo "Variables: DATA CONFIG SET RUN MODEL_DIR IMAGES TRUTH OUT DASK_SCHEDULER WORKERS"
+	@echo "Variables: DATA CONFIG SET RUN MODEL_DIR IMAGES TRUTH OUT DASK_SCHEDULER WORKERS ZONES"
 
 # === Environment ===
 install: $(INSTALLED) ## .venv with the package installed in editable mode
@@ -77,92 +102,58 @@ $(INSTALLED_DEV): $(INSTALLED) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $@
 
-# === Settings stamps: rewritten only when a stage's settings change, so Make redoes only the
-# stages whose settings did (changing train.epochs never redoes tiling). ===
-$(SETTINGS)/%.json: FORCE | $(INSTALLED)
-	@$(CLI) settings $* $@ $(CFG)
-
-$(MODEL_DIR)/settings.json: FORCE | $(INSTALLED)
-	@$(CLI) settings train $@ $(CFG)
-
-$(OUT)/settings/%.json: FORCE | $(INSTALLED)
-	@$(CLI) settings $* $@ $(CFG)
-
-$(REPORT)/settings.json: FORCE | $(INSTALLED)
-	@$(CLI) settings report $@ $(CFG)
-
-FORCE:
-
-# $(call need,LIST,MESSAGE): fail with one clear line when LIST is empty.
-need = $(if $(strip $(1)),:,echo "error: $(2)" >&2; exit 2)
+guard: $(INSTALLED)
+	@$(GUARD) $(CFG)
 
 # === Stages ===
-sample: $(DATA)/sample-manifest.json ## write the generated sample scenes and labels into DATA
+sample: guard ## write the generated sample scenes and labels into DATA
+	@$(CLI) sample $(call q,$(DATA)) --settings $(call q,$(SETTINGS)/sample.json) $(CFG)
 
-$(DATA)/sample-manifest.json: $(SETTINGS)/sample.json | $(INSTALLED)
-	$(CLI) sample $(DATA) $(CFG)
+tiles: guard ## chips from every scene in DATA/raw/images
+	@$(TILE)
 
-tiles: $(SCENE_CHIPS) ## chips from every scene in DATA/raw/images
-	@$(call need,$(TRAIN_SCENES),$(RAW_IMAGES): no training scenes (*.tif))
+masks: guard ## a binary car mask for every chip, from DATA/raw/labels
+	@$(TILE); $(MASK); $(INDEX)
 
-$(SCENE_CHIPS) &: $(TRAIN_SCENES) $(SETTINGS)/tile.json | $(INSTALLED)
-	$(CLI) tile $(RAW_IMAGES) $(CHIPS) --settings $(SETTINGS)/tile.json $(CFG) $(BATCH)
+train: guard ## the model in MODEL_DIR (the only target, with all, that trains)
+	@$(TRAIN_ALL)
 
-masks: $(INDEX) ## a binary car mask for every chip, from DATA/raw/labels
+predict: guard ## probability and mask rasters for every scene in IMAGES (never trains)
+	@rc=0; $(call step,$(PREDICT)); exit $$rc
 
-$(SCENE_MASKS) &: $(SCENE_CHIPS) $(LABEL_FILES) $(SETTINGS)/masks.json | $(INSTALLED)
-	$(CLI) masks $(CHIPS) $(LABELS) $(MASKS) --settings $(SETTINGS)/masks.json $(CFG) $(BATCH)
+vectors: guard ## car polygons for every predicted scene (predicts first; never trains)
+	@rc=0; $(call step,$(PREDICT)); $(call step,$(VECTORS)); exit $$rc
 
-$(INDEX): $(SCENE_MASKS)
-	$(CLI) index $(CHIPS) $(MASKS) $(CFG)
+batch: guard ## one car layer, mosaics, counts and a STAC catalog for IMAGES (never trains)
+	@rc=0; $(call step,$(PREDICT)); $(call step,$(VECTORS)); $(call step,$(BATCHP)); exit $$rc
 
-train: $(MODEL) ## the model in MODEL_DIR
+evaluate: guard ## metrics of the predicted scenes against TRUTH (never trains)
+	@rc=0; $(call step,$(PREDICT)); $(call step,$(VECTORS)); \
+	  $(HAS_TRUTH) || { echo "error: $(TRUTH): ground truth not found" >&2; exit 2; }; \
+	  $(EVALUATE); exit $$rc
 
-# Without training scenes in DATA (a bundle trained elsewhere), the model is taken as it is.
-$(MODEL): $(if $(TRAIN_SCENES),$(INDEX) $(MODEL_DIR)/settings.json)
-	@$(call need,$(TRAIN_SCENES),$(RAW_IMAGES): no training scenes (*.tif) and no model in $(MODEL_DIR))
-	$(CLI) train $(CHIPS) $(MASKS) $(MODEL_DIR) $(CFG)
+report: guard ## an HTML report with plots and overlays (never trains)
+	@rc=0; $(call step,$(PREDICT)); $(call step,$(VECTORS)); $(call step,$(BATCHP)); \
+	  if $(HAS_TRUTH); then $(EVALUATE); fi; $(REPORTC); exit $$rc
 
-predict: $(PROBS) ## probability and mask rasters for every scene in IMAGES
-	@$(call need,$(BATCH_SCENES),$(IMAGES): no GeoTIFF scenes (*.tif) to predict)
+all: guard ## train, predict + vectors + batch on IMAGES, evaluate where TRUTH exists, report
+	@rc=0; $(TRAIN_ALL); $(call step,$(PREDICT)); $(call step,$(VECTORS)); \
+	  $(call step,$(BATCHP)); if $(HAS_TRUTH); then $(EVALUATE); fi; $(REPORTC); \
+	  echo "outputs:"; \
+	  echo "  model        $(MODEL_DIR)/model.keras (+ metadata.json)"; \
+	  echo "  probability  $(OUT)/probability/<scene>.tif"; \
+	  echo "  masks        $(OUT)/masks/<scene>.tif"; \
+	  echo "  cars         $(OUT)/cars/<scene>.gpkg, $(OUT)/cars/summary.csv"; \
+	  echo "  batch        $(OUT)/batch/ (cars.gpkg, cars.parquet, mosaics, counts, catalog.json)"; \
+	  if $(HAS_TRUTH); then echo "  metrics      $(OUT)/evaluation/metrics.json"; fi; \
+	  echo "  report       $(REPORT)/index.html"; \
+	  exit $$rc
 
-# One recipe for the whole batch (so Dask sees every scene); it redoes only stale scenes.
-$(PROBS) $(PMASKS) &: $(BATCH_SCENES) $(MODEL) $(OUT)/settings/predict.json
-	$(CLI) predict $(IMAGES) --model-dir $(MODEL_DIR) --out $(OUT) \
-	  --settings $(OUT)/settings/predict.json $(CFG) $(BATCH)
-
-vectors: $(SUMMARY) ## car polygons for every predicted scene
-
-$(CARS) $(SUMMARY) &: $(PMASKS) $(OUT)/settings/vectors.json
-	$(CLI) vectors --out $(OUT) --settings $(OUT)/settings/vectors.json $(CFG) $(BATCH)
-
-evaluate: $(METRICS) ## metrics of the predicted scenes against TRUTH
-
-$(METRICS): $(SUMMARY) $(wildcard $(TRUTH)) $(OUT)/settings/evaluate.json
-	@test -f $(TRUTH) || { echo "error: $(TRUTH): ground truth not found" >&2; exit 2; }
-	$(CLI) evaluate --out $(OUT) --truth $(TRUTH) $(CFG)
-
-report: $(HTML) ## an HTML report with plots and overlays
-
-$(HTML): $(MODEL) $(SUMMARY) $(wildcard $(METRICS)) $(REPORT)/settings.json
-	$(CLI) report $(REPORT) --model-dir $(MODEL_DIR) --out $(OUT) --data $(DATA) $(CFG)
-
-all: ## train, predict + vectors on IMAGES, evaluate where TRUTH exists, report
-	$(MAKE) --no-print-directory train
-	$(MAKE) --no-print-directory vectors
-	$(if $(wildcard $(TRUTH)),$(MAKE) --no-print-directory evaluate)
-	$(MAKE) --no-print-directory report
-	@echo "outputs:"
-	@echo "  model        $(MODEL_DIR)/model.keras (+ metadata.json)"
-	@echo "  probability  $(OUT)/probability/<scene>.tif"
-	@echo "  masks        $(OUT)/masks/<scene>.tif"
-	@echo "  cars         $(OUT)/cars/<scene>.gpkg, $(SUMMARY)"
-	@$(if $(wildcard $(TRUTH)),echo "  metrics      $(METRICS)")
-	@echo "  report       $(HTML)"
-
-demo: ## sample, then all on the sample data with configs/demo.yaml (2-core CPU)
-	$(MAKE) --no-print-directory sample CONFIG=configs/demo.yaml
-	$(MAKE) --no-print-directory all CONFIG=configs/demo.yaml
+# The demo has its own RUN (models/demo, reports/demo), so it never touches a user's default
+# model, and `make predict IMAGES=new/ RUN=demo` predicts with it afterwards.
+demo: ## sample, then all on the sample data with configs/demo.yaml and RUN=demo (2-core CPU)
+	@$(MAKE) --no-print-directory sample CONFIG=configs/demo.yaml RUN=demo
+	@$(MAKE) --no-print-directory all CONFIG=configs/demo.yaml RUN=demo
 
 bench: $(INSTALLED_DEV) ## the benchmark suite; results under reports/bench/
 	$(PY) -m bench $(CFG)
@@ -177,4 +168,4 @@ lint: $(INSTALLED_DEV) ## ruff
 	$(PY) -m ruff check pipeline tests bench
 
 clean: ## remove generated data (interim, OUT) and this RUN's report; keeps raw data and models
-	rm -rf $(DATA)/interim $(OUT) $(REPORT)
+	rm -rf $(call q,$(DATA)/interim) $(call q,$(OUT)) $(call q,$(REPORT))

@@ -13,8 +13,20 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.config import STAGE_SECTIONS, Config, load_config, stage_settings
-from pipeline.io import CHIPS_FILE, MASKS_FILE, InputError, write_if_changed
+from pipeline.config import STAGE_SECTIONS, Config, load_config, split_overrides, stage_settings
+from pipeline.io import (
+    CHIPS_FILE,
+    INDEX_FILE,
+    MASKS_FILE,
+    STATS_FILE,
+    InputError,
+    check_outputs_apart,
+    first_line,
+    is_fresh,
+    list_scenes,
+    scene_name,
+    write_if_changed,
+)
 
 log = logging.getLogger("pipeline")
 
@@ -23,6 +35,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None, help="settings YAML file")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a setting, e.g. train.epochs=3")
+    parser.add_argument("--sets", default="", metavar="'K=V K=V'",
+                        help="several overrides in one string, as make's SET passes them "
+                             "(values may hold spaces: 'tile.bands=[1, 2, 3] train.epochs=3')")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 
@@ -37,7 +52,7 @@ def _batch(parser: argparse.ArgumentParser) -> None:
 
 
 def _cfg(args) -> Config:
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, [*split_overrides(args.sets), *args.overrides])
     if getattr(args, "scheduler", None):
         cfg.distributed.scheduler = args.scheduler
     if getattr(args, "workers", None):
@@ -63,7 +78,54 @@ def _import_keras_quietly(debug: bool) -> None:
         os.close(devnull)
 
 
+def _stamp(args, cfg: Config, stage: str) -> list[Path]:
+    """Write the stage's settings to ``--settings`` when they changed; it is then an input.
+
+    Its mtime changes only when the stage's own sections change, so changing ``train.epochs``
+    redoes training and nothing before it.
+    """
+    if not getattr(args, "settings", None):
+        return []
+    write_if_changed(args.settings, stage_settings(cfg, stage))
+    return [args.settings]
+
+
+def _scenes(folder: Path, what: str) -> list[Path]:
+    scenes = list_scenes(folder)
+    if not scenes:
+        raise InputError(f"{folder}: no GeoTIFF scenes (.tif/.tiff) {what}")
+    return scenes
+
+
 # === Commands ===
+
+def cmd_scenes(args) -> int:
+    """Print the scene names of a folder, one per line (the one list Make and the CLI share)."""
+    scenes = list_scenes(args.folder)
+    if args.any:
+        return 0 if scenes else 1
+    for path in scenes:
+        print(scene_name(path))
+    return 0
+
+
+# Folders under OUT that the batch stages write.
+OUT_FOLDERS = ("probability", "masks", "cars", "batch", "evaluation", "settings", "logs")
+
+
+def cmd_paths(args) -> int:
+    """Refuse, before any work, outputs that would write into or over an input folder."""
+    inputs = {"IMAGES": args.images, "DATA/raw": args.data / "raw" if args.data else None,
+              "TRUTH's folder": args.truth.parent if args.truth else None,
+              "ZONES's folder": args.zones.parent if args.zones else None}
+    outputs: dict[str, Path | None] = {}
+    if args.out:
+        outputs.update({f"OUT/{name}": args.out / name for name in OUT_FOLDERS})
+    outputs.update({"MODEL_DIR": args.model_dir, "REPORTS/RUN": args.report,
+                    "DATA/interim": args.data / "interim" if args.data else None})
+    check_outputs_apart(outputs, inputs)
+    return 0
+
 
 def cmd_settings(args) -> int:
     """Write a stage's settings only when they changed (Make uses its mtime)."""
@@ -77,6 +139,11 @@ def cmd_sample(args) -> int:
     from pipeline.sample import make_sample
 
     cfg = _cfg(args)
+    stamp = _stamp(args, cfg, "sample")
+    manifest = args.data / "sample-manifest.json"
+    if stamp and not args.force and is_fresh([manifest], stamp):
+        log.info("sample: %s is up to date", manifest)
+        return 0
     manifest = make_sample(args.data, cfg=cfg.sample, force=args.force)
     log.info("sample written: %s", manifest)
     return 0
@@ -84,17 +151,14 @@ def cmd_sample(args) -> int:
 
 def cmd_tile(args) -> int:
     from pipeline.distributed import run_stage_batch
-    from pipeline.io import list_scenes
     from pipeline.tile import tile_scene
 
     cfg = _cfg(args)
-    scenes = list_scenes(args.images)
-    if not scenes:
-        raise InputError(f"{args.images}: no GeoTIFF scenes (*.tif) to tile")
+    scenes = _scenes(args.images, "to tile")
     return run_stage_batch(
         "tile", tile_scene, scenes,
-        outputs=lambda s: [args.chips / s.stem / CHIPS_FILE],
-        extra_inputs=[args.settings] if args.settings else [],
+        outputs=lambda s: [args.chips / scene_name(s) / CHIPS_FILE],
+        extra_inputs=_stamp(args, cfg, "tile"),
         args=(args.chips,), kwargs={"cfg": cfg.tile}, cfg=cfg.distributed, force=args.force)
 
 
@@ -107,54 +171,120 @@ def cmd_masks(args) -> int:
     label_files = list_vectors(args.labels)
     if not label_files:
         raise InputError(f"{args.labels}: no label files (.gpkg, .geojson, .shp, .parquet)")
-    scene_indexes = sorted(args.chips.glob(f"*/{CHIPS_FILE}"))
-    if not scene_indexes:
-        raise InputError(f"{args.chips}: no chips; run `make tiles` first")
-    labels = load_labels(label_files, cfg=cfg.labels)
-    return run_stage_batch(
-        "masks", rasterize_scene, scene_indexes,
+    if args.images is not None:
+        # The scenes of the training folder now, not every folder a past run left in chips/.
+        scene_indexes = [args.chips / scene_name(s) / CHIPS_FILE
+                         for s in _scenes(args.images, "to rasterize labels for")]
+    else:
+        scene_indexes = sorted(p for p in args.chips.glob(f"*/{CHIPS_FILE}")
+                               if not p.parent.name.startswith(".carseg"))
+    missing = [p for p in scene_indexes if not p.exists()]
+    if not scene_indexes or missing:
+        raise InputError(f"{missing[0] if missing else args.chips}: no chips; "
+                         "run `make tiles` first")
+    stamp = _stamp(args, cfg, "masks")
+    stale = [p for p in scene_indexes
+             if args.force or not is_fresh([args.masks / p.parent.name / MASKS_FILE],
+                                           [p, *label_files, *stamp])]
+    labels = load_labels(label_files, cfg=cfg.labels) if stale else None
+    status = run_stage_batch(
+        "masks", rasterize_scene, stale,
         outputs=lambda idx: [args.masks / idx.parent.name / MASKS_FILE],
-        extra_inputs=label_files + ([args.settings] if args.settings else []),
-        args=(labels, args.masks), kwargs={"cfg": cfg.labels}, cfg=cfg.distributed,
-        force=args.force)
+        extra_inputs=[], args=(labels, args.masks), kwargs={"cfg": cfg.labels},
+        cfg=cfg.distributed, force=True) if stale else 0
+    if status == 0:
+        _check_labels_hit(scene_indexes, args.masks, label_files)
+    return status
+
+
+def _check_labels_hit(scene_indexes: list[Path], masks_dir: Path, label_files: list[Path]) -> None:
+    """Refuse labels that burn no car pixel in any chip (wrong CRS, other place, other scenes)."""
+    from pipeline.io import read_json
+
+    burned = 0
+    for idx in scene_indexes:
+        summary = read_json(masks_dir / idx.parent.name / MASKS_FILE, missing="masks missing")
+        burned += sum(summary.get("chips", {}).values())
+    if not burned:
+        names = ", ".join(p.name for p in label_files)
+        raise InputError(f"{label_files[0].parent}: no chip holds a car: the labels ({names}) "
+                         "fall outside every training scene; check their CRS and extent")
 
 
 def cmd_index(args) -> int:
     from pipeline.tile import build_index
 
     cfg = _cfg(args)
+    inputs = [*args.chips.glob(f"*/{CHIPS_FILE}"), *args.masks.glob(f"*/{MASKS_FILE}"),
+              *_stamp(args, cfg, "masks")]
+    if not args.force and is_fresh([args.chips / INDEX_FILE, args.chips / STATS_FILE], inputs):
+        log.info("chip index: up to date")
+        return 0
     path = build_index(args.chips, args.masks, cfg=cfg.tile)
     log.info("chip index: %s", path)
     return 0
 
 
 def cmd_train(args) -> int:
+    from pipeline.model import MODEL_FILE
+
+    cfg = _cfg(args)
+    model = args.model_dir / MODEL_FILE
+    if args.images is not None and not list_scenes(args.images):
+        # A bundle trained elsewhere, and no training data here: it is used as it is.
+        if model.exists():
+            log.info("train: no training scenes in %s; using %s as it is", args.images, model)
+            return 0
+        raise InputError(f"{args.images}: no training scenes (.tif/.tiff) and no model in "
+                         f"{args.model_dir}")
+    inputs = {"the chip index": args.chips / INDEX_FILE, "the band statistics":
+              args.chips / STATS_FILE}
+    stamp = _stamp(args, cfg, "train")
+    if stamp:
+        inputs["the training settings"] = stamp[0]
+    reason = _train_reason(model, inputs)
+    if reason is None and not args.force:
+        log.info("train: %s is up to date", model)
+        return 0
+    log.info("train: %s", reason or "--force")
     _import_keras_quietly(args.debug)
     from pipeline.train import train
 
-    cfg = _cfg(args)
     path = train(args.chips, args.masks, args.model_dir, cfg=cfg)
     log.info("model: %s", path)
     return 0
 
 
+def _train_reason(model: Path, inputs: dict[str, Path]) -> str | None:
+    """Why the model must be (re)trained, in words, or None when it is up to date."""
+    if not model.exists():
+        return f"no model in {model.parent}; training one"
+    newer = [name for name, path in inputs.items()
+             if path.exists() and path.stat().st_mtime > model.stat().st_mtime]
+    if newer:
+        return (f"{' and '.join(newer)} changed since {model} was trained; retraining "
+                f"(the previous bundle is kept in {model.parent / 'previous'})")
+    return None
+
+
 def cmd_predict(args) -> int:
     from pipeline.distributed import run_stage_batch
-    from pipeline.io import list_scenes
-    from pipeline.model import METADATA_FILE, MODEL_FILE
+    from pipeline.model import METADATA_FILE, MODEL_FILE, check_bundle
     from pipeline.predict import predict_scene
 
     cfg = _cfg(args)
-    scenes = list_scenes(args.images)
-    if not scenes:
-        raise InputError(f"{args.images}: no GeoTIFF scenes (*.tif) to predict")
+    check_outputs_apart({"OUT/probability": args.out / "probability",
+                         "OUT/masks": args.out / "masks"},
+                        {"IMAGES": args.images, "MODEL_DIR": args.model_dir})
+    scenes = _scenes(args.images, "to predict")
     model_dir = args.model_dir
+    check_bundle(model_dir)  # predict never trains: no model is one line, before any work
     return run_stage_batch(
         "predict", predict_scene, scenes,
-        outputs=lambda s: [args.out / "probability" / f"{s.stem}.tif",
-                           args.out / "masks" / f"{s.stem}.tif"],
+        outputs=lambda s: [args.out / "probability" / f"{scene_name(s)}.tif",
+                           args.out / "masks" / f"{scene_name(s)}.tif"],
         extra_inputs=[model_dir / MODEL_FILE, model_dir / METADATA_FILE]
-        + ([args.settings] if args.settings else []),
+        + _stamp(args, cfg, "predict"),
         args=(model_dir, args.out), kwargs={"cfg": cfg.predict}, cfg=cfg.distributed,
         force=args.force, log_dir=args.out / "logs",
         prepare=lambda: _import_keras_quietly(args.debug))
@@ -162,18 +292,25 @@ def cmd_predict(args) -> int:
 
 def cmd_vectors(args) -> int:
     from pipeline.distributed import run_stage_batch
-    from pipeline.io import VECTOR_SUFFIX, list_scenes
+    from pipeline.io import VECTOR_SUFFIX
     from pipeline.vectorize import vectorize_scene, write_summary
 
     cfg = _cfg(args)
-    masks = list_scenes(args.out / "masks")
+    masks_dir = args.out / "masks"
+    if args.images is not None:
+        # The batch's scenes that predict has finished (a failed scene has no mask; it is
+        # reported in the summary from its log).
+        masks = [masks_dir / f"{scene_name(s)}.tif" for s in _scenes(args.images, "")]
+        masks = [m for m in masks if m.exists()]
+    else:
+        masks = list_scenes(masks_dir)
     if not masks:
-        raise InputError(f"{args.out / 'masks'}: no predicted masks; run `make predict` first")
+        raise InputError(f"{masks_dir}: no predicted masks; run `make predict` first")
     suffix = VECTOR_SUFFIX[cfg.vectors.format]
     status = run_stage_batch(
         "vectors", vectorize_scene, masks,
-        outputs=lambda m: [args.out / "cars" / f"{m.stem}{suffix}"],
-        extra_inputs=[args.settings] if args.settings else [],
+        outputs=lambda m: [args.out / "cars" / f"{scene_name(m)}{suffix}"],
+        extra_inputs=_stamp(args, cfg, "vectors"),
         args=(args.out,), kwargs={"cfg": cfg.vectors}, cfg=cfg.distributed,
         force=args.force, log_dir=args.out / "logs")
     write_summary(args.out)
@@ -184,15 +321,28 @@ def cmd_evaluate(args) -> int:
     from pipeline.evaluate import evaluate
 
     cfg = _cfg(args)
+    metrics = args.out / "evaluation" / "metrics.json"
+    inputs = [args.truth, *(args.out / "cars").glob("*"), *_stamp(args, cfg, "evaluate")]
+    if not args.force and is_fresh([metrics], inputs):
+        log.info("evaluate: %s is up to date", metrics)
+        return 0
     path = evaluate(args.out, args.truth, cfg=cfg.evaluate)
     log.info("metrics: %s", path)
     return 0
 
 
 def cmd_report(args) -> int:
+    from pipeline.model import METADATA_FILE, MODEL_FILE
     from pipeline.report import build_report
 
     cfg = _cfg(args)
+    page = args.dst / "index.html"
+    inputs = [args.model_dir / MODEL_FILE, args.model_dir / METADATA_FILE,
+              args.out / "cars" / "summary.csv", args.out / "evaluation" / "metrics.json",
+              *(args.out / "batch").glob("*"), *_stamp(args, cfg, "report")]
+    if not args.force and is_fresh([page], inputs):
+        log.info("report: %s is up to date", page)
+        return 0
     path = build_report(args.dst, model_dir=args.model_dir, out_dir=args.out, data_dir=args.data,
                         cfg=cfg.report)
     log.info("report: %s", path)
@@ -214,9 +364,24 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_settings)
 
+    p = sub.add_parser("scenes", help="list the scene names of a folder (the one scene list)")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--any", action="store_true",
+                   help="print nothing; exit 0 when the folder holds a scene, 1 when not")
+    _common(p)
+    p.set_defaults(func=cmd_scenes)
+
+    p = sub.add_parser("paths", help="refuse output folders that would write over an input")
+    for flag in ("--data", "--images", "--out", "--model-dir", "--report", "--truth",
+                 "--zones"):
+        p.add_argument(flag, type=Path, default=None)
+    _common(p)
+    p.set_defaults(func=cmd_paths)
+
     p = sub.add_parser("sample", help="generate sample scenes, labels and truth into DATA")
     p.add_argument("data", type=Path, help="data root (raw/, incoming/, truth/ are written)")
     p.add_argument("--force", action="store_true", help="overwrite an existing sample")
+    p.add_argument("--settings", type=Path, help="settings file this run depends on")
     _common(p)
     p.set_defaults(func=cmd_sample)
 
@@ -232,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("chips", type=Path, help="chips folder from `tile`")
     p.add_argument("labels", type=Path, help="folder of vector label files")
     p.add_argument("masks", type=Path, help="masks folder (masks/<scene>/<chip>.tif)")
+    p.add_argument("--images", type=Path, default=None,
+                   help="the training scenes' folder (default: every scene in CHIPS)")
     p.add_argument("--settings", type=Path, help="settings file this run depends on")
     _common(p)
     _batch(p)
@@ -240,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="chip index with split and band statistics")
     p.add_argument("chips", type=Path)
     p.add_argument("masks", type=Path)
+    p.add_argument("--settings", type=Path, help="the masks settings file this run depends on")
+    p.add_argument("--force", action="store_true", help="rebuild even when up to date")
     _common(p)
     p.set_defaults(func=cmd_index)
 
@@ -247,6 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("chips", type=Path)
     p.add_argument("masks", type=Path)
     p.add_argument("model_dir", type=Path)
+    p.add_argument("--images", type=Path, default=None,
+                   help="the training scenes' folder; without scenes there, an existing model "
+                        "is used as it is")
+    p.add_argument("--settings", type=Path, help="settings file this run depends on")
+    p.add_argument("--force", action="store_true", help="train even when the model is fresh")
     _common(p)
     p.set_defaults(func=cmd_train)
 
@@ -261,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("vectors", help="one polygon per car for every predicted scene")
     p.add_argument("--out", type=Path, required=True, help="output root (reads masks/)")
+    p.add_argument("--images", type=Path, default=None,
+                   help="the batch's folder: vectorize its scenes (default: every mask in OUT)")
     p.add_argument("--settings", type=Path, help="settings file this run depends on")
     _common(p)
     _batch(p)
@@ -269,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="pixel and object metrics against ground truth")
     p.add_argument("--out", type=Path, required=True, help="output root of predictions")
     p.add_argument("--truth", type=Path, required=True, help="ground-truth car footprints")
+    p.add_argument("--settings", type=Path, help="settings file this run depends on")
+    p.add_argument("--force", action="store_true", help="evaluate even when up to date")
     _common(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -277,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--data", type=Path, default=None, help="data root, for sample overlays")
+    p.add_argument("--settings", type=Path, help="settings file this run depends on")
+    p.add_argument("--force", action="store_true", help="rebuild even when up to date")
     _common(p)
     p.set_defaults(func=cmd_report)
     return parser
@@ -294,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         # TensorFlow's C++ banner and Dask's worker start/stop narration are noise to a GIS
         # user; --debug keeps them. Dask reads this variable at import, in every worker too.
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     try:
         return args.func(args)
@@ -303,12 +483,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, permissions: the file and the reason, in one line
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {args.command}: {where}{first_line(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug or an unforeseen input: still one line, traceback on --debug
         if args.debug:
             raise
-        print(f"error: {args.command}: {exc.__class__.__name__}: {exc} (rerun with --debug "
-              "for the traceback)", file=sys.stderr)
+        print(f"error: {args.command}: {exc.__class__.__name__}: {first_line(exc)} (rerun "
+              "with --debug for the traceback)", file=sys.stderr)
         return 1

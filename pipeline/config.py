@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.io import InputError
+from pipeline.io import InputError, SettingsError
 
 
 class _Section(BaseModel):
@@ -190,6 +191,23 @@ class Config(_Section):
     report: ReportConfig = Field(default_factory=ReportConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        # Settings that only make sense together are checked here, up front, not per scene
+        # after a cluster has started.
+        if self.tile.overlap >= self.tile.chip_size:
+            raise ValueError(f"tile.overlap ({self.tile.overlap}) must be smaller than "
+                             f"tile.chip_size ({self.tile.chip_size})")
+        if self.predict.window is not None and self.predict.overlap >= self.predict.window:
+            raise ValueError(f"predict.overlap ({self.predict.overlap}) must be smaller than "
+                             f"predict.window ({self.predict.window})")
+        if self.vectors.min_area_m2 >= self.vectors.max_area_m2:
+            raise ValueError(f"vectors.min_area_m2 ({self.vectors.min_area_m2}) must be smaller "
+                             f"than vectors.max_area_m2 ({self.vectors.max_area_m2})")
+        if len(set(self.tile.bands)) != len(self.tile.bands) or min(self.tile.bands) < 1:
+            raise ValueError(f"tile.bands {self.tile.bands} must be distinct 1-based band numbers")
+        return self
+
 
 # Which sections decide whether each stage's output is stale. Tiling does not depend on train
 # settings, so changing `train.epochs` never redoes tiling.
@@ -210,18 +228,40 @@ def _parse_value(text: str) -> Any:
     return yaml.safe_load(text) if text != "" else ""
 
 
+# An override starts with a dotted key and '='; anything else continues the previous value.
+_OVERRIDE_START = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+=")
+
+
+def split_overrides(text: str) -> list[str]:
+    """Split make's ``SET="a.b=1 c.d=[1, 2, 3]"`` into overrides; values may hold spaces.
+
+    Raises:
+        SettingsError: the text does not start with ``dotted.key=``.
+    """
+    overrides: list[str] = []
+    for token in text.split():
+        if _OVERRIDE_START.match(token):
+            overrides.append(token)
+        elif overrides:
+            overrides[-1] += " " + token
+        else:
+            raise SettingsError(f"SET {text!r}: expected dotted.key=value pairs, e.g. "
+                                "SET=\"train.epochs=3 tile.bands=[1, 2, 3]\"")
+    return overrides
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``dotted.key=value`` overrides to a nested settings dict (in place, returned)."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise InputError(f"--set {item!r}: expected dotted.key=value")
+            raise SettingsError(f"--set {item!r}: expected dotted.key=value")
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise InputError(f"--set {item!r}: {part!r} is not a section")
+                raise SettingsError(f"--set {item!r}: {part!r} is not a section")
         node[parts[-1]] = _parse_value(value.strip())
     return data
 
@@ -243,13 +283,25 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
             raise InputError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
         if not isinstance(data, dict):
             raise InputError(f"{path}: expected a mapping of sections at the top level")
-    apply_overrides(data, overrides or [])
+    overrides = overrides or []
+    apply_overrides(data, overrides)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        raise InputError(f"{path or 'settings'}: {where}: {err['msg']}") from None
+        msg = "unknown setting (misspelled?)" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = msg.removeprefix("Value error, ")
+        # Blame what the user typed: the --set/SET override that holds the key, else the file.
+        given = [o.partition("=")[0].strip() for o in overrides]
+        source = next((f"--set {k}" for k in given if (where and (
+            k == where or k.startswith(where + ".") or where.startswith(k + ".")))
+            or (not where and k in msg)), None)
+        if source is None:
+            source = f"{path}" if path is not None else "settings"
+            if where:
+                source += f": {where}"
+        raise SettingsError(f"{source}: {msg}") from None
 
 
 def stage_settings(cfg: Config, stage: str) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import traceback
 import uuid
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import DistributedConfig
-from pipeline.io import InputError, write_json
+from pipeline.io import EXIT_PARTIAL, InputError, is_fresh, scene_name, stage_log, write_json
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +32,6 @@ class BatchResult:
     done: dict[str, float] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
-
-
-def is_fresh(outputs: Sequence[Path], inputs: Sequence[Path]) -> bool:
-    """True when every output exists and is newer than every existing input (Make's rule)."""
-    try:
-        oldest_output = min(Path(p).stat().st_mtime for p in outputs)
-    except (FileNotFoundError, ValueError):
-        return False
-    newest_input = max((Path(p).stat().st_mtime for p in inputs if Path(p).exists()), default=0)
-    return oldest_output >= newest_input
 
 
 def run_one(func: Callable, item: Any, args: tuple, kwargs: dict) -> float:
@@ -75,18 +66,37 @@ def _client(cfg: DistributedConfig, n_items: int | None = None):
     # More workers than scenes would only start processes (each loading the model) that idle.
     workers = min(workers, n_items) if n_items else workers
     cluster = LocalCluster(n_workers=workers, threads_per_worker=cfg.threads_per_worker,
-                           processes=True, dashboard_address=None)
+                           processes=True, dashboard_address=None, env=worker_env(workers))
     return Client(cluster), cluster
 
 
+def worker_env(workers: int) -> dict[str, str]:
+    """Environment of each local worker process: its share of the cores, and quiet.
+
+    Each worker loads its own TensorFlow, which by default takes every core (and, on a GPU,
+    all its memory): N workers would oversubscribe the CPU N times.
+    """
+    threads = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
+    return {"OMP_NUM_THREADS": threads, "TF_NUM_INTRAOP_THREADS": threads,
+            "TF_NUM_INTEROP_THREADS": "1", "TF_FORCE_GPU_ALLOW_GROWTH": "true",
+            "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
+            "DASK_LOGGING__DISTRIBUTED": os.environ.get("DASK_LOGGING__DISTRIBUTED", "warning")}
+
+
 def run_batch(func: Callable, items: Sequence[Any], *, args: tuple = (), kwargs: dict | None = None,
-              cfg: DistributedConfig, name: Callable[[Any], str] = lambda i: Path(i).stem
-              ) -> BatchResult:
-    """Run ``func`` on every item, on Dask when there is more than one worker's worth of work."""
+              cfg: DistributedConfig, name: Callable[[Any], str] = lambda i: Path(i).stem,
+              prepare: Callable[[], None] | None = None) -> BatchResult:
+    """Run ``func`` on every item, on Dask when there is more than one worker's worth of work.
+
+    ``prepare`` (e.g. a quiet import of Keras) runs once in this process or on every worker.
+    """
     kwargs = kwargs or {}
     result = BatchResult()
     serial = cfg.scheduler is None and (len(items) <= 1 or (cfg.workers or os.cpu_count()) == 1)
+    progress = _progress(len(items), getattr(func, "__name__", "batch"))
     if serial:
+        if prepare is not None:
+            prepare()
         for item in items:
             for attempt in range(cfg.retries + 1):
                 try:
@@ -97,6 +107,8 @@ def run_batch(func: Callable, items: Sequence[Any], *, args: tuple = (), kwargs:
                     log.warning("%s: attempt %d failed: %s", name(item), attempt + 1, exc)
                     log.debug("%s", traceback.format_exc())
             _record(result, name(item), outcome)
+            progress.update()
+        progress.close()
         return result
 
     from dask.distributed import as_completed
@@ -106,6 +118,8 @@ def run_batch(func: Callable, items: Sequence[Any], *, args: tuple = (), kwargs:
     # result for a key it still holds.
     token = uuid.uuid4().hex[:8]
     try:
+        if prepare is not None:
+            client.run(prepare)
         futures = {client.submit(run_one, func, item, args, kwargs, pure=False,
                                  retries=cfg.retries,
                                  key=f"{func.__name__}-{name(item)}-{token}"): name(item)
@@ -117,9 +131,11 @@ def run_batch(func: Callable, items: Sequence[Any], *, args: tuple = (), kwargs:
             except Exception as exc:  # the task's own exception, after its retries
                 outcome = exc
             _record(result, key, outcome)
+            progress.update()
             log.info("%s: %s (%d of %d)", key,
                      "done" if key in result.done else "failed", i, len(futures))
     finally:
+        progress.close()
         client.close()
         if cluster is not None:
             cluster.close()
@@ -128,6 +144,14 @@ def run_batch(func: Callable, items: Sequence[Any], *, args: tuple = (), kwargs:
     result.done = dict(sorted(result.done.items(), key=lambda kv: order.get(kv[0], 0)))
     result.failed = dict(sorted(result.failed.items(), key=lambda kv: order.get(kv[0], 0)))
     return result
+
+
+def _progress(total: int, desc: str):
+    """A scenes-done bar with an ETA on a terminal; silent in logs, CI and make -s output."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="scene", leave=False,
+                disable=total < 2 or not sys.stderr.isatty())
 
 
 def _record(result: BatchResult, key: str, outcome: Any) -> None:
@@ -155,17 +179,21 @@ def run_stage_batch(stage: str, func: Callable, items: Sequence[Path], *,
         log.info("%s: all %d up to date", stage, len(items))
         return 0
     log.info("%s: %d of %d to do", stage, len(stale), len(items))
-    if prepare is not None:
-        prepare()  # heavy set-up (importing Keras) only when there is work
-    name = (lambda i: i.parent.name) if stage == "masks" else (lambda i: Path(i).stem)
-    result = run_batch(func, stale, args=args, kwargs=kwargs, cfg=cfg, name=name)
+    name = (lambda i: i.parent.name) if stage == "masks" else scene_name
+    # Heavy set-up (importing Keras) only when there is work, and on every worker.
+    result = run_batch(func, stale, args=args, kwargs=kwargs, cfg=cfg, name=name,
+                       prepare=prepare)
     if log_dir is not None:
         for key, seconds in result.done.items():
-            write_json(log_dir / f"{key}.{stage}.json", {"scene": key, "seconds": seconds,
-                                                        "status": "ok"})
+            write_json(stage_log(log_dir, key, stage), {"scene": key, "seconds": seconds,
+                                                       "status": "ok"})
         for key, error in result.failed.items():
-            write_json(log_dir / f"{key}.{stage}.json", {"scene": key, "error": error,
-                                                        "status": "failed"})
+            write_json(stage_log(log_dir, key, stage), {"scene": key, "error": error,
+                                                       "status": "failed"})
     for key, error in result.failed.items():
-        print(f"error: {stage}: {key}: {error}", file=__import__("sys").stderr)
-    return 2 if result.failed else 0
+        print(f"error: {stage}: {key}: {error}", file=sys.stderr)
+    if not result.failed:
+        return 0
+    # Some scenes failed and the rest are done: the next stage goes on with those (make reads
+    # EXIT_PARTIAL), and the run still ends non-zero.
+    return EXIT_PARTIAL if len(result.failed) < len(items) else 2

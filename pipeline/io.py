@@ -159,6 +159,21 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+def is_fresh(outputs, inputs) -> bool:
+    """True when every output exists and is newer than every existing input (Make's rule)."""
+    try:
+        oldest_output = min(Path(p).stat().st_mtime for p in outputs)
+    except (FileNotFoundError, ValueError):
+        return False
+    newest_input = max((Path(p).stat().st_mtime for p in inputs if Path(p).exists()), default=0)
+    return oldest_output >= newest_input
+
+
+def stage_log(log_dir: Path | str, scene: str, stage: str) -> Path:
+    """``OUT/logs/<scene>.<stage>.json``: one scene's time or error in one batch stage."""
+    return Path(log_dir) / f"{scene}.{stage}.json"
+
+
 def write_json(path: Path | str, data: Any) -> Path:
     """Write JSON atomically (sorted keys, so identical data gives identical bytes)."""
     path = Path(path)

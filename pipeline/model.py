@@ -3,20 +3,28 @@ predict reads. Only ``keras.*`` APIs, so the same code runs on TensorFlow, JAX a
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.io import InputError, atomic_path, first_line, read_json, write_json
+from pipeline.io import InputError, InputNotFound, first_line, read_json, temp_dir
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
 BUNDLE_VERSION = 1
+BUNDLE_FILES = (MODEL_FILE, METADATA_FILE)
+# A complete new bundle waiting to be moved into place; its existence is the commit point.
+COMMIT_DIR = ".bundle-commit"
+PREVIOUS_DIR = "previous"  # the bundle a retraining replaced, kept so nothing is lost
 
 
 def build_unet(
@@ -113,30 +121,93 @@ class Bundle:
 REQUIRED_METADATA = ("bands", "normalization", "chip_size", "threshold", "dtype")
 
 
-def save_bundle(model, metadata: dict, model_dir: Path | str) -> Path:
-    """Write ``metadata.json`` then ``model.keras`` atomically; returns the model path.
+def file_sha256(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
-    The model file is written last so its mtime marks a complete bundle for Make.
+
+def save_bundle(model, metadata: dict, model_dir: Path | str) -> Path:
+    """Replace the bundle (``model.keras`` + ``metadata.json``) as one unit; returns the model.
+
+    Both files are written into a staging folder, which is then renamed to ``.bundle-commit``
+    (the commit point) and its files moved into place, the replaced ones into ``previous/``.
+    A crash before the commit leaves the old bundle; after it, the next reader finishes the
+    move (:func:`recover_bundle`). Never new weights beside old normalisation or threshold.
     """
     model_dir = Path(model_dir)
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
     if missing:
         raise ValueError(f"bundle metadata lacks {missing}")
-    metadata = {"bundle_version": BUNDLE_VERSION, **metadata}
-    write_json(model_dir / METADATA_FILE, metadata)
-    target = model_dir / MODEL_FILE
-    with atomic_path(target) as tmp:
-        model.save(tmp)
-    return target
+    model_dir.mkdir(parents=True, exist_ok=True)
+    recover_bundle(model_dir)
+    with temp_dir(model_dir) as scratch:
+        staged = scratch / "bundle"
+        staged.mkdir()
+        model.save(staged / MODEL_FILE)
+        # The metadata names its weights, so a mismatched pair is caught on load.
+        metadata = {"bundle_version": BUNDLE_VERSION, **metadata,
+                    "model_sha256": file_sha256(staged / MODEL_FILE)}
+        (staged / METADATA_FILE).write_text(
+            json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(staged, model_dir / COMMIT_DIR)
+    recover_bundle(model_dir)
+    return model_dir / MODEL_FILE
+
+
+def recover_bundle(model_dir: Path | str) -> None:
+    """Finish a bundle replacement that a crash interrupted after its commit point."""
+    model_dir = Path(model_dir)
+    commit = model_dir / COMMIT_DIR
+    if not commit.is_dir():
+        return
+    previous = model_dir / PREVIOUS_DIR
+    # Metadata first, model last: the model's mtime marks a complete bundle for Make.
+    for name in (METADATA_FILE, MODEL_FILE):
+        new = commit / name
+        if not new.exists():
+            continue  # already moved before the crash
+        if (model_dir / name).exists():
+            previous.mkdir(exist_ok=True)
+            os.replace(model_dir / name, previous / name)
+        os.replace(new, model_dir / name)
+    commit.rmdir()
 
 
 def read_metadata(model_dir: Path | str) -> dict:
     """Read and check a bundle's metadata without loading Keras."""
+    recover_bundle(model_dir)
     path = Path(model_dir) / METADATA_FILE
-    metadata = read_json(path, missing="model metadata not found; run `make train` first")
+    metadata = read_json(path, missing="model metadata not found; run `make train` first "
+                                       "(or `make demo`, then use RUN=demo)")
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
     if missing:
         raise InputError(f"{path}: model metadata lacks {', '.join(missing)}")
+    return metadata
+
+
+def check_bundle(model_dir: Path | str) -> dict:
+    """Check, without Keras, that a complete and consistent bundle is there; return metadata.
+
+    Raises:
+        InputError: no model, a truncated model file, or weights from another training run
+            than the metadata.
+    """
+    model_dir = Path(model_dir)
+    model_path = model_dir / MODEL_FILE
+    recover_bundle(model_dir)
+    if not model_path.exists():
+        raise InputNotFound(f"{model_path}: no model; run `make train` first (or `make demo`, "
+                            "then use RUN=demo)")
+    metadata = read_metadata(model_dir)
+    if not zipfile.is_zipfile(model_path):
+        raise InputError(f"{model_path}: not a complete Keras model file (truncated or corrupt)")
+    expected = metadata.get("model_sha256")
+    if expected and file_sha256(model_path) != expected:
+        raise InputError(f"{model_path}: does not match {METADATA_FILE} (its sha256 differs); "
+                         "the bundle's two files come from different trainings")
     return metadata
 
 
@@ -149,10 +220,8 @@ def load_bundle(model_dir: Path | str) -> Bundle:
     import keras
 
     model_dir = Path(model_dir)
-    metadata = read_metadata(model_dir)
+    metadata = check_bundle(model_dir)
     model_path = model_dir / MODEL_FILE
-    if not model_path.exists():
-        raise InputError(f"{model_path}: model not found; run `make train` first")
     try:
         model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a damaged archive

@@ -17,6 +17,7 @@ a split is kept only when every piece is still car-sized (``min_car_width_m`` wi
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -41,6 +42,8 @@ from pipeline.io import (
     list_scenes,
     open_scene,
     read_vector,
+    scene_name,
+    stage_log,
     write_vector,
 )
 
@@ -497,14 +500,17 @@ def write_summary(out_dir: Path) -> Path:
     """
     out_dir = Path(out_dir)
     logs = out_dir / "logs"
-    scenes = {p.stem for p in list_scenes(out_dir / "masks")}
-    scenes |= {p.name.split(".")[0] for p in logs.glob("*.predict.json")}
-    scenes |= {p.name.split(".")[0] for p in logs.glob("*.vectors.json")}
+    scenes = {scene_name(p) for p in list_scenes(out_dir / "masks")}
+    # Scene names may hold dots (city.2026.tile7): take the name from the log's name less its
+    # fixed ".<stage>.json" ending, never from the first dot.
+    for stage in ("predict", "vectors"):
+        ending = f".{stage}.json"
+        scenes |= {p.name[: -len(ending)] for p in logs.glob(f"*{ending}")}
     rows = []
     for scene in sorted(scenes):
         seconds, errors = 0.0, []
         for stage in ("predict", "vectors"):
-            entry = _read_log(logs / f"{scene}.{stage}.json")
+            entry = _read_log(stage_log(logs, scene, stage))
             if entry is None:
                 continue
             if entry.get("status") == "ok":
@@ -526,10 +532,14 @@ def write_summary(out_dir: Path) -> Path:
                      "seconds": round(seconds, 3), "status": "failed" if errors else "ok",
                      "error": "; ".join(errors)})
     target = out_dir / "cars" / "summary.csv"
-    with atomic_path(target) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["scene", "cars", "car_area_m2", "seconds",
-                                                "status", "error"])
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=["scene", "cars", "car_area_m2", "seconds",
+                                              "status", "error"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    # Rewritten only when it changes, so a run with nothing to do leaves it (and Make) alone.
+    if not target.exists() or target.read_text() != text.getvalue():
+        with atomic_path(target) as tmp:
+            tmp.write_text(text.getvalue())
     return target
 

@@ -25,7 +25,7 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys):
     code = main(["tile", str(tmp_path / "images"), str(tmp_path / "chips")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err == [f"error: {tmp_path / 'images'}: no GeoTIFF scenes (*.tif) to tile"]
+    assert err == [f"error: {tmp_path / 'images'}: no GeoTIFF scenes (.tif/.tiff) to tile"]
     assert not (tmp_path / "chips").exists()
 
 

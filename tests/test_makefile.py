@@ -25,18 +25,17 @@ def test_help_lists_every_target_with_one_line():
 
 
 def test_variables_reach_the_commands(tmp_path):
-    images = tmp_path / "batch"
+    images = tmp_path / "my batch"  # a space in a folder name must survive the quoting
     images.mkdir()
-    (images / "a.tif").write_bytes(b"")
-    out = run_make("-n", "-W", str(images / "a.tif"), f"{tmp_path}/out/probability/a.tif",
-                   f"IMAGES={images}", f"OUT={tmp_path}/out", f"MODEL_DIR={tmp_path}/m",
-                   "SET=predict.tta=true train.epochs=3", "DASK_SCHEDULER=tcp://s:8786",
-                   "WORKERS=3")
-    out = out.replace("\\\n", " ")  # recipe lines continued with a backslash
+    out = run_make("-n", "predict", f"IMAGES={images}", f"OUT={tmp_path}/out",
+                   f"MODEL_DIR={tmp_path}/m", "SET=predict.tta=true tile.bands=[1, 2, 3]",
+                   "DASK_SCHEDULER=tcp://s:8786", "WORKERS=3")
     predict = [line for line in out.splitlines() if " -m pipeline predict " in line]
     assert len(predict) == 1
     cmd = predict[0]
-    for part in (str(images), f"--model-dir {tmp_path}/m", f"--out {tmp_path}/out",
-                 "--set predict.tta=true", "--set train.epochs=3",
-                 "--scheduler tcp://s:8786", "--workers 3"):
+    for part in (f"'{images}'", f"--model-dir '{tmp_path}/m'", f"--out '{tmp_path}/out'",
+                 "--sets 'predict.tta=true tile.bands=[1, 2, 3]'",
+                 "--scheduler 'tcp://s:8786'", "--workers 3"):
         assert part in cmd, part
+    # predict never trains: no train, tile or masks command in its recipe.
+    assert " -m pipeline train " not in out and " -m pipeline tile " not in out
