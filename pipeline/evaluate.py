@@ -5,8 +5,10 @@ Pixel level: truth is rasterized on each predicted mask's grid; pixels the mask 
 polygons by an optimal assignment (Hungarian, ``scipy.optimize.linear_sum_assignment``) rather
 than greedily, so a car is never lost because a neighbour grabbed its partner first.
 
-Truth may come in any vector format and CRS; it is reprojected to each scene's CRS, and a
-scene's truth cars are those that cover at least one of its valid pixels.
+Truth may come in any vector format and CRS; it is reprojected to each scene's CRS. A truth car
+counts in the one scene that sees most of it, when that is at least half of it; cars cut by every
+scene's valid edge are ignored (neither missed nor falsely found), so an edge car is not one FN plus
+one FP, and a car in two overlapping scenes is not counted twice.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from pipeline.config import EvaluateConfig
-from pipeline.geo import pixel_size
+from pipeline.geo import NODATA, PROB_SCALE, gsd_m, metres_per_unit
 from pipeline.io import (
     InputError,
     atomic_dir,
@@ -35,14 +37,12 @@ from pipeline.io import (
     list_scenes,
     open_scene,
     read_vector,
+    scene_name,
     write_json,
 )
 
 log = logging.getLogger(__name__)
 
-MASK_NODATA = 255
-PROB_NODATA = 255
-PROB_SCALE = 254.0
 THRESHOLDS = [round(0.05 * i, 2) for i in range(1, 20)]  # 0.05 .. 0.95
 STRIP_ROWS = 1024  # rows read at a time: memory stays bounded on any scene size
 
@@ -123,46 +123,54 @@ def _prf(tp: float, fp: float, fn: float) -> dict:
 
 
 # === Per scene ===
+# A truth car counts where at least this share of it lies on a scene's valid pixels. A car cut by
+# the scene's (or the nodata collar's) edge is otherwise "ignored": it is no miss, and a
+# prediction matching it is neither a hit nor a false alarm. A car seen by several overlapping
+# scenes counts once, in the scene that sees most of it.
+MIN_TRUTH_COVER = 0.5
 
-def _scene_truth(truth, src) -> list:
-    """Truth polygons (in the scene CRS) whose bounds meet the scene's."""
+
+def _scene_truth(truth, src) -> list[tuple[int, object]]:
+    """(truth id, polygon in the scene CRS) of the truth polygons that meet the scene's bounds."""
     if truth is None or len(truth) == 0:
         return []
     gdf = truth.to_crs(src.crs) if truth.crs != src.crs else truth
     left, bottom, right, top = src.bounds
-    idx = gdf.sindex.query(shapely.box(left, bottom, right, top), predicate="intersects")
-    geoms = [g for g in gdf.geometry.iloc[np.sort(idx)] if g is not None and not g.is_empty]
-    return [shapely.make_valid(g) if not g.is_valid else g for g in geoms]
+    idx = np.sort(gdf.sindex.query(shapely.box(left, bottom, right, top), predicate="intersects"))
+    out = []
+    for i in idx:
+        g = gdf.geometry.iloc[i]
+        if g is None or g.is_empty:
+            continue
+        out.append((int(i), shapely.make_valid(g) if not g.is_valid else g))
+    return out
 
 
-def _pixel_counts(src, prob_src, geoms: list) -> tuple[dict, set, tuple]:
-    """Pixel TP/FP/FN, the truth polygons touching valid pixels, probability histograms.
+def _pixel_counts(src, prob_src, geoms: list) -> tuple[dict, np.ndarray, tuple]:
+    """Pixel TP/FP/FN, each truth polygon's count of valid pixels, probability histograms.
 
     Read in strips of rows, so memory stays bounded on any scene size.
     """
     tree = shapely.STRtree(geoms) if geoms else None
     counts = {"tp": 0, "fp": 0, "fn": 0}
-    seen: set[int] = set()
+    valid_px = np.zeros(len(geoms), np.int64)
     hist_pos = np.zeros(255, np.int64) if prob_src is not None else None
     hist_neg = np.zeros(255, np.int64) if prob_src is not None else None
     for row in range(0, src.height, STRIP_ROWS):
         win = Window(0, row, src.width, min(STRIP_ROWS, src.height - row))
         wt = rasterio.windows.transform(win, src.transform)
         mask = src.read(1, window=win)
-        valid = mask != MASK_NODATA
+        valid = mask != NODATA
         truth_px = np.zeros(mask.shape, bool)
         if tree is not None:
             box = shapely.box(*rasterio.windows.bounds(win, src.transform))
             near = np.sort(tree.query(box, predicate="intersects"))
             if len(near):
-                truth_px = rasterio.features.rasterize(
-                    [(geoms[i], 1) for i in near], out_shape=mask.shape, transform=wt,
-                    fill=0, dtype="uint8").astype(bool)
-                # A truth car belongs to the scene when it touches one valid pixel.
                 ids = rasterio.features.rasterize(
                     [(geoms[i], int(i) + 1) for i in near], out_shape=mask.shape, transform=wt,
-                    fill=0, dtype="int32", all_touched=True)
-                seen.update((np.unique(ids[valid & (ids > 0)]) - 1).tolist())
+                    fill=0, dtype="int32")
+                truth_px = ids > 0
+                valid_px += np.bincount(ids[valid & truth_px] - 1, minlength=len(geoms))
         truth_px &= valid
         pred_px = (mask == 1) & valid
         counts["tp"] += int(np.sum(pred_px & truth_px))
@@ -171,33 +179,32 @@ def _pixel_counts(src, prob_src, geoms: list) -> tuple[dict, set, tuple]:
         if prob_src is not None:
             # Histograms of probability for truth and background pixels give every threshold.
             prob = prob_src.read(1, window=win)
-            ok = valid & (prob != PROB_NODATA)
+            ok = valid & (prob != NODATA)
             hist_pos += np.bincount(prob[ok & truth_px], minlength=256)[:255]
             hist_neg += np.bincount(prob[ok & ~truth_px], minlength=256)[:255]
-    return counts, seen, (hist_pos, hist_neg)
+    return counts, valid_px, (hist_pos, hist_neg)
 
 
-def evaluate_scene(mask_tif: Path, out_dir: Path, truth, *, cfg: EvaluateConfig) -> dict:
-    """Pixel, threshold and object counts of one scene (``truth`` a GeoDataFrame or None)."""
-    scene = mask_tif.stem
+def _scene_pass(mask_tif: Path, out_dir: Path, truth, *, cfg: EvaluateConfig) -> dict:
+    """First pass over one scene: pixel counts, how much of each truth car it sees, its cars."""
+    scene = scene_name(mask_tif)
     prob_tif = out_dir / "probability" / f"{scene}.tif"
     with open_scene(mask_tif) as src:
-        gsd = pixel_size(src.transform)
+        gsd = gsd_m(src.transform, src.crs)
+        pixel_area = abs(src.transform.determinant)
         crs = src.crs
         candidates = _scene_truth(truth, src)
         prob_src = rasterio.open(prob_tif) if prob_tif.exists() else None
         try:
-            counts, seen, hists = _pixel_counts(src, prob_src, candidates)
+            counts, valid_px, hists = _pixel_counts(src, prob_src, [g for _, g in candidates])
         finally:
             if prob_src is not None:
                 prob_src.close()
-    geoms = [candidates[i] for i in sorted(seen)]
-    pixel = _prf(counts["tp"], counts["fp"], counts["fn"])
-    hist_pos, hist_neg = hists
-
+    cover = {tid: float(n * pixel_area / g.area) if g.area > 0 else 0.0
+             for (tid, g), n in zip(candidates, valid_px, strict=True)}
     cars_file = find_cars_file(out_dir, scene)
     pred_geoms: list = []
-    pred_attrs: list = []
+    pred_prob: list = []
     if cars_file is None:
         log.warning("%s: no car polygons in %s; object metrics count it as no cars", scene,
                     out_dir / "cars")
@@ -206,34 +213,104 @@ def evaluate_scene(mask_tif: Path, out_dir: Path, truth, *, cfg: EvaluateConfig)
         if len(cars):
             cars = cars.to_crs(crs) if cars.crs != crs else cars
             pred_geoms = list(cars.geometry)
-            pred_attrs = [float(v) for v in cars.get("mean_prob", [float("nan")] * len(cars))]
-    matches, best_iou = match_objects(geoms, pred_geoms, cfg=cfg)
+            pred_prob = [float(v) for v in cars.get("mean_prob", [float("nan")] * len(cars))]
+    return {"scene": scene, "gsd": gsd, "unit": metres_per_unit(crs), "counts": counts,
+            "hists": hists, "candidates": candidates, "cover": cover, "pred": pred_geoms,
+            "pred_prob": pred_prob, "vectors": str(cars_file) if cars_file else None}
+
+
+def _object_prf(counted: list, ignored: list, pred: list, cfg: EvaluateConfig) -> tuple:
+    """Object P/R/F1 with the ignored truth cars taking their matches out of play."""
+    matches, best = match_objects(counted + ignored, pred, cfg=cfg)
+    n = len(counted)
+    hits = [(t, p, i) for t, p, i in matches if t < n]
+    taken = {p for t, p, _ in matches if t >= n}  # matched an ignored car: not a false alarm
+    if ignored:
+        # A sliver of an ignored car (seen cut by the edge) is no false alarm either: a
+        # prediction lying mostly on one is taken out of play too.
+        hit = {p for _, p, _ in hits}
+        rest = [j for j in range(len(pred)) if j not in hit and j not in taken]
+        if rest:
+            union = shapely.union_all(ignored)
+            for j in rest:
+                area = pred[j].area
+                if area > 0 and pred[j].intersection(union).area >= 0.5 * area:
+                    taken.add(j)
+    tp = len(hits)
+    return _prf(tp, len(pred) - tp - len(taken), n - tp), hits, best[:n], taken
+
+
+def _scene_objects(first: dict, owned: set[int], cfg: EvaluateConfig) -> dict:
+    """Second pass: object metrics of one scene, counting only the truth cars it owns."""
+    scene, unit = first["scene"], first["unit"]
+    area_m2 = unit * unit
+    counted = [g for tid, g in first["candidates"] if tid in owned]
+    ignored = [g for tid, g in first["candidates"]
+               if tid not in owned and first["cover"].get(tid, 0) > 0]
+    pred = first["pred"]
+    obj, matches, best_iou, taken = _object_prf(counted, ignored, pred, cfg)
+    obj["mean_iou_matched"] = float(np.mean([m[2] for m in matches])) if matches else float("nan")
+    # Labels are often boxes: the same matching at IoU 0.3, of envelopes, and by centroids.
+    variants = {
+        "iou_0.3": _object_prf(counted, ignored, pred,
+                               cfg.model_copy(update={"match_by": "iou", "iou_threshold": 0.3}))[0],
+        "iou_0.5": _object_prf(counted, ignored, pred,
+                               cfg.model_copy(update={"match_by": "iou", "iou_threshold": 0.5}))[0],
+        "envelope_iou_0.5": _object_prf(
+            [g.envelope for g in counted], [g.envelope for g in ignored],
+            [g.envelope for g in pred],
+            cfg.model_copy(update={"match_by": "iou", "iou_threshold": 0.5}))[0],
+        "centroid": _object_prf(counted, ignored, pred,
+                                cfg.model_copy(update={"match_by": "centroid"}))[0],
+    }
     t_match = {t: (p, i) for t, p, i in matches}
     p_match = {p: (t, i) for t, p, i in matches}
     objects = []
-    for i, g in enumerate(geoms):
+    for i, g in enumerate(counted):
         p, iou = t_match.get(i, (None, best_iou[i] if len(best_iou) else 0.0))
         c = g.centroid
         objects.append({"scene": scene, "kind": "truth", "id": i, "matched": p is not None,
                         "match_id": "" if p is None else p, "iou": round(float(iou), 4),
-                        "area_m2": round(g.area, 3), "x": round(c.x, 3), "y": round(c.y, 3),
-                        "mean_prob": ""})
-    for j, g in enumerate(pred_geoms):
+                        "area_m2": round(g.area * area_m2, 3), "x": round(c.x, 3),
+                        "y": round(c.y, 3), "mean_prob": ""})
+    for j, g in enumerate(pred):
+        if j in taken:
+            continue
         t, iou = p_match.get(j, (None, 0.0))
         c = g.centroid
         objects.append({"scene": scene, "kind": "pred", "id": j, "matched": t is not None,
                         "match_id": "" if t is None else t, "iou": round(float(iou), 4),
-                        "area_m2": round(g.area, 3), "x": round(c.x, 3), "y": round(c.y, 3),
-                        "mean_prob": round(pred_attrs[j], 4) if pred_attrs else ""})
-    tp = len(matches)
-    obj = _prf(tp, len(pred_geoms) - tp, len(geoms) - tp)
-    obj["mean_iou_matched"] = float(np.mean([m[2] for m in matches])) if matches else float("nan")
-    return {"scene": scene, "gsd": gsd, "pixel": pixel, "object": obj,
-            "truth_cars": len(geoms), "pred_cars": len(pred_geoms),
-            "count_error": len(pred_geoms) - len(geoms),
-            "vectors": str(cars_file) if cars_file else None,
-            "_hist": (hist_pos, hist_neg), "_objects": objects,
-            "_truth_areas": [(g.area, i in t_match) for i, g in enumerate(geoms)]}
+                        "area_m2": round(g.area * area_m2, 3), "x": round(c.x, 3),
+                        "y": round(c.y, 3),
+                        "mean_prob": round(first["pred_prob"][j], 4) if first["pred_prob"] else ""})
+    n_pred = len(pred) - len(taken)
+    counts = first["counts"]
+    return {"scene": scene, "gsd": first["gsd"],
+            "pixel": _prf(counts["tp"], counts["fp"], counts["fn"]), "object": obj,
+            "object_variants": variants, "truth_cars": len(counted), "pred_cars": n_pred,
+            "ignored_truth_cars": len(ignored), "count_error": n_pred - len(counted),
+            "vectors": first["vectors"], "_hist": first["hists"], "_objects": objects,
+            "_truth_areas": [(g.area * area_m2, i in t_match) for i, g in enumerate(counted)]}
+
+
+def assign_truth(firsts: list[dict]) -> list[set[int]]:
+    """The truth cars each scene counts: those it sees at least half of, each in one scene only
+    (the one that sees most of it; the first such scene on a tie)."""
+    best: dict[int, tuple[float, int]] = {}
+    for k, first in enumerate(firsts):
+        for tid, cover in first["cover"].items():
+            if cover >= MIN_TRUTH_COVER and cover > best.get(tid, (-1.0, 0))[0] + 1e-9:
+                best[tid] = (cover, k)
+    owned: list[set[int]] = [set() for _ in firsts]
+    for tid, (_, k) in best.items():
+        owned[k].add(tid)
+    return owned
+
+
+def evaluate_scene(mask_tif: Path, out_dir: Path, truth, *, cfg: EvaluateConfig) -> dict:
+    """Pixel, threshold and object counts of one scene evaluated on its own."""
+    first = _scene_pass(mask_tif, out_dir, truth, cfg=cfg)
+    return _scene_objects(first, assign_truth([first])[0], cfg)
 
 
 # === All scenes ===
@@ -302,12 +379,18 @@ def evaluate(out_dir: Path, truth: Path, *, cfg: EvaluateConfig) -> Path:
         if not polys.all():
             log.warning("%s: %d non-polygon truth features ignored", truth, int((~polys).sum()))
             truth_gdf = truth_gdf[polys]
-    results = [evaluate_scene(m, out_dir, truth_gdf, cfg=cfg) for m in masks]
+    firsts = [_scene_pass(m, out_dir, truth_gdf, cfg=cfg) for m in masks]
+    results = [_scene_objects(f, owned, cfg)
+               for f, owned in zip(firsts, assign_truth(firsts), strict=True)]
 
     sums = {k: sum(r["pixel"][k] for r in results) for k in ("tp", "fp", "fn")}
     pixel = _prf(sums["tp"], sums["fp"], sums["fn"])
     osums = {k: sum(r["object"][k] for r in results) for k in ("tp", "fp", "fn")}
     obj = _prf(osums["tp"], osums["fp"], osums["fn"])
+    variants = {}
+    for name in results[0]["object_variants"]:
+        v = {k: sum(r["object_variants"][name][k] for r in results) for k in ("tp", "fp", "fn")}
+        variants[name] = _prf(v["tp"], v["fp"], v["fn"])
     errors = [r["count_error"] for r in results]
     truth_cars = sum(r["truth_cars"] for r in results)
     count = {"truth_cars": truth_cars, "pred_cars": sum(r["pred_cars"] for r in results),
@@ -321,7 +404,7 @@ def evaluate(out_dir: Path, truth: Path, *, cfg: EvaluateConfig) -> Path:
     metrics = {
         "truth": str(truth),
         "settings": cfg.model_dump(mode="json"),
-        "overall": {"pixel": pixel, "object": obj, "count": count,
+        "overall": {"pixel": pixel, "object": obj, "object_variants": variants, "count": count,
                     "recall_by_size": _recall_by_size(areas, cfg.size_bins_m2),
                     "scenes": len(results)},
         "per_scene": {r["scene"]: {k: v for k, v in r.items() if not k.startswith("_")}

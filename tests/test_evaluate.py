@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
@@ -133,3 +134,57 @@ def test_strips_do_not_change_metrics(predicted, monkeypatch):
     strips = json.loads(evaluate(out, truth, cfg=EvaluateConfig()).read_text())
     assert strips["overall"] == whole["overall"]
     assert (out / "evaluation" / "thresholds.csv").read_text().count("\n") == 20
+
+
+def _scene_with_cars(out: Path, name: str, cars: list, *, col_off: int = 0,
+                     nodata_cols: int = 0) -> None:
+    from affine import Affine
+
+    transform = Affine(GSD, 0, ORIGIN[0] + col_off * GSD, 0, -GSD, ORIGIN[1])
+    shape = (120, 120)
+    mask = rasterio.features.rasterize([(g, 1) for g in cars], out_shape=shape,
+                                       transform=transform, dtype="uint8") if cars else \
+        np.zeros(shape, np.uint8)
+    if nodata_cols:
+        mask[:, -nodata_cols:] = 255
+    write_scene(out / "masks" / f"{name}.tif", mask[None], transform=transform, nodata=255)
+    write_scene(out / "probability" / f"{name}.tif",
+                np.where(mask == 1, 200, np.where(mask == 255, 255, 10)).astype(np.uint8)[None],
+                transform=transform, nodata=255)
+    vectorize_scene(out / "masks" / f"{name}.tif", out, cfg=VectorConfig(min_area_m2=0.5))
+
+
+def test_car_in_two_overlapping_scenes_counts_once(tmp_path):
+    # Scenes s1 (cols 0..120) and s2 (cols 60..180) overlap; car A lies in the overlap and is
+    # found in both; car G is only in s2.
+    out = tmp_path / "out"
+    a, g = car_px(20, 80), car_px(60, 150)
+    _scene_with_cars(out, "s1", [a])
+    _scene_with_cars(out, "s2", [a, g], col_off=60)
+    truth = tmp_path / "truth.gpkg"
+    gpd.GeoDataFrame(geometry=[a, g], crs=UTM).to_file(truth)
+    metrics = json.loads(evaluate(out, truth, cfg=EvaluateConfig()).read_text())
+    overall = metrics["overall"]
+    assert overall["count"]["truth_cars"] == 2  # not 3
+    assert (overall["object"]["tp"], overall["object"]["fp"], overall["object"]["fn"]) == (2, 0, 0)
+
+
+def test_truth_car_mostly_outside_valid_data_is_ignored_not_fn_plus_fp(tmp_path):
+    # Car H reaches 4 px into the valid area (of 13 px width): the prediction sees that sliver.
+    out = tmp_path / "out"
+    h = car_px(20, 96)  # cols 96..109 with nodata from col 100: 4 of 13 columns visible
+    _scene_with_cars(out, "s1", [h], nodata_cols=20)
+    truth = tmp_path / "truth.gpkg"
+    gpd.GeoDataFrame(geometry=[h], crs=UTM).to_file(truth)
+    metrics = json.loads(evaluate(out, truth, cfg=EvaluateConfig()).read_text())
+    obj = metrics["overall"]["object"]
+    assert (obj["tp"], obj["fp"], obj["fn"]) == (0, 0, 0)
+    assert metrics["per_scene"]["s1"]["ignored_truth_cars"] == 1
+
+
+def test_box_labels_get_iou_03_envelope_and_centroid_scores(predicted):
+    out, truth, _ = predicted
+    metrics = json.loads(evaluate(out, truth, cfg=EvaluateConfig()).read_text())
+    variants = metrics["overall"]["object_variants"]
+    assert set(variants) == {"iou_0.3", "iou_0.5", "envelope_iou_0.5", "centroid"}
+    assert variants["iou_0.5"]["tp"] == metrics["overall"]["object"]["tp"] == 1
