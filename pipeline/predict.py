@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,7 +36,7 @@ from rasterio.windows import transform as window_transform
 
 from pipeline.config import PredictConfig
 from pipeline.geo import pixel_size, valid_mask
-from pipeline.io import InputError, atomic_path, first_line, open_scene
+from pipeline.io import InputError, atomic_path, first_line, open_scene, temp_dir
 from pipeline.model import METADATA_FILE, MODEL_FILE, Bundle, load_bundle, read_metadata
 
 log = logging.getLogger(__name__)
@@ -408,9 +407,9 @@ def predict_scene(scene: Path, model_dir: Path, out_dir: Path, *,
                     "overlap": str(overlap), "tta": str(cfg.tta),
                     "prob_scale": str(PROB_SCALE)}
             out_dir.mkdir(parents=True, exist_ok=True)
-            # Intermediates live beside the outputs (same disk, scene-sized) and always go away.
-            with tempfile.TemporaryDirectory(prefix=f".predict-{scene.stem}-", dir=out_dir) as tmp:
-                tmp = Path(tmp)
+            # Intermediates live beside the outputs (same disk, scene-sized), hidden from scene
+            # listings, and go away even after a kill (the next run sweeps them).
+            with temp_dir(out_dir) as tmp:
                 profile = _tiled_profile(src.width, src.height, src.crs, src.transform,
                                          "uint8", NODATA)
                 writer = _PairWriter(tmp / "prob.tif", tmp / "mask.tif", profile, threshold)
