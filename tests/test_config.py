@@ -71,3 +71,29 @@ def test_train_settings_do_not_touch_tiling_stamp(tmp_path):
     mtime = stamp.stat().st_mtime_ns
     assert write_if_changed(stamp, stage_settings(changed, "tile")) is False
     assert stamp.stat().st_mtime_ns == mtime
+
+
+def test_set_values_may_hold_spaces():
+    from pipeline.config import split_overrides
+
+    overrides = split_overrides("tile.bands=[3, 2, 1] train.epochs=3")
+    assert overrides == ["tile.bands=[3, 2, 1]", "train.epochs=3"]
+    cfg = load_config(Path("configs/default.yaml"), overrides)
+    assert cfg.tile.bands == [3, 2, 1] and cfg.train.epochs == 3
+    with pytest.raises(InputError, match="expected dotted.key=value"):
+        split_overrides("[1, 2] tile.bands=3")
+
+
+def test_errors_blame_the_override_not_the_file(tmp_path):
+    with pytest.raises(InputError, match=r"^--set tile.chip_sise: unknown setting"):
+        load_config(Path("configs/default.yaml"), ["tile.chip_sise=128"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tile: {chip_sise: 128}\n")
+    with pytest.raises(InputError, match=r"bad.yaml: tile.chip_sise: unknown setting"):
+        load_config(bad, ["train.epochs=2"])
+
+
+def test_inconsistent_settings_fail_up_front():
+    with pytest.raises(InputError, match=r"--set tile.overlap: tile.overlap \(256\) must be "
+                                         r"smaller than tile.chip_size \(256\)"):
+        load_config(Path("configs/default.yaml"), ["tile.overlap=256"])

@@ -196,3 +196,38 @@ def test_unreachable_scheduler_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(InputError, match=r"tcp://127\.0\.0\.1:9: no Dask scheduler"):
         run_batch(always_fails, [tmp_path / "a.tif", tmp_path / "b.tif"],
                   cfg=DistributedConfig(scheduler="tcp://127.0.0.1:9"))
+
+
+def test_worker_processes_share_the_cores():
+    from pipeline.distributed import worker_env
+
+    env = worker_env(2)
+    cores = __import__("os").cpu_count() or 1
+    assert env["TF_NUM_INTRAOP_THREADS"] == env["OMP_NUM_THREADS"] == str(max(1, cores // 2))
+    assert env["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
+
+
+@pytest.mark.slow
+def test_cluster_workers_keep_tensorflow_quiet(tmp_path, batch):
+    # Through the CLI with 2 worker processes: stderr holds the pipeline's own lines only, no
+    # TensorFlow banners or CUDA errors from the workers.
+    import subprocess
+
+    good = tmp_path / "good"
+    good.mkdir()
+    for scene in batch:
+        if scene.name != "corrupt.tif":
+            (good / scene.name).write_bytes(scene.read_bytes())
+    make_bundle(tmp_path / "model")
+    # As a user runs it: none of the test suite's own quieting variables.
+    env = {k: v for k, v in __import__("os").environ.items()
+           if not k.startswith(("TF_CPP", "DASK_LOGGING"))}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "predict", str(good),
+                           "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "out"),
+                           "--workers", "2"], capture_output=True, text=True, check=False,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr
+    noise = [line for line in proc.stderr.splitlines()
+             if not line.startswith(("INFO ", "WARNING pipeline", "error:"))]
+    assert noise == []
+    assert len(list((tmp_path / "out" / "masks").glob("*.tif"))) == 3

@@ -1,0 +1,102 @@
+"""The model bundle is replaced as one unit: never new weights beside old metadata."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from pipeline.io import TEMP_DIR, InputError
+from pipeline.model import (
+    COMMIT_DIR,
+    METADATA_FILE,
+    MODEL_FILE,
+    PREVIOUS_DIR,
+    build_unet,
+    check_bundle,
+    load_bundle,
+    save_bundle,
+)
+
+
+def _metadata(threshold: float) -> dict:
+    return {"bands": [1, 2, 3], "normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]},
+            "chip_size": 32, "threshold": threshold, "dtype": "uint8", "size_multiple": 2}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return [build_unet(3, depth=1, base_filters=2, name=f"m{i}") for i in range(2)]
+
+
+class _FailingSave:
+    """A model whose save dies halfway (disk full, kill), after writing part of the file."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def save(self, path):
+        self.model.save(path)
+        with open(path, "r+b") as fh:
+            fh.truncate(100)
+        raise OSError(28, "No space left on device")
+
+
+def test_failed_save_leaves_the_old_bundle_whole(tmp_path, models):
+    save_bundle(models[0], _metadata(0.3), tmp_path)
+    before = (tmp_path / MODEL_FILE).read_bytes()
+    with pytest.raises(OSError):
+        save_bundle(_FailingSave(models[1]), _metadata(0.7), tmp_path)
+    assert (tmp_path / MODEL_FILE).read_bytes() == before
+    assert json.loads((tmp_path / METADATA_FILE).read_text())["threshold"] == 0.3
+    check_bundle(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [METADATA_FILE, MODEL_FILE]
+
+
+def test_crash_after_the_commit_point_is_finished_by_the_next_reader(tmp_path, models):
+    save_bundle(models[0], _metadata(0.3), tmp_path)
+    other = tmp_path.parent / "other"
+    save_bundle(models[1], _metadata(0.7), other)
+    # The state a kill leaves between the commit rename and the moves: metadata moved, the
+    # model not yet.
+    commit = tmp_path / COMMIT_DIR
+    commit.mkdir()
+    shutil.copy(other / MODEL_FILE, commit / MODEL_FILE)
+    (tmp_path / PREVIOUS_DIR).mkdir()
+    shutil.move(tmp_path / METADATA_FILE, tmp_path / PREVIOUS_DIR / METADATA_FILE)
+    shutil.copy(other / METADATA_FILE, tmp_path / METADATA_FILE)
+    metadata = check_bundle(tmp_path)
+    assert metadata["threshold"] == 0.7
+    assert not commit.exists()
+    assert json.loads((tmp_path / PREVIOUS_DIR / METADATA_FILE).read_text())["threshold"] == 0.3
+    assert load_bundle(tmp_path).threshold == 0.7
+
+
+def test_retraining_keeps_the_previous_bundle(tmp_path, models):
+    save_bundle(models[0], _metadata(0.3), tmp_path)
+    save_bundle(models[1], _metadata(0.7), tmp_path)
+    assert check_bundle(tmp_path)["threshold"] == 0.7
+    assert check_bundle(tmp_path / PREVIOUS_DIR)["threshold"] == 0.3
+    assert not (tmp_path / TEMP_DIR).exists()
+
+
+def test_weights_from_another_training_are_refused(tmp_path, models):
+    save_bundle(models[0], _metadata(0.3), tmp_path)
+    save_bundle(models[1], _metadata(0.7), tmp_path / "b")
+    shutil.copy(tmp_path / "b" / MODEL_FILE, tmp_path / MODEL_FILE)
+    with pytest.raises(InputError, match="model.keras: does not match metadata.json"):
+        check_bundle(tmp_path)
+
+
+def test_truncated_model_file_says_so(tmp_path, models):
+    save_bundle(models[0], _metadata(0.3), tmp_path)
+    data = (tmp_path / MODEL_FILE).read_bytes()
+    (tmp_path / MODEL_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="model.keras: not a complete Keras model file"):
+        load_bundle(tmp_path)
+
+
+def test_missing_model_says_what_to_run(tmp_path):
+    with pytest.raises(InputError, match="model.keras: no model; run `make train`"):
+        check_bundle(tmp_path)
