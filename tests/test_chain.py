@@ -27,11 +27,12 @@ report: {crops: 1, crop_size: 64}
 """
 
 
-def make(*targets: str, env_vars: dict[str, str]) -> subprocess.CompletedProcess:
+def make(*targets: str, env_vars: dict[str, str], status: int = 0) -> subprocess.CompletedProcess:
     args = ["make", "--no-print-directory", "-C", str(ROOT), *targets,
             *(f"{k}={v}" for k, v in env_vars.items())]
     proc = subprocess.run(args, capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, f"make {' '.join(targets)} failed:\n{proc.stdout}\n{proc.stderr}"
+    assert proc.returncode == status, (f"make {' '.join(targets)} exited {proc.returncode}:\n"
+                                       f"{proc.stdout}\n{proc.stderr}")
     return proc
 
 
@@ -101,9 +102,70 @@ def test_make_all_is_real_and_incremental(tmp_path):
     assert (tmp_path / "batch_out" / "masks" / "other.tif").exists()
     assert (model / "model.keras").stat().st_mtime_ns == after[model / "model.keras"]
 
-    # A train-only setting retrains without re-tiling.
+    # Predicting never trains, even when the training settings changed or their stamp is newer
+    # than the model (a bundle copied from a colleague, or made with another CONFIG).
+    model_mtime = (model / "model.keras").stat().st_mtime_ns
+    time.sleep(1.1)
+    (model / "settings.json").touch()
+    for target in ("predict", "vectors", "evaluate", "report"):
+        proc = make(target, env_vars={**env, "SET": "train.epochs=9"})
+        assert "train:" not in proc.stderr, target
+    assert (model / "model.keras").stat().st_mtime_ns == model_mtime
+
+    # A train-only setting retrains without re-tiling, and `all` says why.
     chips_index = data / "interim" / "chips" / "index.gpkg"
-    make("train", env_vars={**env, "SET": "train.epochs=3"})
+    proc = make("all", env_vars={**env, "SET": "train.epochs=3"})
+    assert "the training settings changed" in proc.stderr
     again = snapshot(data, model)
     assert again[chips_index] == after[chips_index]
     assert again[model / "model.keras"] > after[model / "model.keras"]
+    assert (model / "previous" / "model.keras").exists()  # the replaced bundle is kept
+
+
+@pytest.mark.slow
+def test_batch_with_odd_names_and_one_broken_scene(tmp_path):
+    """Any file name a GIS folder holds works through make; one broken scene does not stop the
+    others, is listed as failed, and make exits non-zero at the end."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    data, model = tmp_path / "da ta", tmp_path / "mo del"
+    env = {"DATA": str(data), "CONFIG": str(config), "MODEL_DIR": str(model),
+           "REPORTS": str(tmp_path / "reports"), "RUN": "tiny", "WORKERS": "1"}
+    make("sample", env_vars=env)
+    make("train", env_vars=env)
+    batch, out = tmp_path / "flight 0425", tmp_path / "out put"
+    batch.mkdir()
+    source = sorted((data / "incoming").glob("*.tif"))[0].read_bytes()
+    names = ["my scene.TIF", "city.2026.tile7.tiff", "-dash ü.tif", ".dot.tif"]
+    for name in names:
+        (batch / name).write_bytes(source)
+    (batch / "broken.tif").write_bytes(source[: len(source) // 3])
+    proc = make("vectors", env_vars={**env, "IMAGES": str(batch), "OUT": str(out)}, status=3)
+    assert "broken.tif" in proc.stderr
+    with open(out / "cars" / "summary.csv") as fh:
+        rows = {r["scene"]: r for r in csv.DictReader(fh)}
+    stems = ["my scene", "city.2026.tile7", "-dash ü", ".dot"]
+    assert sorted(rows) == sorted([*stems, "broken"])  # no phantom rows from dotted names
+    assert rows["broken"]["status"] == "failed"
+    for stem in stems:
+        assert rows[stem]["status"] == "ok"
+        assert (out / "masks" / f"{stem}.tif").exists()
+        assert (out / "cars" / f"{stem}.gpkg").exists()
+    # The same names work for a stage run alone, and an unknown RUN has no model: one line.
+    proc = make("predict", env_vars={**env, "IMAGES": str(batch), "OUT": str(out),
+                                     "MODEL_DIR": str(tmp_path / "none")}, status=2)
+    assert proc.stderr.strip().splitlines()[0].endswith("no model; run `make train` first "
+                                                        "(or `make demo`, then use RUN=demo)")
+
+
+def test_outputs_over_inputs_refused_before_any_work(tmp_path):
+    images = tmp_path / "X" / "masks"
+    images.mkdir(parents=True)
+    (images / "scene.tif").write_bytes(b"not touched")
+    proc = make("predict", env_vars={"IMAGES": str(images), "OUT": str(tmp_path / "X"),
+                                     "MODEL_DIR": str(tmp_path / "m")}, status=2)
+    assert proc.stderr.splitlines()[0] == (
+        f"error: {images}: OUT/masks would write into or over IMAGES ({images}); choose an "
+        "output folder apart from the inputs")
+    assert (images / "scene.tif").read_bytes() == b"not touched"
+    assert sorted(p.name for p in (tmp_path / "X").iterdir()) == ["masks"]
