@@ -475,6 +475,23 @@ def empty_cars(crs):
     return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries([], crs=crs), crs=crs)
 
 
+def write_cars(gdf, target: Path) -> Path:
+    """Write a car layer atomically; a GeoPackage gets QGIS's default style inside it."""
+    from pipeline.styles import add_layer_style, cars_qml
+
+    target = Path(target)
+    if target.suffix == ".parquet":
+        return write_vector(gdf, target)
+    with atomic_path(target) as tmp:
+        # Declared, so an empty layer opens in GIS as a polygon layer, not one of unknown type.
+        gdf.to_file(tmp, driver="GPKG" if target.suffix == ".gpkg" else "GeoJSON",
+                    engine="pyogrio", geometry_type="Polygon",
+                    **({"layer": "cars"} if target.suffix == ".gpkg" else {}))
+        if target.suffix == ".gpkg":
+            add_layer_style(tmp, "cars", cars_qml())
+    return target
+
+
 def vectorize_scene(mask_tif: Path, out_dir: Path, *, cfg: VectorConfig) -> Path:
     """Polygonize one scene's car mask into ``out_dir/cars/<scene>.<format>``.
 
@@ -534,15 +551,7 @@ def vectorize_scene(mask_tif: Path, out_dir: Path, *, cfg: VectorConfig) -> Path
         gdf = gdf[[*COLUMNS, "geometry"]]
     if not records or not len(gdf):
         gdf = empty_cars(crs)
-    if len(gdf) or target.suffix == ".parquet":
-        write_vector(gdf, target, layer="cars")
-    else:
-        # An empty layer has no geometry to infer its type from: declare it, so GIS opens a
-        # polygon layer rather than one of unknown type.
-        with atomic_path(target) as tmp:
-            gdf.to_file(tmp, driver="GPKG" if target.suffix == ".gpkg" else "GeoJSON",
-                        engine="pyogrio", geometry_type="Polygon",
-                        **({"layer": "cars"} if target.suffix == ".gpkg" else {}))
+    write_cars(gdf, target)
     log.info("%s: %d cars (%d blobs split, %d dropped as too small, %d as too large, %d as "
              "slivers cut by the scene edge)", scene, len(gdf), stats["split"],
              stats["too_small"], stats["too_large"], stats["slivers"])

@@ -314,3 +314,24 @@ def test_edge_distance_against_ragged_nodata(tmp_path):
     assert expected < border  # the stair-step edge is the nearest one here
     assert gdf.edge_dist_m.iloc[0] == pytest.approx(expected, abs=1e-6)
     assert not gdf.truncated.iloc[0]
+
+
+def test_car_geopackage_carries_qgis_default_style(tmp_path):
+    import sqlite3
+    import xml.etree.ElementTree as ET
+
+    write_pred(tmp_path, "s", burn((100, 100), [car(50, 50)]))
+    path = vectorize_scene(tmp_path / "masks" / "s.tif", tmp_path, cfg=VectorConfig())
+    assert len(read_vector(path)) == 1  # the style table does not hide the car layer
+    assert pyogrio.list_layers(path)[0][0] == "cars"
+    with sqlite3.connect(path) as con:
+        rows = con.execute("SELECT f_table_name, f_geometry_column, useAsDefault, styleQML "
+                           "FROM layer_styles").fetchall()
+        registered = con.execute("SELECT data_type FROM gpkg_contents WHERE table_name = "
+                                 "'layer_styles'").fetchone()
+    assert registered == ("attributes",)
+    [(table, geom_col, default, qml)] = rows
+    assert (table, geom_col, default) == ("cars", "geom", 1)
+    renderer = ET.fromstring(qml.split("\n", 1)[1]).find("renderer-v2")
+    assert renderer.get("attr") == "mean_prob"
+    assert len(renderer.find("ranges")) == 4
