@@ -671,15 +671,15 @@ def build_batch(images: Path, out_dir: Path, *, model_dir: Path, cfg: Config,
             previous = json.loads(manifest_path.read_text())
         except (OSError, json.JSONDecodeError):
             previous = None
-    quick_inputs = [model_dir / MODEL_FILE, model_dir / METADATA_FILE]
-    for scene, _ in scenes:
-        quick_inputs += [out_dir / "probability" / f"{scene}.tif",
+    inputs = [model_dir / MODEL_FILE, model_dir / METADATA_FILE]
+    for scene, image in scenes:
+        inputs += [image,out_dir / "probability" / f"{scene}.tif",
                          out_dir / "masks" / f"{scene}.tif", find_cars_file(out_dir, scene)]
-    quick_inputs += sorted((out_dir / "settings").glob("*.json"))
-    quick_inputs += [p for p in (zones, settings) if p is not None]
+    inputs += sorted((out_dir / "settings").glob("*.json"))
+    inputs += [p for p in (zones, settings) if p is not None]
     if (not force and previous is not None and previous.get("signature") == signature
             and is_fresh([batch_dir / p for p in previous.get("outputs", [])] + [manifest_path],
-                         quick_inputs)):
+                         inputs)):
         log.info("batch: up to date (%d scenes)", len(names))
         return batch_dir / CATALOG
     cache = (previous or {}).get("checksums", {})

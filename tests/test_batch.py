@@ -262,7 +262,9 @@ def test_stac_catalog_loads_and_every_href_resolves(flight):
     assert prov["model"]["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
     assert prov["model"]["data_fingerprint"] == "abc123"
     assert "batch" in prov["settings"] and "pystac" in prov["versions"]
-    collection.validate_all  # noqa: B018  (schemas need the network; structure is checked above)
+    # The extensions' schemas are declared (validating against them needs the network).
+    assert any("projection" in e for e in items[0].stac_extensions)
+    assert any("/file/" in e for e in collection.stac_extensions)
 
 
 def test_zones_counts_with_interval(flight, tmp_path):
@@ -362,3 +364,42 @@ def test_batch_refuses_missing_model_and_unready_scenes(tmp_path):
     with pytest.raises(InputError, match="make vectors"):
         build_batch(tmp_path / "images", tmp_path / "out", model_dir=tmp_path / "m",
                     cfg=Config())
+
+
+def test_cli_batch_runs_and_reruns_quietly(flight, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    root = tmp_path / "f"
+    shutil.copytree(flight["root"], root)
+    shutil.rmtree(root / "out" / "batch")
+    cmd = [sys.executable, "-m", "pipeline", "batch", "--images", str(root / "images"),
+           "--out", str(root / "out"), "--model-dir", str(root / "model"),
+           "--set", "batch.density_cell_m=25"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr
+    with rasterio.open(root / "out" / "batch" / "density.tif") as src:
+        assert src.res == (25.0, 25.0)
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert second.returncode == 0 and "up to date" in second.stderr
+    missing = subprocess.run([*cmd[:-2], "--zones", str(tmp_path / "nope.gpkg")],
+                             capture_output=True, text=True, env=env)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope.gpkg'}: zones "
+                                                   "file not found"]
+
+
+def test_batch_without_any_car(tmp_path):
+    empty = np.zeros((HEIGHT, WIDTH), np.uint8)
+    write_identity_scene(tmp_path, "a", empty, 0)
+    write_identity_scene(tmp_path, "b", empty, STEP)
+    write_model(tmp_path / "model")
+    build_batch(tmp_path / "images", tmp_path / "out", model_dir=tmp_path / "model",
+                cfg=Config())
+    batch = tmp_path / "out" / "batch"
+    assert len(read_vector(batch / "cars.gpkg")) == 0
+    with rasterio.open(batch / "density.tif") as src:
+        density = src.read(1)
+    assert (density[density != src.nodata] == 0).all()
