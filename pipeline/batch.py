@@ -336,6 +336,10 @@ def write_mosaics(infos: list[SceneInfo], batch_dir: Path, main_crs: CRS) -> lis
                 tmp.write_text(xml, encoding="utf-8")
             write_qml(target, qml)
             written.append(target)
+    for old in batch_dir.glob("*.vrt"):  # a CRS that left the batch
+        if old not in written:
+            old.unlink()
+            old.with_suffix(".qml").unlink(missing_ok=True)
     return written
 
 

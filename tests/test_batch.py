@@ -332,7 +332,9 @@ def test_mixed_crs_batch(tmp_path):
     truth = burn(cars, (HEIGHT, WIDTH), FLIGHT)
     write_identity_scene(tmp_path, "west", truth, 0)
     east_t = Affine(GSD, 0, 300000.0, 0, -GSD, 4000000.0)
-    write_identity_scene(tmp_path, "east", truth, 0, crs=CRS.from_epsg(32634),
+    # A name a GIS folder may hold: spaces and accents (VRT paths, STAC hrefs must cope).
+    east = "east côté 2"
+    write_identity_scene(tmp_path, east, truth, 0, crs=CRS.from_epsg(32634),
                          transform=east_t)
     write_model(tmp_path / "model")
     build_batch(tmp_path / "images", tmp_path / "out", model_dir=tmp_path / "model",
@@ -340,7 +342,7 @@ def test_mixed_crs_batch(tmp_path):
     batch = tmp_path / "out" / "batch"
     merged = gpd.read_parquet(batch / "cars.parquet")
     per_scene = [len(read_vector(tmp_path / "out" / "cars" / f"{s}.gpkg"))
-                 for s in ("west", "east")]
+                 for s in ("west", east)]
     assert len(merged) == sum(per_scene)  # far apart: nothing to merge
     assert merged.crs.to_epsg() in (32633, 32634)
     vrts = sorted(p.name for p in batch.glob("*.vrt"))
@@ -349,6 +351,22 @@ def test_mixed_crs_batch(tmp_path):
     assert other
     with rasterio.open(batch / other[0]) as src:
         assert src.crs.to_epsg() in (32633, 32634) and src.crs != merged.crs
+        assert (src.read(1) != 255).all()  # the source was found through its relative path
+    import pystac
+
+    collection = pystac.read_file(str(batch / "catalog.json"))
+    assert sorted(i.id for i in collection.get_items()) == sorted(["west", east])
+    for item in collection.get_items():
+        for asset in item.assets.values():
+            assert os.path.exists(asset.get_absolute_href())
+
+    # The scene in the other zone leaves: its mosaics go with it.
+    for sub in ("images", "out/probability", "out/masks"):
+        (tmp_path / sub / f"{east}.tif").unlink()
+    build_batch(tmp_path / "images", tmp_path / "out", model_dir=tmp_path / "model",
+                cfg=Config())
+    assert sorted(p.name for p in batch.glob("*.vrt")) == ["masks.vrt", "probability.vrt"]
+    assert len(list((batch / "items").glob("*.json"))) == 1
 
 
 def test_batch_refuses_missing_model_and_unready_scenes(tmp_path):
