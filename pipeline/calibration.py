@@ -20,8 +20,10 @@ whose 5th and 95th percentiles bound the 90% interval. When the calibration also
 validation recall (the share of true cars that were detected at all), ``count_interval`` can add
 the cars the model missed: each real car is detected with probability ``recall``, so the total
 is estimated as detected-real / recall with the extra binomial spread of the misses (a normal
-approximation). Neither interval covers errors the validation chips did not show (a new kind of
-scene, another GSD, a season the model never saw).
+approximation). That second interval assumes nothing about how many cars a zone holds (a flat
+prior on the missed cars), so it is conservative where counts vary little from zone to zone
+(93-98% in the tests). Neither interval covers errors the validation chips did not show (a new
+kind of scene, another GSD, a season the model never saw).
 """
 
 from __future__ import annotations
@@ -162,10 +164,14 @@ def _quantiles(probs: np.ndarray, level: float, extra_var: float = 0.0) -> tuple
     # own spread (zones of tens of cars); a normal law with both variances otherwise.
     if n <= EXACT_MAX and extra_var <= 0.1 * pb_var:
         cdf = np.cumsum(poisson_binomial_pmf(probs))
-        # Smallest k with P(X <= k) >= q: the usual quantile of a discrete distribution.
-        lo = int(np.searchsorted(cdf, lo_q - 1e-12))
-        hi = int(np.searchsorted(cdf, hi_q - 1e-12))
-        return lo, min(hi, n)
+        # Each tail left out holds as near (1 - level) / 2 as whole cars allow. The usual
+        # discrete quantiles (leave out at most that much) guarantee at least 90% and so give
+        # 95-97% in zones of a few tens of cars; nearest gives about the stated coverage.
+        below = np.concatenate([[0.0], cdf])  # below[k] = P(X < k)
+        above = 1.0 - cdf  # above[k] = P(X > k)
+        lo = int(np.argmin(np.abs(below[:n + 1] - lo_q)))
+        hi = int(np.argmin(np.abs(above - lo_q)))
+        return min(lo, hi), max(lo, hi)
     mean, sd = float(probs.sum()), math.sqrt(pb_var + extra_var)
     z = stats.norm.ppf(hi_q)
     return max(0, round(mean - z * sd)), min(n, round(mean + z * sd))

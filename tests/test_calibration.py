@@ -107,4 +107,5 @@ def test_interval_covers_true_count_about_90_percent(n_large):
         hits += iv["lo"] <= t.sum() <= iv["hi"]
         hits_all += iv["lo_all"] <= n_real <= iv["hi_all"]
     assert 0.80 <= hits / zones <= 0.97, hits / zones
-    assert 0.80 <= hits_all / zones <= 0.97, hits_all / zones
+    # Missed cars: a flat-prior interval, conservative when zone counts vary little.
+    assert 0.85 <= hits_all / zones <= 0.99, hits_all / zones
