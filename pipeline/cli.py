@@ -317,6 +317,16 @@ def cmd_vectors(args) -> int:
     return status
 
 
+def cmd_batch(args) -> int:
+    from pipeline.batch import build_batch
+
+    cfg = _cfg(args)
+    path = build_batch(args.images, args.out, model_dir=args.model_dir, cfg=cfg,
+                       zones=args.zones, settings=args.settings, force=args.force)
+    log.info("batch catalog: %s", path)
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from pipeline.evaluate import evaluate
 
@@ -441,6 +451,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _batch(p)
     p.set_defaults(func=cmd_vectors)
+
+    p = sub.add_parser("batch", help="batch products: one car layer, mosaics, counts, STAC")
+    p.add_argument("--images", type=Path, required=True, help="folder of the batch's GeoTIFFs")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output root (reads probability/, masks/, cars/; writes batch/)")
+    p.add_argument("--model-dir", type=Path, required=True)
+    p.add_argument("--zones", type=Path, default=None,
+                   help="polygons to count cars in (any vector format and CRS)")
+    p.add_argument("--settings", type=Path, help="settings file this run depends on")
+    _common(p)
+    _batch(p)
+    p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("evaluate", help="pixel and object metrics against ground truth")
     p.add_argument("--out", type=Path, required=True, help="output root of predictions")

@@ -146,7 +146,26 @@ class VectorConfig(_Section):
         12.0, gt=0, description="Blobs larger than one car of this area are split even when "
         "car-shaped (two cars side by side).")
     regularize: bool = Field(False, description="Replace each polygon by its min. rotated rectangle.")
+    min_truncated_area_m2: float = Field(
+        5.0, ge=0, description="A car cut by the scene's valid-data edge (`truncated`) smaller "
+        "than this is dropped: a sliver of a car that lies mostly outside the scene, which "
+        "people counting cars leave out (0 keeps every sliver).")
     format: Literal["gpkg", "geojson", "parquet"] = Field("gpkg", description="Output format.")
+
+
+class BatchConfig(_Section):
+    """Batch products: one car layer, mosaics, counts, STAC catalog (``make batch``)."""
+
+    crs: str | None = Field(
+        None, description="CRS of the batch car layer when scenes differ in CRS (e.g. "
+        "'EPSG:32633'); None = the UTM zone of the batch's centre. Scenes sharing a CRS keep it.")
+    density_cell_m: float = Field(
+        50.0, gt=0, description="Cell side of the density grid (density.tif), metres.")
+    interval: float = Field(
+        0.9, gt=0, lt=1, description="Coverage of the per-zone count interval.")
+    match_iou: float = Field(
+        0.3, gt=0, le=1, description="Two scenes' cars in their overlap are one car when their "
+        "footprints overlap by this IoU, or one lies mostly inside the other (a cut copy).")
 
 
 class EvaluateConfig(_Section):
@@ -188,6 +207,7 @@ class Config(_Section):
     predict: PredictConfig = Field(default_factory=PredictConfig)
     vectors: VectorConfig = Field(default_factory=VectorConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
@@ -219,6 +239,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "predict": ("predict",),
     "vectors": ("vectors",),
     "evaluate": ("evaluate",),
+    "batch": ("batch",),
     "report": ("report",),
 }
 

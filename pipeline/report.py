@@ -377,6 +377,8 @@ def build_report(dst_dir: Path, *, model_dir: Path, out_dir: Path, data_dir: Pat
     parts.append(_section("Evaluation", _evaluation_section, metrics, metadata, out_dir, dst_dir))
     parts.append(_section("Predictions over truth", _crops_section, summary, metrics, metadata,
                           out_dir, data_dir, cfg, dst_dir))
+    if (out_dir / "batch" / "batch.json").exists():
+        parts.append(_section("Batch", _batch_section, out_dir, dst_dir))
     if data_dir is not None:
         parts.append(_section("Training data", _training_data_section, data_dir, dst_dir))
     page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
@@ -472,3 +474,87 @@ def _training_data_section(data_dir: Path, dst_dir: Path) -> str:
     return (f"<p>{html.escape(note)}</p>" + _figure(png, note)) if png else _note(note)
 
 
+
+
+# === Batch products ===
+
+def plot_batch_map(out_dir: Path, dst_dir: Path) -> str | None:
+    """Scene footprints over the density grid (or the zones coloured by cars per hectare)."""
+    import geopandas as gpd
+    import rasterio
+
+    batch = out_dir / "batch"
+    catalog = _read_json(batch / "catalog.json")
+    manifest = _read_json(batch / "batch.json") or {}
+    if catalog is None or not manifest.get("crs"):
+        return None
+    crs = manifest["crs"]
+    footprints, names = [], []
+    for link in catalog.get("links", []):
+        if link.get("rel") != "item":
+            continue
+        item = _read_json((batch / link["href"]).resolve())
+        if item is None:
+            continue
+        footprints.append(item["geometry"])
+        names.append(item["id"])
+    if not footprints:
+        return None
+    import shapely.geometry
+
+    scenes = gpd.GeoDataFrame({"scene": names},
+                              geometry=[shapely.geometry.shape(g) for g in footprints],
+                              crs=4326).to_crs(crs)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    density = batch / "density.tif"
+    zones = batch / "zones.gpkg"
+    if zones.exists():
+        table = read_vector(zones)
+        table.plot(ax=ax, column="cars_per_ha", cmap="BuPu", legend=True, edgecolor="0.3",
+                   legend_kwds={"label": "cars per hectare"})
+    elif density.exists():
+        with rasterio.open(density) as src:
+            grid = src.read(1, masked=True)
+            left, bottom, right, top = src.bounds
+        image = ax.imshow(grid, extent=(left, right, bottom, top), cmap="BuPu",
+                          interpolation="nearest")
+        fig.colorbar(image, ax=ax, label="cars per hectare", shrink=0.6)
+    scenes.boundary.plot(ax=ax, color="#d95f02", linewidth=1.2)
+    for _, row in scenes.iterrows():
+        c = row.geometry.representative_point()
+        ax.annotate(row.scene, (c.x, c.y), color="#d95f02", fontsize=8, ha="center")
+    ax.set_title(f"scene footprints and car density ({crs})")
+    ax.set_aspect("equal")
+    ax.ticklabel_format(useOffset=False, style="plain")
+    ax.tick_params(labelsize=7)
+    return _save(fig, dst_dir, "batch_map")
+
+
+def _batch_section(out_dir: Path, dst_dir: Path) -> str:
+    batch = out_dir / "batch"
+    manifest = _read_json(batch / "batch.json") or {}
+    summary = [{"scenes": len(manifest.get("per_scene", {})), "crs": manifest.get("crs"),
+                "detections": manifest.get("detections"), "cars": manifest.get("cars"),
+                "merged_across_scenes": manifest.get("merged"),
+                "calibrated": manifest.get("calibrated")}]
+    per_scene = [{"scene": k, **v} for k, v in sorted(manifest.get("per_scene", {}).items())]
+    parts = [_table(summary),
+             _figure(plot_batch_map(out_dir, dst_dir), "scene footprints and car density"),
+             "<h3>Cars per scene after the merge</h3>", _table(per_scene),
+             "<h3>Seams: cars seen by two overlapping scenes and merged</h3>",
+             _table(_read_csv(batch / "seams.csv"))]
+    zones = batch / "zones.gpkg"
+    if zones.exists():
+        table = read_vector(zones)
+        columns = [c for c in table.columns if c != table.geometry.name]
+        rows = table[columns].head(200).to_dict("records")
+        level = table["level"].iloc[0] if len(table) and "level" in table else 0.9
+        parts += [f"<h3>Cars per zone ({level:.0%} interval)</h3>",
+                  _note("expected: the number of real cars among the detections, from the "
+                        "calibrated per-car probabilities; lo-hi: the interval that holds it "
+                        "with the stated probability (see the README, Batch products)."),
+                  _table(rows, columns)]
+        if len(table) > 200:
+            parts.append(_note(f"first 200 of {len(table)} zones; all in {zones}"))
+    return "".join(parts)

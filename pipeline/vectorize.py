@@ -9,6 +9,11 @@ at a window boundary. The rare blob cut by the block's edge (larger than the hal
 of merged parked cars) is read again on a window grown around it until it is whole (up to
 ``MAX_BLOB_PX``), so the output never depends on where windows fall.
 
+Each car carries ``edge_dist_m``, its distance from the scene's valid-data edge (nodata or the
+raster's border), and ``truncated`` when it touches that edge; truncated cars smaller than
+``min_truncated_area_m2`` are slivers of cars lying mostly outside the scene and are dropped
+(in a batch, the neighbouring scene sees them whole).
+
 Touching cars are split with a watershed on the distance transform, seeded by the blob's
 separate cores (see ``split_component``), only when a blob is not car-shaped (low solidity);
 a split is kept only when every piece is still car-sized (``min_car_width_m`` wide).
@@ -66,7 +71,8 @@ CAR_ASPECT = 2.4
 RECT_FILL = 0.85
 # A blob is grown past its window only up to this many pixels, so memory stays bounded.
 MAX_BLOB_PX = 4096 * 4096
-COLUMNS = ["scene", "area_m2", "length_m", "width_m", "heading_deg", "mean_prob", "max_prob"]
+COLUMNS = ["scene", "area_m2", "length_m", "width_m", "heading_deg", "mean_prob", "max_prob",
+           "edge_dist_m", "truncated"]
 _EIGHT = np.ones((3, 3), dtype=bool)
 
 
@@ -219,6 +225,61 @@ def _min_rect_width(piece: np.ndarray) -> float:
         return 1.0
     c = np.asarray(rect.exterior.coords)
     return float(min(np.hypot(*(c[1] - c[0])), np.hypot(*(c[2] - c[1])))) + 1.0
+
+
+# === The scene's valid-data edge ===
+
+def valid_footprint(mask_src, prob_src=None, *, window: int = 2048):
+    """The scene's valid data as one (Multi)Polygon in its CRS, read window by window.
+
+    Valid means inside the raster and not nodata (255) in the mask nor the probability
+    raster. Each window's valid pixels are polygonized on whole pixels and the pieces joined,
+    so the footprint is exact and memory stays bounded on any scene size.
+    """
+    parts = []
+    for win in _core_windows(mask_src.width, mask_src.height, window):
+        valid = mask_src.read(1, window=win) != MASK_NODATA
+        if prob_src is not None:
+            valid &= prob_src.read(1, window=win) != PROB_NODATA
+        if not valid.any():
+            continue
+        # Whole scene pixels (exact in floating point), so neighbouring windows' pieces share
+        # their edges exactly and the union leaves no seams; mapped to the CRS once at the end.
+        if valid.all():  # the common case: one rectangle, no polygonizing
+            parts.append(shapely.box(win.col_off, win.row_off, win.col_off + win.width,
+                                     win.row_off + win.height))
+            continue
+        parts += [shapely.geometry.shape(g) for g, _ in rasterio.features.shapes(
+            valid.astype(np.uint8), mask=valid, connectivity=4,
+            transform=Affine.translation(win.col_off, win.row_off))]
+    if not parts:
+        return shapely.Polygon()
+    t = mask_src.transform
+    matrix = np.array([[t.a, t.d], [t.b, t.e]])
+    offset = np.array([t.c, t.f])
+    return shapely.transform(shapely.union_all(parts), lambda xy: xy @ matrix + offset)
+
+
+def edge_distances(geoms, footprint) -> np.ndarray:
+    """Distance (CRS units) from each geometry to the nearest edge of ``footprint``.
+
+    The footprint's boundary is cut into segments held in an R-tree, so this stays fast for
+    thousands of cars against a ragged nodata edge with many vertices.
+    """
+    geoms = np.asarray(geoms, dtype=object)
+    if len(geoms) == 0:
+        return np.zeros(0)
+    if footprint.is_empty:
+        return np.zeros(len(geoms))
+    segments = []
+    for ring in shapely.get_parts(shapely.boundary(footprint)):
+        xy = shapely.get_coordinates(ring)
+        segments.append(shapely.linestrings(np.stack([xy[:-1], xy[1:]], axis=1)))
+    tree = shapely.STRtree(np.concatenate(segments))
+    (idx, _), dist = tree.query_nearest(geoms, return_distance=True, all_matches=False)
+    out = np.zeros(len(geoms))
+    out[idx] = dist
+    return out
 
 
 # === Window by window ===
@@ -412,8 +473,26 @@ def empty_cars(crs):
     import pandas as pd
 
     frame = pd.DataFrame({"scene": pd.Series(dtype="str"),
-                          **{c: pd.Series(dtype="float64") for c in COLUMNS[1:]}})
+                          **{c: pd.Series(dtype="float64") for c in COLUMNS[1:-1]},
+                          "truncated": pd.Series(dtype="bool")})
     return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries([], crs=crs), crs=crs)
+
+
+def write_cars(gdf, target: Path) -> Path:
+    """Write a car layer atomically; a GeoPackage gets QGIS's default style inside it."""
+    from pipeline.styles import add_layer_style, cars_qml
+
+    target = Path(target)
+    if target.suffix == ".parquet":
+        return write_vector(gdf, target)
+    with atomic_path(target) as tmp:
+        # Declared, so an empty layer opens in GIS as a polygon layer, not one of unknown type.
+        gdf.to_file(tmp, driver="GPKG" if target.suffix == ".gpkg" else "GeoJSON",
+                    engine="pyogrio", geometry_type="Polygon",
+                    **({"layer": "cars"} if target.suffix == ".gpkg" else {}))
+        if target.suffix == ".gpkg":
+            add_layer_style(tmp, "cars", cars_qml())
+    return target
 
 
 def vectorize_scene(mask_tif: Path, out_dir: Path, *, cfg: VectorConfig) -> Path:
@@ -450,11 +529,12 @@ def vectorize_scene(mask_tif: Path, out_dir: Path, *, cfg: VectorConfig) -> Path
             log.warning("%s: no probability raster; mean_prob/max_prob will be empty", prob_tif)
         gsd = pixel_size(mask_src.transform)
         crs = mask_src.crs
-        stats = {"too_small": 0, "too_large": 0, "split": 0}
+        stats = {"too_small": 0, "too_large": 0, "split": 0, "slivers": 0}
         found = []
         try:
             for core in _core_windows(mask_src.width, mask_src.height, cfg.window):
                 found += _cars_in_window(mask_src, prob_src, core, cfg=cfg, gsd=gsd, stats=stats)
+            footprint = valid_footprint(mask_src, prob_src, window=cfg.window) if found else None
         finally:
             if prob_src is not None:
                 prob_src.close()
@@ -464,20 +544,20 @@ def vectorize_scene(mask_tif: Path, out_dir: Path, *, cfg: VectorConfig) -> Path
     if records:
         gdf = gpd.GeoDataFrame(records, geometry="geometry", crs=crs)
         gdf.insert(0, "scene", scene)
+        gdf["edge_dist_m"] = edge_distances(gdf.geometry.values, footprint)
+        # A car's pixels share an edge or corner with nodata or the raster's border: the
+        # polygon touches the footprint's boundary (a quarter pixel allows for rounding).
+        gdf["truncated"] = gdf["edge_dist_m"] <= 0.25 * gsd
+        sliver = gdf["truncated"] & (gdf["area_m2"] < cfg.min_truncated_area_m2)
+        stats["slivers"] = int(sliver.sum())
+        gdf = gdf[~sliver].reset_index(drop=True)
         gdf = gdf[[*COLUMNS, "geometry"]]
-    else:
+    if not records or not len(gdf):
         gdf = empty_cars(crs)
-    if len(gdf) or target.suffix == ".parquet":
-        write_vector(gdf, target, layer="cars")
-    else:
-        # An empty layer has no geometry to infer its type from: declare it, so GIS opens a
-        # polygon layer rather than one of unknown type.
-        with atomic_path(target) as tmp:
-            gdf.to_file(tmp, driver="GPKG" if target.suffix == ".gpkg" else "GeoJSON",
-                        engine="pyogrio", geometry_type="Polygon",
-                        **({"layer": "cars"} if target.suffix == ".gpkg" else {}))
-    log.info("%s: %d cars (%d blobs split, %d dropped as too small, %d as too large)",
-             scene, len(gdf), stats["split"], stats["too_small"], stats["too_large"])
+    write_cars(gdf, target)
+    log.info("%s: %d cars (%d blobs split, %d dropped as too small, %d as too large, %d as "
+             "slivers cut by the scene edge)", scene, len(gdf), stats["split"],
+             stats["too_small"], stats["too_large"], stats["slivers"])
     return target
 
 

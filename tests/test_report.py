@@ -168,3 +168,44 @@ def test_scene_path_lookup(tmp_path):
     with rasterio.open(prob, "r+") as dst:
         dst.update_tags(SOURCE=str(elsewhere))
     assert scene_path("s1", out, data) == elsewhere
+
+
+@pytest.mark.parametrize("with_zones", [False, True])
+def test_report_batch_section(tmp_path, with_zones):
+    from test_batch import (
+        FLIGHT,
+        HEIGHT,
+        STEP,
+        WIDTH,
+        burn,
+        flight_cars,
+        write_identity_scene,
+        write_model,
+    )
+
+    from pipeline.batch import build_batch
+    from pipeline.config import Config
+
+    truth = burn(flight_cars(np.random.default_rng(5)), (HEIGHT, WIDTH), FLIGHT)
+    write_identity_scene(tmp_path, "north", truth, 0)
+    write_identity_scene(tmp_path, "south", truth, STEP)
+    write_model(tmp_path / "model")
+    zones = None
+    if with_zones:
+        zones = tmp_path / "zones.gpkg"
+        x0, y0 = FLIGHT.c, FLIGHT.f
+        gpd.GeoDataFrame({"name": ["lot 1", "lot 2"]},
+                         geometry=[box(x0, y0 - 40, x0 + 80, y0),
+                                   box(x0 + 80, y0 - 40, x0 + 190, y0)],
+                         crs=UTM).to_file(zones, layer="zones")
+    out = tmp_path / "out"
+    build_batch(tmp_path / "images", out, model_dir=tmp_path / "model", cfg=Config(), zones=zones)
+    index = build_report(tmp_path / "report", model_dir=tmp_path / "model", out_dir=out,
+                         data_dir=None, cfg=ReportConfig(crops=0))
+    page = index.read_text()
+    assert "<h2>Batch</h2>" in page
+    assert "fig_batch_map.png" in _img_sources(index)
+    assert (tmp_path / "report" / "fig_batch_map.png").stat().st_size > 5000
+    assert "<td>north</td><td>south</td>" in page  # the seam row
+    assert ("lot 2" in page) == with_zones
+    assert "could not draw" not in page

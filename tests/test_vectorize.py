@@ -257,3 +257,81 @@ def test_cars_in_full_contact_split_and_vans_kept(tmp_path, heading):
         for truth in cars:
             best = max(gdf.geometry, key=lambda g: g.intersection(truth).area)
             assert best.intersection(truth).area / best.union(truth).area > 0.75, name
+
+
+def test_truncated_cars_marked_and_slivers_dropped(tmp_path):
+    """Issue 13: cars cut by the valid-data edge are marked; slivers of them are dropped."""
+    shape = (120, 160)
+    whole = car(40, 60)  # 30 px long, 12.7 px wide: its left side is 5.05 m from the border
+    big_cut = car(100, 5)  # a car sticking 2.25 - 0.75 = 1.5 m out of the top: mostly inside
+    bottom_sliver = car(70, 125)  # only 1.5 m of its 4.5 m inside the bottom edge
+    nodata_sliver = car(142, 70, heading_deg=90)  # mostly over the nodata band on the right
+    mask = burn(shape, [whole, big_cut, bottom_sliver, nodata_sliver])
+    prob = np.where(mask == 1, 240, 2).astype(np.uint8)
+    mask[:, 140:] = 255
+    prob[:, 140:] = 255
+    write_pred(tmp_path, "s", mask, prob)
+
+    gdf = run(tmp_path, "s", min_area_m2=0.5)
+    assert len(gdf) == 2
+    by_x = gdf.sort_values("area_m2", ascending=False).reset_index(drop=True)
+    kept_whole = gdf[gdf.geometry.intersects(whole)].iloc[0]
+    assert not kept_whole.truncated
+    assert kept_whole.edge_dist_m == pytest.approx(5.05, abs=0.2)
+    kept_cut = gdf[gdf.geometry.intersects(big_cut)].iloc[0]
+    assert kept_cut.truncated and kept_cut.edge_dist_m == 0.0
+    assert kept_cut.area_m2 >= 5.0
+    assert set(by_x.truncated) == {True, False}
+
+    every = run(tmp_path, "s", min_area_m2=0.5, min_truncated_area_m2=0.0)
+    assert len(every) == 4
+    slivers = every[every.geometry.intersects(bottom_sliver) | every.geometry.intersects(
+        nodata_sliver)]
+    assert len(slivers) == 2 and slivers.truncated.all()
+    assert (slivers.area_m2 < 5.0).all()
+    # The sliver at the nodata band touches valid data's edge inside the raster.
+    assert slivers.geometry.bounds.maxx.max() == pytest.approx(ORIGIN[0] + 140 * GSD)
+
+
+def test_edge_distance_against_ragged_nodata(tmp_path):
+    """The footprint follows a stair-step nodata edge; distances are measured to it exactly."""
+    shape = (200, 200)
+    mask = burn(shape, [car(100, 100)])
+    rows, cols = np.indices(shape)
+    mask[cols + rows < 80] = 255  # a diagonal nodata corner, top-left
+    write_pred(tmp_path, "s", mask)
+    gdf = run(tmp_path, "s", window=64, halo=16)
+    assert len(gdf) == 1
+    geom = gdf.geometry.iloc[0]
+    # Independent answer: the nearest nodata pixel (as a square) or the raster border.
+    r, c = np.nonzero(mask == 255)
+    nodata = shapely.union_all([box(ORIGIN[0] + cc * GSD, ORIGIN[1] - (rr + 1) * GSD,
+                                    ORIGIN[0] + (cc + 1) * GSD, ORIGIN[1] - rr * GSD)
+                                for rr, cc in zip(r, c, strict=True)])
+    border = min(geom.bounds[0] - ORIGIN[0], ORIGIN[1] - geom.bounds[3],
+                 ORIGIN[0] + 200 * GSD - geom.bounds[2], geom.bounds[1] - (ORIGIN[1] - 200 * GSD))
+    expected = min(border, geom.distance(nodata))
+    assert expected < border  # the stair-step edge is the nearest one here
+    assert gdf.edge_dist_m.iloc[0] == pytest.approx(expected, abs=1e-6)
+    assert not gdf.truncated.iloc[0]
+
+
+def test_car_geopackage_carries_qgis_default_style(tmp_path):
+    import sqlite3
+    import xml.etree.ElementTree as ET
+
+    write_pred(tmp_path, "s", burn((100, 100), [car(50, 50)]))
+    path = vectorize_scene(tmp_path / "masks" / "s.tif", tmp_path, cfg=VectorConfig())
+    assert len(read_vector(path)) == 1  # the style table does not hide the car layer
+    assert pyogrio.list_layers(path)[0][0] == "cars"
+    with sqlite3.connect(path) as con:
+        rows = con.execute("SELECT f_table_name, f_geometry_column, useAsDefault, styleQML "
+                           "FROM layer_styles").fetchall()
+        registered = con.execute("SELECT data_type FROM gpkg_contents WHERE table_name = "
+                                 "'layer_styles'").fetchone()
+    assert registered == ("attributes",)
+    [(table, geom_col, default, qml)] = rows
+    assert (table, geom_col, default) == ("cars", "geom", 1)
+    renderer = ET.fromstring(qml.split("\n", 1)[1]).find("renderer-v2")
+    assert renderer.get("attr") == "mean_prob"
+    assert len(renderer.find("ranges")) == 4

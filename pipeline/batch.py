@@ -1,0 +1,771 @@
+"""Batch products: the whole ``IMAGES`` batch as one set of GIS layers (``make batch``).
+
+Reads what predict and vectors wrote for each scene (``OUT/probability``, ``OUT/masks``,
+``OUT/cars``) and writes ``OUT/batch/``:
+
+- ``cars.gpkg`` + ``cars.parquet``: every car once, in one CRS, with a stable ``car_id``
+  (``<scene>:<row in the scene's car layer>``, unchanged when other scenes come and go);
+- ``seams.csv``: per pair of overlapping scenes, how many cars were seen twice and merged;
+- ``probability.vrt`` / ``masks.vrt``: mosaics of the per-scene COGs (one pair per CRS);
+- ``zones.gpkg`` (with ``zones``) or ``density.tif`` (cars per hectare, COG);
+- ``catalog.json``: a STAC Collection, one Item per scene, with provenance;
+- ``.qml`` styles beside every raster and a default style inside every GeoPackage;
+- ``batch.json`` (written last): what the run read and wrote, so a rerun with nothing changed
+  writes nothing.
+
+Merging overlapping scenes: two cars of different scenes are one car when their footprints
+overlap by ``batch.match_iou`` or one lies mostly (half its area) inside the other, the
+signature of a copy cut by one scene's valid-data edge. Cars are taken greedily from the one
+farthest from its own scene's valid-data edge (``edge_dist_m``), each dropping the copies it
+matches that are not already taken, so a car cut by one scene's edge but whole in its
+neighbour is taken whole, and a blob one scene merged while the other split it is never
+counted both ways.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import numpy as np
+import rasterio
+import shapely
+from affine import Affine
+from rasterio.crs import CRS
+
+from pipeline.calibration import apply_calibration, count_interval
+from pipeline.config import Config, DistributedConfig
+from pipeline.distributed import is_fresh
+from pipeline.io import (
+    InputError,
+    atomic_path,
+    find_cars_file,
+    list_scenes,
+    read_json,
+    read_vector,
+    write_json,
+    write_vector,
+)
+from pipeline.model import METADATA_FILE, MODEL_FILE, read_metadata
+from pipeline.styles import (
+    add_layer_style,
+    density_qml,
+    mask_qml,
+    probability_qml,
+    write_qml,
+    zones_qml,
+)
+from pipeline.vectorize import edge_distances, valid_footprint, write_cars
+
+log = logging.getLogger(__name__)
+
+BATCH_DIR = "batch"
+MANIFEST = "batch.json"
+CATALOG = "catalog.json"
+NODATA = 255
+DENSITY_NODATA = -9999.0
+# A car lying at least half inside another scene's copy is that copy, cut by an edge.
+CONTAINED = 0.5
+# Density cells with less valid imagery than this share give no density (nodata).
+MIN_COVERAGE = 0.05
+CAR_COLUMNS = ["car_id", "scene", "area_m2", "length_m", "width_m", "heading_deg", "mean_prob",
+               "max_prob", "prob", "edge_dist_m", "truncated", "copies", "seen_in"]
+VERSION_PACKAGES = ["carseg", "numpy", "scipy", "rasterio", "rio-cogeo", "geopandas", "shapely",
+                    "pyproj", "pyogrio", "pyarrow", "pystac", "dask", "keras", "tensorflow"]
+
+
+@dataclass
+class SceneInfo:
+    """One scene of the batch: its files, grid and valid-data footprint (scene CRS)."""
+
+    scene: str
+    image: Path | None
+    prob: Path
+    mask: Path
+    cars: Path
+    crs: CRS
+    transform: Affine
+    width: int
+    height: int
+    footprint: object
+
+
+# === Reading the scenes ===
+
+def _scene_info(scene: str, image: Path | None, out_dir: Path, window: int) -> SceneInfo:
+    prob = out_dir / "probability" / f"{scene}.tif"
+    mask = out_dir / "masks" / f"{scene}.tif"
+    cars = find_cars_file(out_dir, scene)
+    with rasterio.open(mask) as mask_src, rasterio.open(prob) as prob_src:
+        if mask_src.crs is None:
+            raise InputError(f"{mask}: mask has no CRS")
+        # One pass over the mask (window by window): the exact valid-data edge.
+        footprint = valid_footprint(mask_src, prob_src, window=window)
+        return SceneInfo(scene, image, prob, mask, cars, mask_src.crs, mask_src.transform,
+                         mask_src.width, mask_src.height, footprint)
+
+
+def _map(func: Callable, items: Sequence, cfg: DistributedConfig) -> list:
+    """``[func(*item) for item in items]`` on Dask: threads here, or the given scheduler.
+
+    Reading a scene is I/O and GDAL work that releases the GIL, so Dask's threaded scheduler
+    runs scenes side by side without starting worker processes (seconds per batch on a small
+    machine); with ``distributed.scheduler`` set the same tasks go to that cluster.
+    """
+    import dask
+
+    tasks = [dask.delayed(func)(*item) for item in items]
+    if cfg.scheduler:
+        from dask.distributed import Client
+
+        with Client(cfg.scheduler, timeout="20s") as client:
+            return list(client.gather(client.compute(tasks)))
+    return list(dask.compute(*tasks, scheduler="threads",
+                             num_workers=cfg.workers or os.cpu_count() or 1))
+
+
+def _batch_crs(infos: list[SceneInfo], setting: str | None) -> CRS:
+    """The scenes' CRS when they share one, else ``setting``, else the UTM zone of the centre."""
+    crss = {info.crs.to_wkt() for info in infos}
+    if len(crss) == 1:
+        return infos[0].crs
+    if setting:
+        try:
+            crs = CRS.from_user_input(setting)
+        except Exception:  # rasterio raises CRSError; the user needs the setting named
+            raise InputError(f"batch.crs: {setting!r} is not a CRS") from None
+    else:
+        import geopandas as gpd
+
+        from pipeline.geo import utm_crs_for
+
+        centres = [gpd.GeoSeries([info.footprint.centroid], crs=info.crs).to_crs(4326).iloc[0]
+                   for info in infos if not info.footprint.is_empty]
+        lon = float(np.mean([p.x for p in centres]))
+        lat = float(np.mean([p.y for p in centres]))
+        crs = utm_crs_for(lon, lat)
+    if not crs.is_projected:
+        raise InputError(f"batch.crs: {crs.to_string()} is not a projected CRS in metres")
+    return crs
+
+
+def _to_crs(geom, src: CRS, dst: CRS):
+    import geopandas as gpd
+
+    if src == dst:
+        return geom
+    return gpd.GeoSeries([geom], crs=src).to_crs(dst).iloc[0]
+
+
+def _read_cars(info: SceneInfo, crs: CRS):
+    """A scene's car layer in the batch CRS with ``car_id`` and edge attributes."""
+    gdf = read_vector(info.cars)
+    if len(gdf) and gdf.crs is not None and gdf.crs != info.crs:
+        gdf = gdf.to_crs(info.crs)
+    gdf = gdf.reset_index(drop=True)
+    gdf["scene"] = info.scene
+    gdf["car_id"] = [f"{info.scene}:{i}" for i in range(len(gdf))]
+    if "edge_dist_m" not in gdf.columns:
+        # A car layer from before edge attributes: measure them here, in the scene's CRS.
+        gdf["edge_dist_m"] = edge_distances(gdf.geometry.values, info.footprint)
+        gdf["truncated"] = gdf["edge_dist_m"] <= 0.25 * abs(info.transform.a)
+    for col in ("mean_prob", "max_prob", "area_m2", "length_m", "width_m", "heading_deg"):
+        if col not in gdf.columns:
+            gdf[col] = np.nan
+    gdf = gdf.set_crs(info.crs, allow_override=True) if gdf.crs is None else gdf
+    return gdf.to_crs(crs) if len(gdf) else gdf.set_crs(crs, allow_override=True)
+
+
+# === Merging overlapping scenes ===
+
+def merge_cars(cars, *, match_iou: float):
+    """Keep each car once: returns (kept cars, ``dropped_by`` array of kept indexes or -1).
+
+    ``cars`` holds every scene's cars in one CRS with ``scene`` and ``edge_dist_m``.
+    """
+    n = len(cars)
+    dropped_by = np.full(n, -1)
+    if n == 0:
+        return cars.assign(copies=[], seen_in=[]), dropped_by
+    geoms = cars.geometry.values
+    scenes = cars["scene"].to_numpy()
+    left, right = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+    pair = (left < right) & (scenes[left] != scenes[right])
+    left, right = left[pair], right[pair]
+    inter = shapely.area(shapely.intersection(geoms[left], geoms[right]))
+    area_l, area_r = shapely.area(geoms[left]), shapely.area(geoms[right])
+    iou = inter / np.maximum(area_l + area_r - inter, 1e-12)
+    contained = inter / np.maximum(np.minimum(area_l, area_r), 1e-12)
+    same = (iou >= match_iou) | (contained >= CONTAINED)
+    neighbours: list[list[int]] = [[] for _ in range(n)]
+    for a, b in zip(left[same], right[same], strict=True):
+        neighbours[a].append(int(b))
+        neighbours[b].append(int(a))
+    # Farthest from its own scene's edge first; ties by scene then row, so reruns agree.
+    edge = cars["edge_dist_m"].fillna(0.0).to_numpy()
+    order = sorted(range(n), key=lambda i: (-edge[i], scenes[i], i))
+    kept = np.zeros(n, bool)
+    for i in order:
+        if dropped_by[i] >= 0:
+            continue
+        kept[i] = True
+        for j in neighbours[i]:
+            if not kept[j] and dropped_by[j] < 0:
+                dropped_by[j] = i
+    copies = np.ones(n, int)
+    seen = {i: [scenes[i]] for i in range(n) if kept[i]}
+    for j in np.flatnonzero(dropped_by >= 0):
+        copies[dropped_by[j]] += 1
+        seen[dropped_by[j]].append(scenes[j])
+    out = cars.assign(copies=copies,
+                      seen_in=[",".join(sorted(set(seen.get(i, [scenes[i]])))) for i in range(n)])
+    return out[kept].reset_index(drop=True), dropped_by
+
+
+def seam_table(cars, dropped_by: np.ndarray, footprints: dict, crs: CRS) -> list[dict]:
+    """Per pair of overlapping scenes: overlap area, cars seen in it, cars merged."""
+    scenes = sorted(footprints)
+    names = cars["scene"].to_numpy()
+    points = shapely.point_on_surface(cars.geometry.values) if len(cars) else np.array([])
+    rows = []
+    for i, a in enumerate(scenes):
+        for b in scenes[i + 1:]:
+            overlap = shapely.intersection(footprints[a], footprints[b])
+            if overlap.is_empty or overlap.area <= 0:
+                continue
+            shapely.prepare(overlap)
+            inside = shapely.contains(overlap, points) if len(cars) else np.zeros(0, bool)
+            in_a, in_b = inside & (names == a), inside & (names == b)
+            merged = sum(1 for j in np.flatnonzero(dropped_by >= 0)
+                         if {names[j], names[dropped_by[j]]} == {a, b})
+            rows.append({"scene_a": a, "scene_b": b, "overlap_ha": round(overlap.area / 1e4, 4),
+                         "cars_a": int(in_a.sum()), "cars_b": int(in_b.sum()),
+                         "merged": merged,
+                         "kept_from_a": int((in_a & (dropped_by < 0)).sum()),
+                         "kept_from_b": int((in_b & (dropped_by < 0)).sum())})
+    return rows
+
+
+# === Mosaics ===
+
+def _crs_tag(crs: CRS) -> str:
+    epsg = crs.to_epsg()
+    if epsg:
+        return f"EPSG_{epsg}"
+    return "CRS_" + hashlib.sha256(crs.to_wkt().encode()).hexdigest()[:8]
+
+
+def vrt_xml(sources: list[SceneInfo], paths: list[Path], target: Path, crs: CRS) -> str:
+    """A GDAL VRT mosaic of single-band uint8 rasters (255 nodata) that share ``crs``.
+
+    Each source is a ComplexSource with NODATA 255, so a scene's nodata collar never hides its
+    neighbour's data where they overlap; elsewhere the later scene (in name order) is on top.
+    The mosaic's pixel size is the finest of the sources'.
+    """
+    res_x = min(abs(s.transform.a) for s in sources)
+    res_y = min(abs(s.transform.e) for s in sources)
+    bounds = [rasterio.transform.array_bounds(s.height, s.width, s.transform) for s in sources]
+    west, south = min(b[0] for b in bounds), min(b[1] for b in bounds)
+    east, north = max(b[2] for b in bounds), max(b[3] for b in bounds)
+    width = max(1, math.ceil((east - west) / res_x - 1e-6))
+    height = max(1, math.ceil((north - south) / res_y - 1e-6))
+    parts = [f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">',
+             f'  <SRS dataAxisToSRSAxisMapping="1,2">{escape(crs.to_wkt())}</SRS>',
+             f"  <GeoTransform>{west!r}, {res_x!r}, 0.0, {north!r}, 0.0, {-res_y!r}"
+             "</GeoTransform>",
+             '  <VRTRasterBand dataType="Byte" band="1">',
+             f"    <NoDataValue>{NODATA}</NoDataValue>",
+             "    <ColorInterp>Gray</ColorInterp>"]
+    for info, path in zip(sources, paths, strict=True):
+        t = info.transform
+        rel = os.path.relpath(path, target.parent)
+        with rasterio.open(path) as src:
+            block_y, block_x = src.block_shapes[0]
+        x_off = (t.c - west) / res_x
+        y_off = (north - t.f) / res_y
+        x_size = info.width * abs(t.a) / res_x
+        y_size = info.height * abs(t.e) / res_y
+        parts += ["    <ComplexSource>",
+                  f'      <SourceFilename relativeToVRT="1">{escape(rel)}</SourceFilename>',
+                  "      <SourceBand>1</SourceBand>",
+                  f'      <SourceProperties RasterXSize="{info.width}" '
+                  f'RasterYSize="{info.height}" DataType="Byte" BlockXSize="{block_x}" '
+                  f'BlockYSize="{block_y}"/>',
+                  f'      <SrcRect xOff="0" yOff="0" xSize="{info.width}" '
+                  f'ySize="{info.height}"/>',
+                  f'      <DstRect xOff="{x_off!r}" yOff="{y_off!r}" xSize="{x_size!r}" '
+                  f'ySize="{y_size!r}"/>',
+                  f"      <NODATA>{NODATA}</NODATA>",
+                  "    </ComplexSource>"]
+    parts += ["  </VRTRasterBand>", "</VRTDataset>"]
+    return "\n".join(parts) + "\n"
+
+
+def write_mosaics(infos: list[SceneInfo], batch_dir: Path, main_crs: CRS) -> list[Path]:
+    """``probability.vrt`` and ``masks.vrt`` per CRS (``*_EPSG_xxxx.vrt`` for the others)."""
+    groups: dict[str, list[SceneInfo]] = {}
+    for info in infos:
+        t = info.transform
+        if t.b or t.d:
+            log.warning("%s: rotated grid; left out of the mosaics (VRT sources are north-up)",
+                        info.mask)
+            continue
+        groups.setdefault(info.crs.to_wkt(), []).append(info)
+    main_wkt = main_crs.to_wkt()
+    if main_wkt not in groups and groups:
+        main_wkt = max(groups, key=lambda k: len(groups[k]))
+    written = []
+    for wkt, members in groups.items():
+        crs = members[0].crs
+        suffix = "" if wkt == main_wkt else f"_{_crs_tag(crs)}"
+        for kind, attr, qml in (("probability", "prob", probability_qml()),
+                                ("masks", "mask", mask_qml())):
+            target = batch_dir / f"{kind}{suffix}.vrt"
+            xml = vrt_xml(members, [getattr(m, attr) for m in members], target, crs)
+            with atomic_path(target) as tmp:
+                tmp.write_text(xml, encoding="utf-8")
+            write_qml(target, qml)
+            written.append(target)
+    for old in batch_dir.glob("*.vrt"):  # a CRS that left the batch
+        if old not in written:
+            old.unlink()
+            old.with_suffix(".qml").unlink(missing_ok=True)
+    return written
+
+
+# === Counts ===
+
+def zone_counts(zones_path: Path, cars, footprint, crs: CRS, *, calibration: dict | None,
+                level: float):
+    """Per zone: cars, area, valid area covered, cars per ha, expected count and interval."""
+    zones = read_vector(zones_path)
+    if not len(zones):
+        raise InputError(f"{zones_path}: no zones in the file")
+    polygonal = zones.geometry.geom_type.isin(["Polygon", "MultiPolygon"])
+    if not polygonal.any():
+        raise InputError(f"{zones_path}: zones must be polygons, found "
+                         f"{', '.join(sorted(set(zones.geometry.geom_type.dropna())))}")
+    if (~polygonal).any():
+        log.warning("%s: %d non-polygon features ignored", zones_path, int((~polygonal).sum()))
+    zones = zones[polygonal].to_crs(crs).reset_index(drop=True)
+    geoms = zones.geometry.values
+    points = shapely.point_on_surface(cars.geometry.values) if len(cars) else np.array([])
+    zone_idx, car_idx = (shapely.STRtree(points).query(geoms, predicate="contains")
+                         if len(cars) else (np.array([], int), np.array([], int)))
+    probs = cars["prob"].to_numpy() if len(cars) else np.array([])
+    rows = []
+    for z in range(len(zones)):
+        mine = car_idx[zone_idx == z]
+        # A car is counted in every zone holding its representative point (zones may overlap).
+        covered_ha = shapely.intersection(geoms[z], footprint).area / 1e4
+        iv = count_interval(probs[mine], level=level, calibration=calibration)
+        row = {"cars": len(mine), "area_ha": geoms[z].area / 1e4, "covered_ha": covered_ha,
+               "cars_per_ha": len(mine) / covered_ha if covered_ha > 0 else np.nan,
+               "expected": iv["expected"], "lo": iv["lo"], "hi": iv["hi"], "level": level}
+        if "expected_all" in iv:
+            row.update({"expected_all": iv["expected_all"], "lo_all": iv["lo_all"],
+                        "hi_all": iv["hi_all"]})
+        rows.append(row)
+    import pandas as pd
+
+    stats = pd.DataFrame(rows, index=zones.index)
+    keep = [c for c in zones.columns if c != zones.geometry.name and c not in stats.columns]
+    return zones[keep].join(stats).set_geometry(zones.geometry)
+
+
+def write_zones(zones, target: Path) -> Path:
+    """``zones.gpkg`` with its default QGIS style (fill graduated by cars per hectare)."""
+    density = zones["cars_per_ha"].replace([np.inf], np.nan).dropna()
+    with atomic_path(target) as tmp:
+        zones.to_file(tmp, driver="GPKG", layer="zones", engine="pyogrio",
+                      promote_to_multi=True)
+        add_layer_style(tmp, "zones", zones_qml(float(density.max()) if len(density) else 1.0))
+    return target
+
+
+def density_grid(cars, footprint, crs: CRS, cell: float):
+    """Cars per hectare of valid imagery on a grid of ``cell`` metres; (array, transform)."""
+    from rasterio import features
+
+    west, south, east, north = footprint.bounds
+    west, south = math.floor(west / cell) * cell, math.floor(south / cell) * cell
+    east, north = math.ceil(east / cell) * cell, math.ceil(north / cell) * cell
+    width, height = max(1, round((east - west) / cell)), max(1, round((north - south) / cell))
+    transform = Affine(cell, 0, west, 0, -cell, north)
+    counts = np.zeros((height, width), np.float64)
+    if len(cars):
+        pts = shapely.get_coordinates(shapely.point_on_surface(cars.geometry.values))
+        cols = np.clip(((pts[:, 0] - west) // cell).astype(int), 0, width - 1)
+        rows = np.clip(((north - pts[:, 1]) // cell).astype(int), 0, height - 1)
+        np.add.at(counts, (rows, cols), 1)
+    # The share of each cell covered by valid imagery, from a finer raster of the footprint:
+    # a cell half outside the batch has half the area to hold cars.
+    k = int(max(1, min(10, math.sqrt(16e6 / (width * height)))))
+    fine = features.rasterize([(footprint, 1)], out_shape=(height * k, width * k),
+                              transform=Affine(cell / k, 0, west, 0, -cell / k, north),
+                              fill=0, dtype="uint8")
+    coverage = fine.reshape(height, k, width, k).mean(axis=(1, 3))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        density = counts / (coverage * cell * cell / 1e4)
+    density = np.where(coverage >= MIN_COVERAGE, density, DENSITY_NODATA).astype(np.float32)
+    return density, transform
+
+
+def write_density(density: np.ndarray, transform: Affine, crs: CRS, target: Path) -> Path:
+    """Write the density grid as a COG (rio-cogeo, like predict) with its .qml."""
+    from rio_cogeo.cogeo import cog_translate
+    from rio_cogeo.profiles import cog_profiles
+
+    profile = dict(driver="GTiff", width=density.shape[1], height=density.shape[0], count=1,
+                   dtype="float32", crs=crs, transform=transform, nodata=DENSITY_NODATA)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp_dir:
+        plain = Path(tmp_dir) / "density.tif"
+        with rasterio.open(plain, "w", **profile) as dst:
+            dst.write(density, 1)
+            dst.update_tags(1, units="cars per hectare")
+        with atomic_path(target) as tmp:
+            cog_translate(plain, tmp, cog_profiles.get("deflate"), overview_resampling="average",
+                          in_memory=True, quiet=True)
+    valid = density[density != DENSITY_NODATA]
+    write_qml(target, density_qml(float(np.percentile(valid, 99)) if valid.size else 1.0))
+    return target
+
+
+# === STAC catalog and provenance ===
+
+def sha256_file(path: Path, cache: dict | None = None) -> str:
+    """sha256 of a file; reused from ``cache`` (last run's manifest) when size and mtime agree."""
+    path = Path(path)
+    stat = path.stat()
+    key = str(path.resolve())
+    if cache and key in cache and cache[key][:2] == [stat.st_size, stat.st_mtime_ns]:
+        return cache[key][2]
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    if cache is not None:
+        cache[key] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
+    return digest.hexdigest()
+
+
+def package_versions() -> dict:
+    """Installed versions of the packages that made the outputs (no heavy imports)."""
+    from importlib import metadata
+
+    out = {}
+    for name in VERSION_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def provenance(out_dir: Path, model_dir: Path, metadata: dict, cfg: Config,
+               cache: dict) -> dict:
+    """Model sha256 and training data fingerprint, every stage's settings, package versions."""
+    settings = {}
+    for path in sorted((out_dir / "settings").glob("*.json")):
+        try:
+            settings[path.stem] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            log.warning("%s: unreadable settings file; left out of the provenance", path)
+    model_settings = model_dir / "settings.json"
+    if model_settings.exists():
+        settings["train"] = json.loads(model_settings.read_text())
+    elif "train_config" in metadata:
+        settings["train"] = metadata["train_config"]
+    settings["batch"] = cfg.batch.model_dump(mode="json")
+    return {
+        "model": {"path": str(model_dir), "sha256": sha256_file(model_dir / MODEL_FILE, cache),
+                  "metadata_sha256": sha256_file(model_dir / METADATA_FILE, cache),
+                  "data_fingerprint": metadata.get("data_fingerprint"),
+                  "threshold": metadata.get("threshold"), "gsd": metadata.get("gsd"),
+                  "bands": metadata.get("bands"), "val_metrics": metadata.get("val_metrics"),
+                  "calibration": metadata.get("calibration"),
+                  "versions": metadata.get("versions")},
+        "settings": settings,
+        "versions": package_versions(),
+    }
+
+
+def _scene_datetime(info: SceneInfo) -> tuple[datetime, str]:
+    """The image's TIFFTAG_DATETIME when it has one, else the image (or mask) file time."""
+    path = info.image if info.image is not None and info.image.exists() else info.mask
+    try:
+        with rasterio.open(path) as src:
+            tag = src.tags().get("TIFFTAG_DATETIME")
+        if tag:
+            return datetime.strptime(tag.strip(), "%Y:%m:%d %H:%M:%S").replace(
+                tzinfo=timezone.utc), "TIFFTAG_DATETIME"
+    except (rasterio.errors.RasterioIOError, ValueError):
+        pass
+    return datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc), "file_mtime"
+
+
+def _asset(path: Path, media_type: str, roles: list[str], title: str, cache: dict):
+    import pystac
+    from pystac.extensions.file import FileExtension
+
+    asset = pystac.Asset(href=str(path.resolve()), media_type=media_type, roles=roles,
+                         title=title)
+    # file:checksum is a multihash: 0x12 (sha2-256), 0x20 (32 bytes), then the digest.
+    FileExtension.ext(asset, add_if_missing=False).apply(
+        checksum="1220" + sha256_file(path, cache), size=path.stat().st_size)
+    return asset
+
+
+def write_catalog(infos: list[SceneInfo], batch_dir: Path, *, crs: CRS, kept, per_scene: dict,
+                  products: list[Path], prov: dict, cache: dict) -> Path:
+    """A STAC Collection (``catalog.json``): one Item per scene plus the batch products."""
+    import pystac
+    from pystac.extensions.file import FileExtension
+    from pystac.extensions.projection import ProjectionExtension
+
+    cog = pystac.MediaType.COG
+    items, boxes, times = [], [], []
+    for info in infos:
+        fp = info.footprint.simplify(abs(info.transform.a)) if not info.footprint.is_empty \
+            else shapely.box(*rasterio.transform.array_bounds(info.height, info.width,
+                                                              info.transform))
+        fp84 = _to_crs(fp, info.crs, CRS.from_epsg(4326))
+        when, source = _scene_datetime(info)
+        times.append(when)
+        boxes.append(list(fp84.bounds))
+        item = pystac.Item(
+            id=info.scene, geometry=shapely.geometry.mapping(fp84), bbox=list(fp84.bounds),
+            datetime=when,
+            properties={"carseg:datetime_source": source,
+                        "carseg:cars_detected": per_scene[info.scene]["detected"],
+                        "carseg:cars_kept": per_scene[info.scene]["kept"],
+                        "carseg:model_sha256": prov["model"]["sha256"]})
+        proj = ProjectionExtension.ext(item, add_if_missing=True)
+        epsg = info.crs.to_epsg()
+        proj.apply(epsg=epsg, wkt2=None if epsg else info.crs.to_wkt(),
+                   shape=[info.height, info.width], transform=list(info.transform)[:6],
+                   bbox=list(rasterio.transform.array_bounds(info.height, info.width,
+                                                              info.transform)))
+        FileExtension.add_to(item)
+        if info.image is not None and info.image.exists():
+            item.add_asset("image", _asset(info.image, pystac.MediaType.GEOTIFF, ["data"],
+                                           "source image", cache))
+        item.add_asset("probability", _asset(info.prob, cog, ["data"],
+                                             "car probability (0..254 = 0..1, 255 nodata)", cache))
+        item.add_asset("mask", _asset(info.mask, cog, ["data"],
+                                      "car mask (1 car, 0 background, 255 nodata)", cache))
+        item.add_asset("cars", _asset(info.cars, _vector_media(info.cars), ["data"],
+                                      "car polygons of this scene", cache))
+        items.append(item)
+    bbox = [min(b[0] for b in boxes), min(b[1] for b in boxes),
+            max(b[2] for b in boxes), max(b[3] for b in boxes)]
+    collection = pystac.Collection(
+        id="carseg-batch", title="Cars found by carseg",
+        description="Cars segmented from the batch's GeoTIFFs: per-scene probability and mask "
+                    "COGs, car polygons, and the merged batch products.",
+        extent=pystac.Extent(pystac.SpatialExtent([bbox]),
+                             pystac.TemporalExtent([[min(times), max(times)]])),
+        license="other",
+        extra_fields={"carseg:provenance": prov, "carseg:crs": crs.to_string(),
+                      "carseg:cars": int(len(kept))})
+    FileExtension.add_to(collection)
+    for path in products:
+        collection.add_asset(path.stem.replace(".", "_") + path.suffix.replace(".", "_"),
+                             _asset(path, _product_media(path), ["data"], path.name, cache))
+    target = batch_dir / CATALOG
+    collection.set_self_href(str(target.resolve()))
+    for item in items:
+        collection.add_item(item)
+        item.set_self_href(str((batch_dir / "items" / f"{item.id}.json").resolve()))
+    collection.catalog_type = pystac.CatalogType.SELF_CONTAINED
+    collection.make_all_asset_hrefs_relative()
+    # Items first, the collection last: a reader never finds links to missing items.
+    items_dir = batch_dir / "items"
+    wanted = set()
+    for item in items:
+        path = items_dir / f"{item.id}.json"
+        wanted.add(path.name)
+        write_json(path, item.to_dict(include_self_link=False, transform_hrefs=True))
+    for old in items_dir.glob("*.json"):
+        if old.name not in wanted:
+            old.unlink()  # a scene that left the batch
+    write_json(target, collection.to_dict(include_self_link=False, transform_hrefs=True))
+    return target
+
+
+def _vector_media(path: Path) -> str:
+    return {".gpkg": "application/geopackage+sqlite3", ".geojson": "application/geo+json",
+            ".parquet": "application/vnd.apache.parquet"}.get(path.suffix,
+                                                              "application/octet-stream")
+
+
+def _product_media(path: Path) -> str:
+    return {".vrt": "application/xml", ".csv": "text/csv",
+            ".tif": "image/tiff; application=geotiff; profile=cloud-optimized"}.get(
+        path.suffix, _vector_media(path))
+
+
+# === The stage ===
+
+def _signature(scenes: list[str], zones: Path | None, cfg: Config) -> dict:
+    return {"scenes": scenes, "zones": str(Path(zones).resolve()) if zones else None,
+            "settings": cfg.batch.model_dump(mode="json")}
+
+
+def _complete_scenes(images: Path, out_dir: Path) -> list[tuple[str, Path]]:
+    scenes = list_scenes(images)
+    if not scenes:
+        raise InputError(f"{images}: no GeoTIFF scenes (*.tif) in the batch")
+    stems = [p.stem for p in scenes]
+    dupes = sorted({s for s in stems if stems.count(s) > 1})
+    if dupes:
+        raise InputError(f"{images}: two scenes share the name {dupes[0]!r}")
+    done = []
+    for image in scenes:
+        scene = image.stem
+        missing = [p for p in (out_dir / "probability" / f"{scene}.tif",
+                               out_dir / "masks" / f"{scene}.tif") if not p.exists()]
+        if missing or find_cars_file(out_dir, scene) is None:
+            log.warning("%s: no %s; left out of the batch (run `make vectors`)", scene,
+                        "prediction" if missing else "car layer")
+            continue
+        done.append((scene, image))
+    if not done:
+        raise InputError(f"{out_dir}: no scene of {images} has been predicted and vectorized; "
+                         "run `make vectors` first")
+    return done
+
+
+def build_batch(images: Path, out_dir: Path, *, model_dir: Path, cfg: Config,
+                zones: Path | None = None, settings: Path | None = None,
+                force: bool = False) -> Path:
+    """Write the batch products into ``out_dir/batch``; returns ``catalog.json``.
+
+    Nothing is written when every output is newer than every input (per-scene COGs and car
+    layers, the model, settings, zones) and the batch's scenes, zones and settings are those
+    of the last run.
+
+    Raises:
+        InputError: no scene is ready, the model is missing, or the zones are unusable.
+    """
+    images, out_dir, model_dir = Path(images), Path(out_dir), Path(model_dir)
+    batch_dir = out_dir / BATCH_DIR
+    metadata = read_metadata(model_dir)
+    if not (model_dir / MODEL_FILE).exists():
+        raise InputError(f"{model_dir / MODEL_FILE}: model not found; run `make train` first")
+    if zones is not None and not Path(zones).exists():
+        raise InputError(f"{zones}: zones file not found")
+    scenes = _complete_scenes(images, out_dir)
+    names = [s for s, _ in scenes]
+    signature = _signature(names, zones, cfg)
+    manifest_path = batch_dir / MANIFEST
+    previous = None
+    if manifest_path.exists():
+        try:
+            previous = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            previous = None
+    inputs = [model_dir / MODEL_FILE, model_dir / METADATA_FILE]
+    for scene, image in scenes:
+        inputs += [image,out_dir / "probability" / f"{scene}.tif",
+                         out_dir / "masks" / f"{scene}.tif", find_cars_file(out_dir, scene)]
+    inputs += sorted((out_dir / "settings").glob("*.json"))
+    inputs += [p for p in (zones, settings) if p is not None]
+    if (not force and previous is not None and previous.get("signature") == signature
+            and is_fresh([batch_dir / p for p in previous.get("outputs", [])] + [manifest_path],
+                         inputs)):
+        log.info("batch: up to date (%d scenes)", len(names))
+        return batch_dir / CATALOG
+    cache = (previous or {}).get("checksums", {})
+
+    # Per-scene reading: one pass over each mask for its valid-data footprint.
+    infos = _map(_scene_info, [(s, img, out_dir, cfg.vectors.window) for s, img in scenes],
+                 cfg.distributed)
+    crs = _batch_crs(infos, cfg.batch.crs)
+    log.info("batch: %d scenes, CRS %s", len(infos), crs.to_string())
+    footprints = {i.scene: _to_crs(i.footprint, i.crs, crs) for i in infos}
+    coverage = shapely.union_all(list(footprints.values()))
+
+    import geopandas as gpd
+    import pandas as pd
+
+    frames = [_read_cars(info, crs) for info in infos]
+    frames = [f for f in frames if len(f)]
+    cars = (gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry", crs=crs)
+            if frames else None)
+    if cars is None:
+        from pipeline.vectorize import empty_cars
+
+        cars = empty_cars(crs).assign(car_id=pd.Series(dtype="str"))
+    calibration = metadata.get("calibration")
+    if calibration is None:
+        log.warning("%s: the model has no calibration; car probabilities are the raw mean_prob "
+                    "and zone intervals assume they are calibrated", model_dir / METADATA_FILE)
+    cars["prob"] = apply_calibration(cars["mean_prob"].to_numpy(dtype=float), calibration)
+    merged, dropped_by = merge_cars(cars, match_iou=cfg.batch.match_iou)
+    merged = merged[[*CAR_COLUMNS, "geometry"]]
+    per_scene = {s: {"detected": int((cars["scene"] == s).sum()),
+                     "kept": int((merged["scene"] == s).sum())} for s in names}
+    log.info("batch: %d cars from %d detections (%d merged across scenes)", len(merged),
+             len(cars), int((dropped_by >= 0).sum()))
+
+    batch_dir.mkdir(parents=True, exist_ok=True)
+    products = [write_cars(merged, batch_dir / "cars.gpkg"),
+                write_vector(merged, batch_dir / "cars.parquet")]
+    seams = seam_table(cars, dropped_by, footprints, crs)
+    target = batch_dir / "seams.csv"
+    with atomic_path(target) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["scene_a", "scene_b", "overlap_ha", "cars_a",
+                                                "cars_b", "merged", "kept_from_a",
+                                                "kept_from_b"])
+        writer.writeheader()
+        writer.writerows(seams)
+    products.append(target)
+    products += write_mosaics(infos, batch_dir, crs)
+    for stale in ("zones.gpkg", "density.tif", "density.qml"):
+        (batch_dir / stale).unlink(missing_ok=True)  # the other count product of a past run
+    if zones is not None:
+        table = zone_counts(Path(zones), merged, coverage, crs, calibration=calibration,
+                            level=cfg.batch.interval)
+        products.append(write_zones(table, batch_dir / "zones.gpkg"))
+    else:
+        density, transform = density_grid(merged, coverage, crs, cfg.batch.density_cell_m)
+        products.append(write_density(density, transform, crs, batch_dir / "density.tif"))
+    for info in infos:  # QGIS styles beside every per-scene COG
+        write_qml(info.prob, probability_qml())
+        write_qml(info.mask, mask_qml())
+    prov = provenance(out_dir, model_dir, metadata, cfg, cache)
+    catalog = write_catalog(infos, batch_dir, crs=crs, kept=merged, per_scene=per_scene,
+                            products=products, prov=prov, cache=cache)
+    outputs = [p.relative_to(batch_dir).as_posix() for p in [*products, catalog]]
+    # Checksums of files that no longer exist are dropped, so the cache does not grow forever.
+    cache = {k: v for k, v in cache.items() if Path(k).exists()}
+    write_json(manifest_path, {"signature": signature, "outputs": outputs, "checksums": cache,
+                               "crs": crs.to_string(), "cars": int(len(merged)),
+                               "detections": int(len(cars)),
+                               "merged": int((dropped_by >= 0).sum()),
+                               "calibrated": calibration is not None,
+                               "per_scene": per_scene})
+    return catalog
+
+
+def read_manifest(out_dir: Path) -> dict | None:
+    """The last batch run's summary (``OUT/batch/batch.json``), or None."""
+    path = Path(out_dir) / BATCH_DIR / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return read_json(path, missing="no batch products")
+    except InputError:
+        return None
+
