@@ -677,9 +677,10 @@ def build_batch(images: Path, out_dir: Path, *, model_dir: Path, cfg: Config,
             previous = None
     inputs = [model_dir / MODEL_FILE, model_dir / METADATA_FILE]
     for scene, image in scenes:
-        inputs += [image,out_dir / "probability" / f"{scene}.tif",
-                         out_dir / "masks" / f"{scene}.tif", find_cars_file(out_dir, scene)]
-    inputs += sorted((out_dir / "settings").glob("*.json"))
+        inputs += [image, out_dir / "probability" / f"{scene}.tif",
+                   out_dir / "masks" / f"{scene}.tif", find_cars_file(out_dir, scene)]
+    # The settings of the stages the batch is made from (evaluate's come after it).
+    inputs += [out_dir / "settings" / f"{stage}.json" for stage in ("predict", "vectors")]
     inputs += [p for p in (zones, settings) if p is not None]
     if (not force and previous is not None and previous.get("signature") == signature
             and is_fresh([batch_dir / p for p in previous.get("outputs", [])] + [manifest_path],

@@ -321,6 +321,7 @@ def cmd_batch(args) -> int:
     from pipeline.batch import build_batch
 
     cfg = _cfg(args)
+    _stamp(args, cfg, "batch")
     path = build_batch(args.images, args.out, model_dir=args.model_dir, cfg=cfg,
                        zones=args.zones, settings=args.settings, force=args.force)
     log.info("batch catalog: %s", path)

@@ -235,8 +235,10 @@ def read_vector(path: Path | str):
     if not path.exists():
         raise InputNotFound(f"{path}: file not found")
     try:
-        gdf = gpd.read_parquet(path) if path.suffix == ".parquet" else gpd.read_file(
-            path, engine="pyogrio")
+        if path.suffix == ".parquet":
+            gdf = gpd.read_parquet(path)
+        else:
+            gdf = gpd.read_file(path, engine="pyogrio", layer=_data_layer(path))
     except Exception as exc:  # pyogrio/arrow raise many types; the user needs the file and why
         raise VectorInputError(f"{path}: not a readable vector file ({first_line(exc)})") from None
     if gdf.crs is None and len(gdf):
@@ -252,6 +254,20 @@ def read_vector(path: Path | str):
                 f"but the file says its CRS is {gdf.crs.to_string()}; the file has lost its real "
                 "CRS (GeoJSON without one is read as WGS 84): set it with ogr2ogr -a_srs EPSG:...")
     return gdf
+
+
+# QGIS keeps layer styles in a table of the GeoPackage itself; it is never the data.
+STYLE_LAYER = "layer_styles"
+
+
+def _data_layer(path: Path) -> str | None:
+    """The data layer of a vector file: its first layer that is not QGIS's style table."""
+    if path.suffix.lower() != ".gpkg":
+        return None
+    import pyogrio
+
+    layers = [name for name, _ in pyogrio.list_layers(path) if name != STYLE_LAYER]
+    return layers[0] if layers else None
 
 
 def list_vectors(folder: Path | str) -> list[Path]:
