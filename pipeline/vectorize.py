@@ -38,7 +38,7 @@ from rasterio.windows import Window
 from scipy import ndimage
 
 from pipeline.config import VectorConfig
-from pipeline.geo import pixel_size
+from pipeline.geo import NODATA, PROB_SCALE, gsd_m, metres_per_unit
 from pipeline.io import (
     VECTOR_SUFFIX,
     InputError,
@@ -54,9 +54,6 @@ from pipeline.io import (
 
 log = logging.getLogger(__name__)
 
-MASK_NODATA = 255
-PROB_NODATA = 255
-PROB_SCALE = 254.0
 # A blob whose area is below this share of its convex hull is not car-shaped: try to split it.
 CAR_SOLIDITY = 0.9
 # Share of the minimum car half-width that a car's core must reach from the blob's edge.
@@ -238,9 +235,9 @@ def valid_footprint(mask_src, prob_src=None, *, window: int = 2048):
     """
     parts = []
     for win in _core_windows(mask_src.width, mask_src.height, window):
-        valid = mask_src.read(1, window=win) != MASK_NODATA
+        valid = mask_src.read(1, window=win) != NODATA
         if prob_src is not None:
-            valid &= prob_src.read(1, window=win) != PROB_NODATA
+            valid &= prob_src.read(1, window=win) != NODATA
         if not valid.any():
             continue
         # Whole scene pixels (exact in floating point), so neighbouring windows' pieces share
@@ -305,7 +302,7 @@ def _read_block(mask_src, prob_src, block: Window):
     prob = None
     if prob_src is not None:
         prob = prob_src.read(1, window=block)
-        cars &= prob != PROB_NODATA
+        cars &= prob != NODATA
     return cars, prob
 
 
@@ -395,12 +392,17 @@ def _cars_in_window(mask_src, prob_src, core: Window, *, cfg: VectorConfig, gsd:
             seen.add(key)
         records = _component_cars(comp, crop_prob, origin, cfg=cfg, gsd=gsd, stats=stats)
         out.append((key, records))
-    _add_geometry([r for _, recs in out for r in recs], mask_src.transform, cfg=cfg)
+    _add_geometry([r for _, recs in out for r in recs], mask_src.transform, cfg=cfg,
+                  unit=metres_per_unit(mask_src.crs))
     return out
 
 
-def _add_geometry(records: list[dict], transform, *, cfg: VectorConfig) -> None:
-    """Polygonize every car piece of a window in one ``shapes`` call (it is slow per call)."""
+def _add_geometry(records: list[dict], transform, *, cfg: VectorConfig, unit: float = 1.0
+                  ) -> None:
+    """Polygonize every car piece of a window in one ``shapes`` call (it is slow per call).
+
+    Geometries stay in the scene's CRS; sizes are in metres (``unit``: metres per CRS unit).
+    """
     if not records:
         return
     r0 = min(r["origin"][0] for r in records)
@@ -425,8 +427,8 @@ def _add_geometry(records: list[dict], transform, *, cfg: VectorConfig) -> None:
         if cfg.regularize:
             geom = shapely.minimum_rotated_rectangle(geom)
         length, width, heading = rectangle_attributes(geom)
-        rec.update({"area_m2": float(geom.area), "length_m": length, "width_m": width,
-                    "heading_deg": heading, "geometry": geom})
+        rec.update({"area_m2": float(geom.area) * unit * unit, "length_m": length * unit,
+                    "width_m": width * unit, "heading_deg": heading, "geometry": geom})
 
 
 def _overlaps_core(sl, block: Window, core: Window) -> bool:
@@ -527,7 +529,7 @@ def vectorize_scene(mask_tif: Path, out_dir: Path, *, cfg: VectorConfig) -> Path
                 raise InputError(f"{prob_tif}: not on the grid of {mask_tif}")
         else:
             log.warning("%s: no probability raster; mean_prob/max_prob will be empty", prob_tif)
-        gsd = pixel_size(mask_src.transform)
+        gsd = gsd_m(mask_src.transform, mask_src.crs)  # metres, whatever the CRS's unit
         crs = mask_src.crs
         stats = {"too_small": 0, "too_large": 0, "split": 0, "slivers": 0}
         found = []
@@ -544,7 +546,8 @@ def vectorize_scene(mask_tif: Path, out_dir: Path, *, cfg: VectorConfig) -> Path
     if records:
         gdf = gpd.GeoDataFrame(records, geometry="geometry", crs=crs)
         gdf.insert(0, "scene", scene)
-        gdf["edge_dist_m"] = edge_distances(gdf.geometry.values, footprint)
+        gdf["edge_dist_m"] = edge_distances(gdf.geometry.values, footprint) * \
+            metres_per_unit(crs)
         # A car's pixels share an edge or corner with nodata or the raster's border: the
         # polygon touches the footprint's boundary (a quarter pixel allows for rounding).
         gdf["truncated"] = gdf["edge_dist_m"] <= 0.25 * gsd

@@ -335,3 +335,32 @@ def test_car_geopackage_carries_qgis_default_style(tmp_path):
     renderer = ET.fromstring(qml.split("\n", 1)[1]).find("renderer-v2")
     assert renderer.get("attr") == "mean_prob"
     assert len(renderer.find("ranges")) == 4
+
+
+def test_scene_in_us_feet_gives_sizes_in_metres(tmp_path):
+    # EPSG:2227 (US survey feet), 0.5 ft pixels: a 4.5 x 1.9 m car must come out in metres and
+    # pass the metre-based area filters (in feet it would be 10.8 times too large).
+    from affine import Affine
+    from rasterio.crs import CRS
+
+    ft = 0.30480060960121924
+    transform = Affine(0.5, 0, 6_000_000, 0, -0.5, 2_000_000)
+    x, y = transform * (60, 60)
+    rect = box(x - 1.9 / 2 / ft, y - 4.5 / 2 / ft, x + 1.9 / 2 / ft, y + 4.5 / 2 / ft)
+    mask = rasterio.features.rasterize([(rect, 1)], out_shape=(120, 120), transform=transform,
+                                       dtype="uint8")
+    feet = CRS.from_epsg(2227)
+    prob = (mask * 230).astype(np.uint8)
+    write_scene(tmp_path / "probability" / "f.tif", prob[None], transform=transform, crs=feet,
+                nodata=255)
+    write_scene(tmp_path / "masks" / "f.tif", mask[None], transform=transform, crs=feet,
+                nodata=255)
+    gdf = run(tmp_path, "f")
+    assert len(gdf) == 1
+    row = gdf.iloc[0]
+    assert gdf.crs == feet
+    assert row.area_m2 == pytest.approx(4.5 * 1.9, rel=0.1)
+    assert row.length_m == pytest.approx(4.5, abs=0.3)
+    assert row.width_m == pytest.approx(1.9, abs=0.3)
+    # 60 px of 0.1524 m to the top and bottom edges, less half the car's 4.5 m: 6.9 m.
+    assert row.edge_dist_m == pytest.approx(60 * 0.5 * ft - 4.5 / 2, abs=0.3)
