@@ -82,9 +82,13 @@ FLIGHT = Affine(GSD, 0, ORIGIN[0], 0, -GSD, ORIGIN[1])
 
 
 def write_identity_scene(root: Path, name: str, truth: np.ndarray, col0: int, *,
-                         collar: int = 0, crs=UTM, transform: Affine | None = None) -> Path:
-    """Image, probability and mask of one scene cut from the flight at column ``col0``."""
+                         collar: int = 0, crs=UTM, transform: Affine | None = None,
+                         extra: np.ndarray | None = None) -> Path:
+    """Image, probability and mask of one scene cut from the flight at column ``col0``;
+    ``extra`` (flight-sized) holds blobs only this scene's "model" sees."""
     window = truth[:, col0:col0 + SCENE_W]
+    if extra is not None:
+        window = window | extra[:, col0:col0 + SCENE_W]
     t = transform or FLIGHT * Affine.translation(col0, 0)
     image = np.stack([window * 200 + 20] * 3).astype(np.uint8)
     prob = np.where(window == 1, 235, 8).astype(np.uint8)
@@ -506,3 +510,32 @@ def test_zone_interval_covers_true_count_on_generated_scenes(tmp_path):
     # With missed cars the interval is a flat-prior one (nothing known about how many cars a
     # zone holds): conservative where counts vary less than that, as here (0.92-0.98 by seed).
     assert 0.85 <= hits_all / len(zones) <= 0.99, hits_all / len(zones)
+
+
+def test_scene_with_the_better_view_decides_where_only_one_saw_a_car(tmp_path):
+    """A blob only one scene sees is kept only when that scene has the better view there."""
+    truth = np.zeros((HEIGHT, WIDTH), np.uint8)
+    # Scene a: cols 0-999, b: 333-1332. Near a's right edge (x 900) b sees far better; near
+    # b's left edge (x 420) a does.
+    phantom_a = car(900, 160)  # only a sees it, where b sees better: dropped
+    real_a = car(420, 160)  # only a sees it, where a sees better: kept
+    # A 7 m x 7 m roof whole in b (too large to be a car there) cut by a's right edge into a
+    # car-sized piece.
+    roof = box(ORIGIN[0] + 975 * GSD, ORIGIN[1] - 240 * GSD, ORIGIN[0] + 975 * GSD + 7,
+               ORIGIN[1] - 240 * GSD + 7)
+    only_a = burn([phantom_a, real_a], (HEIGHT, WIDTH), FLIGHT)
+    write_identity_scene(tmp_path, "a", truth | burn([roof], (HEIGHT, WIDTH), FLIGHT), 0,
+                         extra=only_a)
+    write_identity_scene(tmp_path, "b", truth | burn([roof], (HEIGHT, WIDTH), FLIGHT), STEP)
+    a_cars = read_vector(tmp_path / "out" / "cars" / "a.gpkg")
+    assert len(a_cars) == 3  # the roof's piece in a is car-sized
+    assert len(read_vector(tmp_path / "out" / "cars" / "b.gpkg")) == 0  # b: roof too large
+    write_model(tmp_path / "model")
+    build_batch(tmp_path / "images", tmp_path / "out", model_dir=tmp_path / "model",
+                cfg=Config())
+    merged = read_vector(tmp_path / "out" / "batch" / "cars.gpkg")
+    assert len(merged) == 1
+    assert merged.geometry.iloc[0].intersects(real_a)
+    with open(tmp_path / "out" / "batch" / "seams.csv", newline="") as fh:
+        [row] = list(csv.DictReader(fh))
+    assert (row["merged"], row["overruled"]) == ("0", "2")
