@@ -626,6 +626,8 @@ def write_catalog(infos: list[SceneInfo], batch_dir: Path, *, crs: CRS, kept, pe
         item.set_self_href(str((batch_dir / "items" / f"{item.id}.json").resolve()))
     collection.catalog_type = pystac.CatalogType.SELF_CONTAINED
     collection.make_all_asset_hrefs_relative()
+    for asset in collection.assets.values():  # the products lie beside catalog.json
+        asset.href = "./" + Path(asset.href).name
     # Items first, the collection last: a reader never finds links to missing items.
     items_dir = batch_dir / "items"
     wanted = set()

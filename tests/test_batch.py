@@ -261,6 +261,21 @@ def test_stac_catalog_loads_and_every_href_resolves(flight):
             assert asset.extra_fields["file:checksum"] == "1220" + digest
     for asset in collection.assets.values():
         assert os.path.exists(asset.get_absolute_href())
+    # Relative hrefs throughout: the whole tree can move (to a server, another disk).
+    docs = [json.loads(p.read_text()) for p in [flight["catalog"],
+                                                *(flight["batch"] / "items").glob("*.json")]]
+    hrefs = [a["href"] for d in docs for a in d["assets"].values()]
+    hrefs += [link["href"] for d in docs for link in d["links"]]
+    assert hrefs and not any(os.path.isabs(h) for h in hrefs)
+    import shutil
+
+    moved = flight["root"].parent / "moved"
+    shutil.copytree(flight["root"], moved)
+    relocated = pystac.read_file(str(moved / "out" / "batch" / "catalog.json"))
+    hrefs = [a.get_absolute_href() for a in relocated.assets.values()]
+    hrefs += [a.get_absolute_href() for i in relocated.get_items() for a in i.assets.values()]
+    assert len(hrefs) == len(collection.assets) + 8
+    assert all(h.startswith(str(moved)) and os.path.exists(h) for h in hrefs)
     prov = collection.extra_fields["carseg:provenance"]
     model = flight["root"] / "model" / "model.keras"
     assert prov["model"]["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
