@@ -79,8 +79,9 @@ NODATA = 255
 DENSITY_NODATA = -9999.0
 # A car lying at least half inside another scene's copy is that copy, cut by an edge.
 CONTAINED = 0.5
-# Density cells with less valid imagery than this share give no density (nodata).
-MIN_COVERAGE = 0.05
+# Density cells with less valid imagery than this share give no density (nodata): one car in
+# a sliver of a cell would read as a spike of hundreds of cars per hectare.
+MIN_COVERAGE = 0.25
 CAR_COLUMNS = ["car_id", "scene", "area_m2", "length_m", "width_m", "heading_deg", "mean_prob",
                "max_prob", "prob", "edge_dist_m", "truncated", "copies", "seen_in"]
 VERSION_PACKAGES = ["carseg", "numpy", "scipy", "rasterio", "rio-cogeo", "geopandas", "shapely",

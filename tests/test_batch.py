@@ -554,3 +554,21 @@ def test_scene_with_the_better_view_decides_where_only_one_saw_a_car(tmp_path):
     with open(tmp_path / "out" / "batch" / "seams.csv", newline="") as fh:
         [row] = list(csv.DictReader(fh))
     assert (row["merged"], row["overruled"]) == ("0", "2")
+
+
+def test_density_grid_known_answer():
+    from pipeline.batch import DENSITY_NODATA, density_grid
+
+    x0, y0 = 500000.0, 4000000.0
+    footprint = box(x0, y0 - 100, x0 + 75, y0)  # 1.5 cells wide: the right column half covered
+    pts = [(10, 10), (20, 30), (40, 45), (60, 10), (10, 80), (70, 95)]
+    # car() takes pixel offsets from ORIGIN: metres east and south / GSD.
+    cars = gpd.GeoDataFrame(geometry=[car(x / GSD, y / GSD) for x, y in pts],
+                            crs=UTM)
+    density, transform = density_grid(cars, footprint, UTM, 50.0)
+    assert density.shape == (2, 2) and transform.c == x0 and transform.f == y0
+    # Three cars in the full top-left cell (0.25 ha), one in the half-covered top-right one.
+    np.testing.assert_allclose(density, [[12.0, 8.0], [4.0, 8.0]])
+    tiny = box(x0, y0 - 100, x0 + 55, y0)  # the right column only a tenth covered: no density
+    density, _ = density_grid(cars.iloc[:3], tiny, UTM, 50.0)
+    assert (density[:, 1] == DENSITY_NODATA).all()
