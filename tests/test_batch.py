@@ -572,3 +572,23 @@ def test_density_grid_known_answer():
     tiny = box(x0, y0 - 100, x0 + 55, y0)  # the right column only a tenth covered: no density
     density, _ = density_grid(cars.iloc[:3], tiny, UTM, 50.0)
     assert (density[:, 1] == DENSITY_NODATA).all()
+
+
+def test_car_layers_without_edge_attributes_are_measured(flight, tmp_path):
+    """Car layers written before edge attributes existed still merge right."""
+    import shutil
+
+    root = tmp_path / "f"
+    shutil.copytree(flight["root"], root)
+    for scene in ("a", "b"):
+        path = root / "out" / "cars" / f"{scene}.gpkg"
+        old = read_vector(path).drop(columns=["edge_dist_m", "truncated"])
+        path.unlink()
+        old.to_file(path, layer="cars")
+    build_batch(root / "images", root / "out", model_dir=root / "model", cfg=Config())
+    merged = read_vector(root / "out" / "batch" / "cars.gpkg")
+    expected = read_vector(flight["batch"] / "cars.gpkg")
+    assert len(merged) == len(expected)
+    assert sorted(merged["car_id"]) == sorted(expected["car_id"])
+    np.testing.assert_allclose(np.sort(merged["edge_dist_m"]), np.sort(expected["edge_dist_m"]),
+                               atol=1e-6)
