@@ -479,7 +479,6 @@ def _noisy_scene(root: Path, name: str, rng, size: int, *, recall: float, fp_rat
     return real
 
 
-@pytest.mark.slow
 def test_zone_interval_covers_true_count_on_generated_scenes(tmp_path):
     """Issue 15: calibrated on a validation scene, the 90% zone intervals of another scene
     hold the true number of cars in about 90% of its zones."""
