@@ -32,7 +32,6 @@ import logging
 import math
 
 import numpy as np
-from scipy import optimize, special, stats
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +47,8 @@ EXACT_MAX = 2000
 
 
 def _logit(scores: np.ndarray) -> np.ndarray:
+    from scipy import special
+
     return special.logit(np.clip(np.asarray(scores, dtype=np.float64), EPS, 1.0 - EPS))
 
 
@@ -65,6 +66,10 @@ def fit_calibration(scores: np.ndarray, is_car: np.ndarray, *, n_true: int | Non
         A JSON-serialisable dict: ``method``, ``a``, ``b``, ``eps``, ``n``, ``positives``
         and, with ``n_true``, ``recall``.
     """
+    # scipy is imported in the functions, not with the module: the batch CLI's up-to-date
+    # check stays quick.
+    from scipy import optimize, special
+
     scores = np.asarray(scores, dtype=np.float64).ravel()
     is_car = np.asarray(is_car, dtype=np.float64).ravel()
     if scores.shape != is_car.shape:
@@ -183,6 +188,8 @@ def apply_calibration(scores: np.ndarray, calibration: dict | None) -> np.ndarra
     Raises:
         ValueError: an unknown calibration method.
     """
+    from scipy import special
+
     scores = np.asarray(scores, dtype=np.float64)
     if calibration is None:
         return np.clip(scores, 0.0, 1.0)
@@ -207,6 +214,8 @@ def poisson_binomial_pmf(probs: np.ndarray) -> np.ndarray:
 
 def _map_variance(probs: np.ndarray, calibration: dict | None) -> float:
     """Variance of the expected count that comes from the calibration's own uncertainty."""
+    from scipy import special
+
     if not calibration or "cov" not in calibration or len(probs) == 0:
         return 0.0
     a, b = float(calibration["a"]), float(calibration["b"])
@@ -219,6 +228,8 @@ def _map_variance(probs: np.ndarray, calibration: dict | None) -> float:
 
 
 def _quantiles(probs: np.ndarray, level: float, extra_var: float = 0.0) -> tuple[int, int]:
+    from scipy import stats
+
     lo_q, hi_q = (1.0 - level) / 2.0, 1.0 - (1.0 - level) / 2.0
     n = len(probs)
     if n == 0:
@@ -256,6 +267,8 @@ def count_interval(probs: np.ndarray, *, level: float = 0.9, calibration: dict |
     Returns:
         ``{"expected", "lo", "hi"}`` (plus the ``*_all`` keys with ``recall``).
     """
+    from scipy import stats
+
     probs = np.asarray(probs, dtype=np.float64)
     probs = np.clip(probs[np.isfinite(probs)], 0.0, 1.0)
     map_var = _map_variance(probs, calibration)
