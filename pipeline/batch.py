@@ -19,7 +19,9 @@ signature of a copy cut by one scene's valid-data edge. Cars are taken greedily 
 farthest from its own scene's valid-data edge (``edge_dist_m``), each dropping the copies it
 matches that are not already taken, so a car cut by one scene's edge but whole in its
 neighbour is taken whole, and a blob one scene merged while the other split it is never
-counted both ways.
+counted both ways. A car only one scene found, lying where another scene sees the place with
+more context (farther from its edge) and found nothing, is dropped: the better view decides
+(a phantom at one scene's edge, or a roof the other scene saw whole and dropped as too large).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from pipeline.styles import (
     density_qml,
     mask_qml,
     probability_qml,
+    quiet_style_table,
     write_qml,
     zones_qml,
 )
@@ -76,8 +79,9 @@ NODATA = 255
 DENSITY_NODATA = -9999.0
 # A car lying at least half inside another scene's copy is that copy, cut by an edge.
 CONTAINED = 0.5
-# Density cells with less valid imagery than this share give no density (nodata).
-MIN_COVERAGE = 0.05
+# Density cells with less valid imagery than this share give no density (nodata): one car in
+# a sliver of a cell would read as a spike of hundreds of cars per hectare.
+MIN_COVERAGE = 0.25
 CAR_COLUMNS = ["car_id", "scene", "area_m2", "length_m", "width_m", "heading_deg", "mean_prob",
                "max_prob", "prob", "edge_dist_m", "truncated", "copies", "seen_in"]
 VERSION_PACKAGES = ["carseg", "numpy", "scipy", "rasterio", "rio-cogeo", "geopandas", "shapely",
@@ -169,7 +173,8 @@ def _to_crs(geom, src: CRS, dst: CRS):
 
 def _read_cars(info: SceneInfo, crs: CRS):
     """A scene's car layer in the batch CRS with ``car_id`` and edge attributes."""
-    gdf = read_vector(info.cars)
+    with quiet_style_table():
+        gdf = read_vector(info.cars)
     if len(gdf) and gdf.crs is not None and gdf.crs != info.crs:
         gdf = gdf.to_crs(info.crs)
     gdf = gdf.reset_index(drop=True)
@@ -188,15 +193,28 @@ def _read_cars(info: SceneInfo, crs: CRS):
 
 # === Merging overlapping scenes ===
 
-def merge_cars(cars, *, match_iou: float):
-    """Keep each car once: returns (kept cars, ``dropped_by`` array of kept indexes or -1).
+def merge_cars(cars, *, match_iou: float, footprints: dict | None = None):
+    """Keep each car once.
 
-    ``cars`` holds every scene's cars in one CRS with ``scene`` and ``edge_dist_m``.
+    Args:
+        cars: every scene's cars in one CRS, with ``scene`` and ``edge_dist_m``.
+        match_iou: copies of one car overlap by this IoU (or one lies half inside the other).
+        footprints: each scene's valid-data footprint in the same CRS. With them, a car that
+            lies inside another scene's footprint, farther from that scene's edge than from its
+            own, and that the other scene did not see at all, is dropped: the scene with the
+            better view of the place found no car there (a phantom at one scene's edge, or a
+            blob the other scene saw whole and dropped as too large).
+
+    Returns:
+        (kept cars with ``copies`` and ``seen_in``, ``dropped_by``: for every input car the
+        index of the kept copy that replaced it or -1, ``overruled``: for every input car the
+        scene whose better view dropped it, or None).
     """
     n = len(cars)
     dropped_by = np.full(n, -1)
+    overruled = np.full(n, None, dtype=object)
     if n == 0:
-        return cars.assign(copies=[], seen_in=[]), dropped_by
+        return cars.assign(copies=[], seen_in=[]), dropped_by, overruled
     geoms = cars.geometry.values
     scenes = cars["scene"].to_numpy()
     left, right = shapely.STRtree(geoms).query(geoms, predicate="intersects")
@@ -211,12 +229,26 @@ def merge_cars(cars, *, match_iou: float):
     for a, b in zip(left[same], right[same], strict=True):
         neighbours[a].append(int(b))
         neighbours[b].append(int(a))
-    # Farthest from its own scene's edge first; ties by scene then row, so reruns agree.
     edge = cars["edge_dist_m"].fillna(0.0).to_numpy()
+    if footprints:
+        names = sorted(footprints)
+        shapes = np.array([footprints[k] for k in names], dtype=object)
+        car_idx, fp_idx = shapely.STRtree(shapes).query(geoms, predicate="within")
+        for f in np.unique(fp_idx):
+            other = names[f]
+            idx = car_idx[(fp_idx == f) & (scenes[car_idx] != other)]
+            idx = np.array([i for i in idx if not any(scenes[j] == other
+                                                      for j in neighbours[i])], dtype=int)
+            if not len(idx):
+                continue
+            better = edge_distances(geoms[idx], shapes[f]) > edge[idx] + 1e-6
+            for i in idx[better]:
+                overruled[i] = overruled[i] or other
+    # Farthest from its own scene's edge first; ties by scene then row, so reruns agree.
     order = sorted(range(n), key=lambda i: (-edge[i], scenes[i], i))
     kept = np.zeros(n, bool)
     for i in order:
-        if dropped_by[i] >= 0:
+        if dropped_by[i] >= 0 or overruled[i] is not None:
             continue
         kept[i] = True
         for j in neighbours[i]:
@@ -229,13 +261,16 @@ def merge_cars(cars, *, match_iou: float):
         seen[dropped_by[j]].append(scenes[j])
     out = cars.assign(copies=copies,
                       seen_in=[",".join(sorted(set(seen.get(i, [scenes[i]])))) for i in range(n)])
-    return out[kept].reset_index(drop=True), dropped_by
+    return out[kept].reset_index(drop=True), dropped_by, overruled
 
 
-def seam_table(cars, dropped_by: np.ndarray, footprints: dict, crs: CRS) -> list[dict]:
-    """Per pair of overlapping scenes: overlap area, cars seen in it, cars merged."""
+def seam_table(cars, dropped_by: np.ndarray, overruled: np.ndarray, footprints: dict
+               ) -> list[dict]:
+    """Per pair of overlapping scenes: overlap area, cars seen in it, cars merged, cars one
+    scene dropped because the other saw the place better and found no car."""
     scenes = sorted(footprints)
     names = cars["scene"].to_numpy()
+    kept = (dropped_by < 0) & np.array([o is None for o in overruled], bool)
     points = shapely.point_on_surface(cars.geometry.values) if len(cars) else np.array([])
     rows = []
     for i, a in enumerate(scenes):
@@ -248,11 +283,13 @@ def seam_table(cars, dropped_by: np.ndarray, footprints: dict, crs: CRS) -> list
             in_a, in_b = inside & (names == a), inside & (names == b)
             merged = sum(1 for j in np.flatnonzero(dropped_by >= 0)
                          if {names[j], names[dropped_by[j]]} == {a, b})
+            unseen = sum(1 for j in range(len(names))
+                         if overruled[j] is not None and {names[j], overruled[j]} == {a, b})
             rows.append({"scene_a": a, "scene_b": b, "overlap_ha": round(overlap.area / 1e4, 4),
                          "cars_a": int(in_a.sum()), "cars_b": int(in_b.sum()),
-                         "merged": merged,
-                         "kept_from_a": int((in_a & (dropped_by < 0)).sum()),
-                         "kept_from_b": int((in_b & (dropped_by < 0)).sum())})
+                         "merged": merged, "overruled": unseen,
+                         "kept_from_a": int((in_a & kept).sum()),
+                         "kept_from_b": int((in_b & kept).sum())})
     return rows
 
 
@@ -348,7 +385,8 @@ def write_mosaics(infos: list[SceneInfo], batch_dir: Path, main_crs: CRS) -> lis
 def zone_counts(zones_path: Path, cars, footprint, crs: CRS, *, calibration: dict | None,
                 level: float):
     """Per zone: cars, area, valid area covered, cars per ha, expected count and interval."""
-    zones = read_vector(zones_path)
+    with quiet_style_table():
+        zones = read_vector(zones_path)
     if not len(zones):
         raise InputError(f"{zones_path}: no zones in the file")
     polygonal = zones.geometry.geom_type.isin(["Polygon", "MultiPolygon"])
@@ -589,6 +627,8 @@ def write_catalog(infos: list[SceneInfo], batch_dir: Path, *, crs: CRS, kept, pe
         item.set_self_href(str((batch_dir / "items" / f"{item.id}.json").resolve()))
     collection.catalog_type = pystac.CatalogType.SELF_CONTAINED
     collection.make_all_asset_hrefs_relative()
+    for asset in collection.assets.values():  # the products lie beside catalog.json
+        asset.href = "./" + Path(asset.href).name
     # Items first, the collection last: a reader never finds links to missing items.
     items_dir = batch_dir / "items"
     wanted = set()
@@ -713,22 +753,25 @@ def build_batch(images: Path, out_dir: Path, *, model_dir: Path, cfg: Config,
         log.warning("%s: the model has no calibration; car probabilities are the raw mean_prob "
                     "and zone intervals assume they are calibrated", model_dir / METADATA_FILE)
     cars["prob"] = apply_calibration(cars["mean_prob"].to_numpy(dtype=float), calibration)
-    merged, dropped_by = merge_cars(cars, match_iou=cfg.batch.match_iou)
+    merged, dropped_by, overruled = merge_cars(cars, match_iou=cfg.batch.match_iou,
+                                               footprints=footprints)
     merged = merged[[*CAR_COLUMNS, "geometry"]]
     per_scene = {s: {"detected": int((cars["scene"] == s).sum()),
                      "kept": int((merged["scene"] == s).sum())} for s in names}
-    log.info("batch: %d cars from %d detections (%d merged across scenes)", len(merged),
-             len(cars), int((dropped_by >= 0).sum()))
+    n_overruled = int(sum(o is not None for o in overruled))
+    log.info("batch: %d cars from %d detections (%d copies merged, %d dropped where another "
+             "scene saw the place better and found no car)", len(merged), len(cars),
+             int((dropped_by >= 0).sum()), n_overruled)
 
     batch_dir.mkdir(parents=True, exist_ok=True)
     products = [write_cars(merged, batch_dir / "cars.gpkg"),
                 write_vector(merged, batch_dir / "cars.parquet")]
-    seams = seam_table(cars, dropped_by, footprints, crs)
+    seams = seam_table(cars, dropped_by, overruled, footprints)
     target = batch_dir / "seams.csv"
     with atomic_path(target) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["scene_a", "scene_b", "overlap_ha", "cars_a",
-                                                "cars_b", "merged", "kept_from_a",
-                                                "kept_from_b"])
+                                                "cars_b", "merged", "overruled",
+                                                "kept_from_a", "kept_from_b"])
         writer.writeheader()
         writer.writerows(seams)
     products.append(target)
@@ -755,6 +798,7 @@ def build_batch(images: Path, out_dir: Path, *, model_dir: Path, cfg: Config,
                                "crs": crs.to_string(), "cars": int(len(merged)),
                                "detections": int(len(cars)),
                                "merged": int((dropped_by >= 0).sum()),
+                               "overruled": n_overruled,
                                "calibrated": calibration is not None,
                                "per_scene": per_scene})
     return catalog

@@ -32,7 +32,6 @@ import logging
 import math
 
 import numpy as np
-from scipy import optimize, special, stats
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +47,8 @@ EXACT_MAX = 2000
 
 
 def _logit(scores: np.ndarray) -> np.ndarray:
+    from scipy import special
+
     return special.logit(np.clip(np.asarray(scores, dtype=np.float64), EPS, 1.0 - EPS))
 
 
@@ -65,6 +66,10 @@ def fit_calibration(scores: np.ndarray, is_car: np.ndarray, *, n_true: int | Non
         A JSON-serialisable dict: ``method``, ``a``, ``b``, ``eps``, ``n``, ``positives``
         and, with ``n_true``, ``recall``.
     """
+    # scipy is imported in the functions, not with the module: the batch CLI's up-to-date
+    # check stays quick.
+    from scipy import optimize, special
+
     scores = np.asarray(scores, dtype=np.float64).ravel()
     is_car = np.asarray(is_car, dtype=np.float64).ravel()
     if scores.shape != is_car.shape:
@@ -111,6 +116,70 @@ def fit_calibration(scores: np.ndarray, is_car: np.ndarray, *, n_true: int | Non
     return calibration
 
 
+def chip_detections(prob: np.ndarray, target: np.ndarray, valid: np.ndarray | None = None, *,
+                    threshold: float, min_pixels: int = 1, iou: float = 0.5
+                    ) -> tuple[np.ndarray, np.ndarray, int]:
+    """The calibration's raw material from one validation chip.
+
+    Cars are the 8-connected components of ``prob >= threshold`` (predicted) and of
+    ``target == 1`` (true) inside ``valid``; components touching the chip's border or invalid
+    pixels are left out on both sides (a cut car's score and match say little). Predicted and
+    true cars are matched one-to-one, greedily by IoU, at ``iou`` or more.
+
+    Args:
+        prob: (rows, cols) probabilities in [0, 1].
+        target: (rows, cols) true mask (1 car).
+        valid: (rows, cols) bool, pixels that count (default all).
+        threshold: the model's car threshold.
+        min_pixels: smaller predicted components are no car (the vectors' minimum area).
+        iou: the match criterion.
+
+    Returns:
+        (mean probability of each predicted car, whether it matched a true car, number of
+        true cars), ready for ``fit_calibration(scores, is_car, n_true=...)`` once summed
+        over the validation chips.
+    """
+    from scipy import ndimage
+
+    prob = np.asarray(prob, dtype=np.float64)
+    valid = np.ones(prob.shape, bool) if valid is None else np.asarray(valid, bool)
+    eight = np.ones((3, 3), bool)
+    # Invalid pixels and the chip's border: components touching them are incomplete.
+    outside = np.pad(~valid, 1, constant_values=True)
+    near_edge = ndimage.binary_dilation(outside, structure=eight)[1:-1, 1:-1]
+
+    def whole_components(mask: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        labels, n = ndimage.label(mask & valid, structure=eight)
+        cut = set(np.unique(labels[near_edge & (labels > 0)]).tolist())
+        return labels, [k for k in range(1, n + 1) if k not in cut]
+
+    pred, pred_ids = whole_components(prob >= threshold)
+    true, true_ids = whole_components(np.asarray(target) == 1)
+    sizes = ndimage.sum_labels(np.ones_like(prob), pred, index=pred_ids) if pred_ids else []
+    pred_ids = [k for k, size in zip(pred_ids, sizes, strict=True) if size >= min_pixels]
+    if not pred_ids:
+        return np.zeros(0), np.zeros(0, bool), len(true_ids)
+    scores = np.asarray(ndimage.mean(prob, pred, index=pred_ids), dtype=np.float64)
+    # IoU of every overlapping (predicted, true) pair from one joint histogram.
+    both = (pred > 0) & (true > 0)
+    pairs, inter = np.unique(np.stack([pred[both], true[both]]), axis=1, return_counts=True)
+    area_p = dict(zip(pred_ids, ndimage.sum_labels(np.ones_like(prob), pred, pred_ids),
+                      strict=True))
+    true_area = dict(zip(true_ids, ndimage.sum_labels(np.ones_like(prob), true, true_ids),
+                         strict=True)) if true_ids else {}
+    candidates = []
+    for (p, t), n in zip(pairs.T, inter, strict=True):
+        if p in area_p and t in true_area:
+            candidates.append((n / (area_p[p] + true_area[t] - n), int(p), int(t)))
+    matched_p, matched_t = set(), set()
+    for score, p, t in sorted(candidates, reverse=True):
+        if score >= iou and p not in matched_p and t not in matched_t:
+            matched_p.add(p)
+            matched_t.add(t)
+    is_car = np.array([k in matched_p for k in pred_ids], bool)
+    return scores, is_car, len(true_ids)
+
+
 def apply_calibration(scores: np.ndarray, calibration: dict | None) -> np.ndarray:
     """Calibrated probabilities for ``scores`` (identity when ``calibration`` is None).
 
@@ -119,6 +188,8 @@ def apply_calibration(scores: np.ndarray, calibration: dict | None) -> np.ndarra
     Raises:
         ValueError: an unknown calibration method.
     """
+    from scipy import special
+
     scores = np.asarray(scores, dtype=np.float64)
     if calibration is None:
         return np.clip(scores, 0.0, 1.0)
@@ -143,6 +214,8 @@ def poisson_binomial_pmf(probs: np.ndarray) -> np.ndarray:
 
 def _map_variance(probs: np.ndarray, calibration: dict | None) -> float:
     """Variance of the expected count that comes from the calibration's own uncertainty."""
+    from scipy import special
+
     if not calibration or "cov" not in calibration or len(probs) == 0:
         return 0.0
     a, b = float(calibration["a"]), float(calibration["b"])
@@ -155,6 +228,8 @@ def _map_variance(probs: np.ndarray, calibration: dict | None) -> float:
 
 
 def _quantiles(probs: np.ndarray, level: float, extra_var: float = 0.0) -> tuple[int, int]:
+    from scipy import stats
+
     lo_q, hi_q = (1.0 - level) / 2.0, 1.0 - (1.0 - level) / 2.0
     n = len(probs)
     if n == 0:
@@ -192,6 +267,8 @@ def count_interval(probs: np.ndarray, *, level: float = 0.9, calibration: dict |
     Returns:
         ``{"expected", "lo", "hi"}`` (plus the ``*_all`` keys with ``recall``).
     """
+    from scipy import stats
+
     probs = np.asarray(probs, dtype=np.float64)
     probs = np.clip(probs[np.isfinite(probs)], 0.0, 1.0)
     map_var = _map_variance(probs, calibration)

@@ -483,6 +483,8 @@ def plot_batch_map(out_dir: Path, dst_dir: Path) -> str | None:
     import geopandas as gpd
     import rasterio
 
+    from pipeline.styles import quiet_style_table
+
     batch = out_dir / "batch"
     catalog = _read_json(batch / "catalog.json")
     manifest = _read_json(batch / "batch.json") or {}
@@ -510,7 +512,8 @@ def plot_batch_map(out_dir: Path, dst_dir: Path) -> str | None:
     density = batch / "density.tif"
     zones = batch / "zones.gpkg"
     if zones.exists():
-        table = read_vector(zones)
+        with quiet_style_table():
+            table = read_vector(zones)
         table.plot(ax=ax, column="cars_per_ha", cmap="BuPu", legend=True, edgecolor="0.3",
                    legend_kwds={"label": "cars per hectare"})
     elif density.exists():
@@ -532,6 +535,8 @@ def plot_batch_map(out_dir: Path, dst_dir: Path) -> str | None:
 
 
 def _batch_section(out_dir: Path, dst_dir: Path) -> str:
+    from pipeline.styles import quiet_style_table
+
     batch = out_dir / "batch"
     manifest = _read_json(batch / "batch.json") or {}
     summary = [{"scenes": len(manifest.get("per_scene", {})), "crs": manifest.get("crs"),
@@ -546,7 +551,8 @@ def _batch_section(out_dir: Path, dst_dir: Path) -> str:
              _table(_read_csv(batch / "seams.csv"))]
     zones = batch / "zones.gpkg"
     if zones.exists():
-        table = read_vector(zones)
+        with quiet_style_table():
+            table = read_vector(zones)
         columns = [c for c in table.columns if c != table.geometry.name]
         rows = table[columns].head(200).to_dict("records")
         level = table["level"].iloc[0] if len(table) and "level" in table else 0.9

@@ -16,7 +16,10 @@ templates below are QGIS 3 QML; they carry both the ``<Option>`` maps of QGIS >=
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
@@ -187,3 +190,16 @@ def add_layer_style(gpkg: Path | str, layer: str, qml: str, *, name: str | None 
         con.commit()
     finally:
         con.close()
+
+
+@contextlib.contextmanager
+def quiet_style_table() -> Iterator[None]:
+    """Silence pyogrio's "More than one layer found" for GeoPackages holding ``layer_styles``.
+
+    The data layer comes first in the file, so the default layer read is the right one; the
+    warning would only alarm a user (QGIS's own styled GeoPackages look the same).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="More than one layer found",
+                                category=UserWarning)
+        yield

@@ -109,3 +109,25 @@ def test_interval_covers_true_count_about_90_percent(n_large):
     assert 0.80 <= hits / zones <= 0.97, hits / zones
     # Missed cars: a flat-prior interval, conservative when zone counts vary little.
     assert 0.85 <= hits_all / zones <= 0.99, hits_all / zones
+
+
+def test_chip_detections_known_answer():
+    from pipeline.calibration import chip_detections
+
+    prob = np.zeros((40, 40))
+    target = np.zeros((40, 40), np.uint8)
+    target[5:15, 5:10] = 1  # true car, found (prob 0.9)
+    prob[5:15, 5:10] = 0.9
+    prob[20:28, 20:24] = 0.6  # a false car
+    target[30:38, 10:14] = 1  # a missed car
+    prob[0:6, 30:34] = 0.95  # cut by the chip's border: left out
+    target[0:6, 30:34] = 1
+    prob[12:14, 30:31] = 0.8  # too small to be a car
+    valid = np.ones((40, 40), bool)
+    scores, is_car, n_true = chip_detections(prob, target, valid, threshold=0.5, min_pixels=4)
+    order = np.argsort(scores)
+    np.testing.assert_allclose(scores[order], [0.6, 0.9])
+    assert is_car[order].tolist() == [False, True]
+    assert n_true == 2  # the found and the missed car; the cut one is left out
+    valid[25:40, 0:20] = False  # nodata over the missed car: it touches invalid pixels
+    assert chip_detections(prob, target, valid, threshold=0.5, min_pixels=4)[2] == 1
