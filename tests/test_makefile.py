@@ -4,8 +4,8 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = ["install", "sample", "tiles", "masks", "train", "predict", "vectors", "evaluate",
-           "report", "all", "demo", "bench", "test", "clean", "help"]
+TARGETS = ["install", "sample", "tiles", "masks", "train", "predict", "vectors", "batch",
+           "evaluate", "report", "all", "demo", "bench", "test", "clean", "help"]
 
 
 def run_make(*args: str) -> str:
@@ -20,7 +20,7 @@ def test_help_lists_every_target_with_one_line():
     missing = [t for t in TARGETS if t not in listed]
     assert not missing, f"make help misses {missing}"
     for var in ("DATA", "CONFIG", "SET", "RUN", "MODEL_DIR", "IMAGES", "TRUTH", "OUT",
-                "DASK_SCHEDULER", "WORKERS"):
+                "DASK_SCHEDULER", "WORKERS", "ZONES"):
         assert var in out
 
 
