@@ -15,7 +15,7 @@ import pipeline.distributed
 from bench.harness import make_bundle, make_scene
 from pipeline.config import DistributedConfig, PredictConfig, TileConfig
 from pipeline.distributed import BatchResult, is_fresh, run_batch, run_stage_batch
-from pipeline.io import InputError
+from pipeline.io import EXIT_PARTIAL, InputError
 
 # Dask workers are fresh processes that cannot import this test module by name, so the helper
 # functions below travel to them by value.
@@ -95,8 +95,9 @@ def test_predict_batch_on_cluster_matches_serial(tmp_path, batch, cluster):
 
     serial_out, dask_out = tmp_path / "serial", tmp_path / "dask"
     # workers=1 takes the in-process path; scheduler= sends the same work to the running cluster.
-    assert run(serial_out, DistributedConfig(workers=1)) == 2
-    assert run(dask_out, DistributedConfig(scheduler=cluster.scheduler_address)) == 2
+    # The corrupt scene failed and the rest are done: a partial batch, not bad input.
+    assert run(serial_out, DistributedConfig(workers=1)) == EXIT_PARTIAL
+    assert run(dask_out, DistributedConfig(scheduler=cluster.scheduler_address)) == EXIT_PARTIAL
 
     good = [s.stem for s in batch if s.stem != "corrupt"]
     for out in (serial_out, dask_out):
@@ -117,7 +118,7 @@ def test_predict_batch_on_cluster_matches_serial(tmp_path, batch, cluster):
 
     # A second run finds every good scene up to date and only retries the bad one.
     stamp = (dask_out / "masks" / f"{good[0]}.tif").stat().st_mtime_ns
-    assert run(dask_out, DistributedConfig(scheduler=cluster.scheduler_address)) == 2
+    assert run(dask_out, DistributedConfig(scheduler=cluster.scheduler_address)) == EXIT_PARTIAL
     assert (dask_out / "masks" / f"{good[0]}.tif").stat().st_mtime_ns == stamp
 
 
@@ -133,9 +134,9 @@ def test_tile_batch_on_embedded_cluster_matches_serial(tmp_path, batch):
             args=(chips,), kwargs={"cfg": cfg}, cfg=dist, log_dir=chips / "logs")
 
     serial, dask = tmp_path / "serial", tmp_path / "dask"
-    assert run(serial, DistributedConfig(workers=1)) == 2
+    assert run(serial, DistributedConfig(workers=1)) == EXIT_PARTIAL
     # No scheduler and 2 workers: run_batch starts (and stops) its own LocalCluster.
-    assert run(dask, DistributedConfig(workers=2)) == 2
+    assert run(dask, DistributedConfig(workers=2)) == EXIT_PARTIAL
 
     good = [s.stem for s in batch if s.stem != "corrupt"]
     for scene in good:
