@@ -167,5 +167,9 @@ test: $(INSTALLED_DEV) ## run the test suite (slow end-to-end tests included)
 lint: $(INSTALLED_DEV) ## ruff
 	$(PY) -m ruff check pipeline tests bench
 
-clean: ## remove generated data (interim, OUT) and this RUN's report; keeps raw data and models
-	rm -rf $(call q,$(DATA)/interim) $(call q,$(OUT)) $(call q,$(REPORT))
+# Only the pipeline's own folders under OUT go (a folder of the user's inside OUT stays), and only
+# after the same guard as every stage: clean never deletes IMAGES, raw data or a model.
+OUT_FOLDERS := probability masks cars batch evaluation settings logs .carseg-tmp
+clean: guard ## remove generated data (interim, OUT's outputs) and this RUN's report; keeps raw data and models
+	rm -rf $(call q,$(DATA)/interim) $(foreach d,$(OUT_FOLDERS),$(call q,$(OUT)/$(d))) \
+	  $(call q,$(REPORT))

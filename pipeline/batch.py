@@ -60,7 +60,6 @@ from pipeline.io import (
 )
 from pipeline.model import METADATA_FILE, MODEL_FILE, read_metadata
 from pipeline.styles import (
-    add_layer_style,
     density_qml,
     mask_qml,
     probability_qml,
@@ -424,11 +423,8 @@ def zone_counts(zones_path: Path, cars, footprint, crs: CRS, *, calibration: dic
 def write_zones(zones, target: Path) -> Path:
     """``zones.gpkg`` with its default QGIS style (fill graduated by cars per hectare)."""
     density = zones["cars_per_ha"].replace([np.inf], np.nan).dropna()
-    with atomic_path(target) as tmp:
-        zones.to_file(tmp, driver="GPKG", layer="zones", engine="pyogrio",
-                      promote_to_multi=True)
-        add_layer_style(tmp, "zones", zones_qml(float(density.max()) if len(density) else 1.0))
-    return target
+    return write_vector(zones, target, layer="zones", promote_to_multi=True,
+                        style=zones_qml(float(density.max()) if len(density) else 1.0))
 
 
 def density_grid(cars, footprint, crs: CRS, cell: float):

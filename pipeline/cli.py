@@ -90,6 +90,23 @@ def _stamp(args, cfg: Config, stage: str) -> list[Path]:
     return [args.settings]
 
 
+def _prune(folder: Path, scenes: list[Path], what: str) -> None:
+    """Remove the derived folders (chips, masks) of scenes no longer in the training folder, so
+    the chip index and training see exactly the scenes that are there now."""
+    import shutil
+
+    from pipeline.io import TEMP_DIR
+
+    keep = {scene_name(s) for s in scenes}
+    if not folder.is_dir():
+        return
+    for sub in folder.iterdir():
+        if sub.is_dir() and sub.name != TEMP_DIR and sub.name not in keep:
+            log.info("%s: scene %s is gone from the training folder; removing its %s",
+                     folder, sub.name, what)
+            shutil.rmtree(sub)
+
+
 def _scenes(folder: Path, what: str) -> list[Path]:
     scenes = list_scenes(folder)
     if not scenes:
@@ -115,9 +132,9 @@ OUT_FOLDERS = ("probability", "masks", "cars", "batch", "evaluation", "settings"
 
 def cmd_paths(args) -> int:
     """Refuse, before any work, outputs that would write into or over an input folder."""
+    # TRUTH and ZONES are files: an output beside them (project/truth.gpkg, project/out) is fine.
     inputs = {"IMAGES": args.images, "DATA/raw": args.data / "raw" if args.data else None,
-              "TRUTH's folder": args.truth.parent if args.truth else None,
-              "ZONES's folder": args.zones.parent if args.zones else None}
+              "TRUTH": args.truth, "ZONES": args.zones}
     outputs: dict[str, Path | None] = {}
     if args.out:
         outputs.update({f"OUT/{name}": args.out / name for name in OUT_FOLDERS})
@@ -155,6 +172,7 @@ def cmd_tile(args) -> int:
 
     cfg = _cfg(args)
     scenes = _scenes(args.images, "to tile")
+    _prune(args.chips, scenes, "chips")
     return run_stage_batch(
         "tile", tile_scene, scenes,
         outputs=lambda s: [args.chips / scene_name(s) / CHIPS_FILE],
@@ -173,8 +191,9 @@ def cmd_masks(args) -> int:
         raise InputError(f"{args.labels}: no label files (.gpkg, .geojson, .shp, .parquet)")
     if args.images is not None:
         # The scenes of the training folder now, not every folder a past run left in chips/.
-        scene_indexes = [args.chips / scene_name(s) / CHIPS_FILE
-                         for s in _scenes(args.images, "to rasterize labels for")]
+        scenes = _scenes(args.images, "to rasterize labels for")
+        _prune(args.masks, scenes, "masks")
+        scene_indexes = [args.chips / scene_name(s) / CHIPS_FILE for s in scenes]
     else:
         scene_indexes = sorted(p for p in args.chips.glob(f"*/{CHIPS_FILE}")
                                if not p.parent.name.startswith(".carseg"))
@@ -313,7 +332,8 @@ def cmd_vectors(args) -> int:
         extra_inputs=_stamp(args, cfg, "vectors"),
         args=(args.out,), kwargs={"cfg": cfg.vectors}, cfg=cfg.distributed,
         force=args.force, log_dir=args.out / "logs")
-    write_summary(args.out)
+    write_summary(args.out, [scene_name(s) for s in list_scenes(args.images)]
+                  if args.images is not None else None)
     return status
 
 

@@ -126,13 +126,14 @@ def temp_dir(parent: Path | str) -> Iterator[Path]:
 def atomic_path(target: Path | str) -> Iterator[Path]:
     """Yield a temporary path for ``target``; move it onto ``target`` only on success.
 
-    The temporary has the target's own name (in a private folder), so GDAL/OGR pick the right
-    driver and GeoPackage layers are named after the target.
+    The temporary keeps the target's suffix, so GDAL/OGR pick the right driver, but not its
+    name: GDAL reads some characters of a file name (``;``) as options. Writers name layers
+    explicitly (:func:`write_vector`).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with temp_dir(target.parent) as scratch:
-        tmp = scratch / target.name
+        tmp = scratch / f"part{target.suffix}"
         yield tmp
         os.replace(tmp, target)
 
@@ -208,8 +209,15 @@ def write_if_changed(path: Path | str, data: Any) -> bool:
     return True
 
 
-def write_vector(gdf, path: Path | str, *, layer: str | None = None) -> Path:
-    """Write a GeoDataFrame atomically; the format follows the suffix (.gpkg, .geojson, .parquet)."""
+def write_vector(gdf, path: Path | str, *, layer: str | None = None, style: str | None = None,
+                 **kwargs) -> Path:
+    """Write a GeoDataFrame atomically; the format follows the suffix (.gpkg, .geojson, .parquet).
+
+    Args:
+        layer: the layer name (GeoPackage, GeoJSON); default the file's stem.
+        style: QGIS QML stored as the layer's default style (GeoPackage only).
+        kwargs: passed to ``GeoDataFrame.to_file`` (e.g. ``geometry_type``).
+    """
     path = Path(path)
     with atomic_path(path) as tmp:
         if path.suffix == ".parquet":
@@ -217,9 +225,15 @@ def write_vector(gdf, path: Path | str, *, layer: str | None = None) -> Path:
         else:
             driver = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON",
                       ".fgb": "FlatGeobuf", ".shp": "ESRI Shapefile"}[path.suffix]
-            # The temporary file's random name would otherwise become the layer name.
-            kwargs = {"layer": layer or path.stem} if driver in ("GPKG", "GeoJSON") else {}
-            gdf.to_file(tmp, driver=driver, engine="pyogrio", **kwargs)
+            # The temporary file's neutral name would otherwise become the layer name.
+            if driver in ("GPKG", "GeoJSON"):
+                kwargs["layer"] = layer or path.stem
+            with ogr_writable(tmp) as safe:
+                gdf.to_file(safe, driver=driver, engine="pyogrio", **kwargs)
+            if style is not None and driver == "GPKG":
+                from pipeline.styles import add_layer_style
+
+                add_layer_style(tmp, kwargs["layer"], style)
     return path
 
 
@@ -238,7 +252,8 @@ def read_vector(path: Path | str):
         if path.suffix == ".parquet":
             gdf = gpd.read_parquet(path)
         else:
-            gdf = gpd.read_file(path, engine="pyogrio", layer=_data_layer(path))
+            with gdal_safe_name(path) as safe:
+                gdf = gpd.read_file(safe, engine="pyogrio", layer=_data_layer(safe))
     except Exception as exc:  # pyogrio/arrow raise many types; the user needs the file and why
         raise VectorInputError(f"{path}: not a readable vector file ({first_line(exc)})") from None
     if gdf.crs is None and len(gdf):
@@ -254,6 +269,47 @@ def read_vector(path: Path | str):
                 f"but the file says its CRS is {gdf.crs.to_string()}; the file has lost its real "
                 "CRS (GeoJSON without one is read as WGS 84): set it with ogr2ogr -a_srs EPSG:...")
     return gdf
+
+
+# OGR reads these characters of a file name as syntax ("!" for archives, ";" for options).
+_OGR_SYNTAX = set(";!")
+
+
+@contextlib.contextmanager
+def ogr_writable(target: Path) -> Iterator[Path]:
+    """A path OGR can write for ``target`` (a temporary, see :func:`atomic_path`).
+
+    Where OGR would misread the folder's name, the file is written in the system's temporary
+    folder and moved to ``target`` afterwards.
+    """
+    import tempfile
+
+    if not _OGR_SYNTAX & set(str(target)):
+        yield target
+        return
+    with tempfile.TemporaryDirectory(prefix="carseg-") as tmp:
+        safe = Path(tmp) / f"data{target.suffix}"
+        yield safe
+        shutil.move(safe, target)
+
+
+@contextlib.contextmanager
+def gdal_safe_name(path: Path) -> Iterator[Path]:
+    """``path``, or a link to it under a plain name when OGR would misread its name.
+
+    The link (and links to a shapefile's sidecar files) lives in the system's temporary
+    folder, never beside the user's file.
+    """
+    import glob
+    import tempfile
+
+    if not _OGR_SYNTAX & set(str(path)):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="carseg-") as tmp:
+        for part in path.parent.glob(f"{glob.escape(path.stem)}.*"):
+            os.symlink(part.resolve(), Path(tmp) / f"data{part.suffix}")
+        yield Path(tmp) / f"data{path.suffix}"
 
 
 # QGIS keeps layer styles in a table of the GeoPackage itself; it is never the data.
@@ -319,30 +375,33 @@ def list_scenes(folder: Path | str) -> list[Path]:
 
 def check_outputs_apart(outputs: dict[str, Path | str | None],
                         inputs: dict[str, Path | str | None]) -> None:
-    """Refuse output folders that are, hold, or lie inside an input folder.
+    """Refuse outputs that would write into or over an input, or into each other.
 
     Args:
-        outputs: name (e.g. ``"OUT/masks"``) -> a folder the run writes into.
-        inputs: name (e.g. ``"IMAGES"``) -> a folder the run reads and must never write.
+        outputs: name (e.g. ``"OUT/masks"``) -> a folder the run writes into (and may replace).
+        inputs: name (e.g. ``"IMAGES"``) -> a folder or file the run reads and must never write.
 
     Raises:
-        OutputConflict: naming both folders, before any work starts.
+        OutputConflict: naming both places, before any work starts.
     """
-    def resolved(p):
-        return Path(p).expanduser().resolve()
+    def nested(a: Path, b: Path) -> bool:
+        return a == b or a in b.parents or b in a.parents
 
-    for out_name, out in outputs.items():
-        if out is None:
-            continue
-        o = resolved(out)
+    outs = {name: Path(p).expanduser().resolve() for name, p in outputs.items() if p is not None}
+    for out_name, o in outs.items():
         for in_name, src in inputs.items():
-            if src is None:
-                continue
-            i = resolved(src)
-            if o == i or i in o.parents or o in i.parents:
+            if src is not None and nested(o, Path(src).expanduser().resolve()):
                 raise OutputConflict(
-                    f"{out}: {out_name} would write into or over {in_name} ({src}); "
-                    "choose an output folder apart from the inputs")
+                    f"{outputs[out_name]}: {out_name} would write into or over {in_name} "
+                    f"({src}); choose an output folder apart from the inputs")
+    names = list(outs)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            # e.g. MODEL_DIR inside OUT/evaluation, which evaluate replaces as a whole.
+            if nested(outs[a], outs[b]):
+                raise OutputConflict(
+                    f"{outputs[a]}: {a} and {b} ({outputs[b]}) are the same folder or one holds "
+                    "the other; give each its own folder")
 
 
 def find_cars_file(out_dir: Path | str, scene: str) -> Path | None:

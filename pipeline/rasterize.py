@@ -161,11 +161,10 @@ def rasterize_scene(scene_chips_gpkg: Path, labels, masks_dir: Path, *, cfg: Lab
         ``masks_dir/<scene>/masks.json``: ``{"chips": {chip: car_pixels}, "labels": n,
         "repaired": n, "dropped": n, "label_ids": [...], "labels_total": n}``.
     """
-    import geopandas as gpd
 
     scene_chips_gpkg = Path(scene_chips_gpkg)
     scene = scene_chips_gpkg.parent.name
-    chips = gpd.read_file(scene_chips_gpkg, engine="pyogrio")
+    chips = read_vector(scene_chips_gpkg)
     out = Path(masks_dir) / scene
     car_pixels: dict[str, int] = {}
     used: set[int] = set()

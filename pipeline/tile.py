@@ -46,6 +46,7 @@ from pipeline.io import (
     first_line,
     open_scene,
     read_json,
+    read_vector,
     write_json,
     write_vector,
 )
@@ -296,7 +297,7 @@ def build_index(chips_dir: Path, masks_dir: Path, *, cfg: TileConfig) -> Path:
     chips_dir, masks_dir = Path(chips_dir), Path(masks_dir)
     tables, dtypes, label_ids, labels_total = [], {}, set(), 0
     for gpkg in sorted(chips_dir.glob(f"*/{CHIPS_FILE}")):
-        chips = gpd.read_file(gpkg, engine="pyogrio")
+        chips = read_vector(gpkg)
         if not len(chips):
             continue
         masks = read_json(masks_dir / gpkg.parent.name / MASKS_FILE,

@@ -482,19 +482,14 @@ def empty_cars(crs):
 
 def write_cars(gdf, target: Path) -> Path:
     """Write a car layer atomically; a GeoPackage gets QGIS's default style inside it."""
-    from pipeline.styles import add_layer_style, cars_qml
+    from pipeline.styles import cars_qml
 
     target = Path(target)
     if target.suffix == ".parquet":
         return write_vector(gdf, target)
-    with atomic_path(target) as tmp:
-        # Declared, so an empty layer opens in GIS as a polygon layer, not one of unknown type.
-        gdf.to_file(tmp, driver="GPKG" if target.suffix == ".gpkg" else "GeoJSON",
-                    engine="pyogrio", geometry_type="Polygon",
-                    **({"layer": "cars"} if target.suffix == ".gpkg" else {}))
-        if target.suffix == ".gpkg":
-            add_layer_style(tmp, "cars", cars_qml())
-    return target
+    # Declared, so an empty layer opens in GIS as a polygon layer, not one of unknown type.
+    return write_vector(gdf, target, layer="cars" if target.suffix == ".gpkg" else None,
+                        style=cars_qml(), geometry_type="Polygon")
 
 
 def vectorize_scene(mask_tif: Path, out_dir: Path, *, cfg: VectorConfig) -> Path:
@@ -575,20 +570,22 @@ def _read_log(path: Path) -> dict | None:
         return {"status": "failed", "error": f"{path}: unreadable log"}
 
 
-def write_summary(out_dir: Path) -> Path:
+def write_summary(out_dir: Path, scenes: list[str] | None = None) -> Path:
     """Write ``out_dir/cars/summary.csv``: scene, cars, car_area_m2, seconds, status, error.
 
-    Scenes come from the predicted masks and the per-scene logs; a scene that failed in
-    predict or vectors is listed with status ``failed`` and its error.
+    Scenes are ``scenes`` (the batch's, from its image folder), else those of the predicted
+    masks and the per-scene logs; a scene that failed in predict or vectors is listed with
+    status ``failed`` and its error.
     """
     out_dir = Path(out_dir)
     logs = out_dir / "logs"
-    scenes = {scene_name(p) for p in list_scenes(out_dir / "masks")}
-    # Scene names may hold dots (city.2026.tile7): take the name from the log's name less its
-    # fixed ".<stage>.json" ending, never from the first dot.
-    for stage in ("predict", "vectors"):
-        ending = f".{stage}.json"
-        scenes |= {p.name[: -len(ending)] for p in logs.glob(f"*{ending}")}
+    if scenes is None:
+        scenes = {scene_name(p) for p in list_scenes(out_dir / "masks")}
+        # Scene names may hold dots (city.2026.tile7): take the name from the log's name less
+        # its fixed ".<stage>.json" ending, never from the first dot.
+        for stage in ("predict", "vectors"):
+            ending = f".{stage}.json"
+            scenes |= {p.name[: -len(ending)] for p in logs.glob(f"*{ending}")}
     rows = []
     for scene in sorted(scenes):
         seconds, errors = 0.0, []
@@ -607,7 +604,11 @@ def write_summary(out_dir: Path) -> Path:
         elif cars_file is not None and not errors:
             try:
                 gdf = read_vector(cars_file)
-                cars, area = len(gdf), float(gdf.geometry.area.sum()) if len(gdf) else 0.0
+                # Square metres whatever the CRS's unit (State Plane layers are in feet).
+                area = (float(gdf["area_m2"].sum()) if "area_m2" in gdf else
+                        float(gdf.geometry.area.sum()) * metres_per_unit(gdf.crs) ** 2) \
+                    if len(gdf) else 0.0
+                cars = len(gdf)
             except InputError as exc:
                 errors.append(f"vectors: {exc}")
         rows.append({"scene": scene, "cars": cars if not errors else "",

@@ -36,8 +36,8 @@ def test_atomic_path_keeps_old_file_on_failure(tmp_path):
 def test_atomic_path_replaces_on_success(tmp_path):
     target = tmp_path / "sub" / "out.tif"
     with atomic_path(target) as tmp:
-        # Same name (so drivers and layer names follow it), in a hidden folder no listing sees.
-        assert tmp.name == target.name and tmp.parent.parent.name == TEMP_DIR
+        # Same suffix (so drivers follow it), in a hidden folder no listing sees.
+        assert tmp.suffix == target.suffix and tmp.parent.parent.name == TEMP_DIR
         assert list_scenes(target.parent) == []
         tmp.write_text("new")
     assert target.read_text() == "new"
@@ -95,11 +95,34 @@ def test_temporaries_of_a_killed_writer_are_swept_by_the_next(tmp_path):
             "    t.write_text('half'); os.kill(os.getpid(), signal.SIGKILL)\n")
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ}, check=False)
     assert proc.returncode == -9
-    assert list((tmp_path / TEMP_DIR).rglob("out.tif"))  # left behind, but hidden
+    assert list((tmp_path / TEMP_DIR).rglob("*.tif"))  # left behind, but hidden
     assert list_scenes(tmp_path) == []
     with atomic_path(tmp_path / "other.tif") as tmp:
         tmp.write_text("x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.tif"]
+
+
+def test_file_names_gdal_would_parse_are_written_as_given(tmp_path):
+    import geopandas as gpd
+    import shapely
+
+    from pipeline.io import write_vector
+
+    cars = gpd.GeoDataFrame({"a": [1]}, geometry=[shapely.box(0, 0, 1, 1)], crs=32633)
+    path = write_vector(cars, tmp_path / "site;2.gpkg", layer="cars")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site;2.gpkg"]
+    assert len(read_vector(path)) == 1
+
+
+def test_outputs_apart_from_each_other(tmp_path):
+    with pytest.raises(OutputConflict, match="MODEL_DIR and REPORTS/RUN"):
+        check_outputs_apart({"MODEL_DIR": tmp_path / "m", "REPORTS/RUN": tmp_path / "m"}, {})
+    with pytest.raises(OutputConflict, match="OUT/evaluation and MODEL_DIR"):
+        check_outputs_apart({"OUT/evaluation": tmp_path / "o" / "evaluation",
+                             "MODEL_DIR": tmp_path / "o" / "evaluation" / "m"}, {})
+    # An output beside an input file (a truth or zones file) is fine.
+    check_outputs_apart({"OUT/masks": tmp_path / "p" / "out" / "masks"},
+                        {"TRUTH": tmp_path / "p" / "truth.gpkg"})
 
 
 def test_outputs_over_inputs_are_refused(tmp_path):
