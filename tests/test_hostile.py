@@ -1,0 +1,140 @@
+"""Hostile-user findings: each test reproduces one defect seen on main (and fails until fixed).
+
+Real files in tmp_path, the real CLI (`python -m pipeline`) and the real Makefile; no mocks.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+
+from tests.conftest import write_scene
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True)
+
+
+def make(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+
+
+def write_mask_and_prob(out: Path, scene: str, *, crs, transform, cars) -> None:
+    """A predicted scene as predict leaves it: OUT/masks/<scene>.tif and probability/<scene>.tif.
+
+    ``cars`` is a list of (row, col, height, width) rectangles of car pixels.
+    """
+    mask = np.zeros((1, 200, 200), np.uint8)
+    for r, c, h, w in cars:
+        mask[0, r:r + h, c:c + w] = 1
+    prob = np.where(mask == 1, 240, 5).astype(np.uint8)
+    for kind, arr in (("masks", mask), ("probability", prob)):
+        write_scene(out / kind / f"{scene}.tif", arr, crs=crs, transform=transform, nodata=255)
+
+
+def read_summary(out: Path) -> dict[str, dict]:
+    with open(out / "cars" / "summary.csv", newline="") as fh:
+        return {row["scene"]: row for row in csv.DictReader(fh)}
+
+
+# === (a) data loss ===
+
+@pytest.mark.slow
+def test_clean_never_deletes_images_or_model_inside_out(tmp_path):
+    """`make clean` runs no guard: with IMAGES and MODEL_DIR inside OUT it rm -rf's both.
+
+    Every other target refuses OUT over IMAGES; clean deletes the user's scenes and the model
+    (the help line promises "keeps raw data and models").
+    """
+    out = tmp_path / "project"
+    images, model = out / "incoming", out / "model"
+    write_scene(images / "a.tif", np.full((3, 16, 16), 9, np.uint8))
+    model.mkdir(parents=True)
+    (model / "model.keras").write_bytes(b"weights")
+    make("clean", f"DATA={tmp_path / 'data'}", f"OUT={out}", f"IMAGES={images}",
+         f"MODEL_DIR={model}", f"REPORTS={tmp_path / 'reports'}")
+    assert (images / "a.tif").exists(), "make clean deleted a scene of IMAGES"
+    assert (model / "model.keras").exists(), "make clean deleted the model"
+
+
+def test_paths_refuses_model_dir_that_is_the_report_folder(tmp_path):
+    """REPORTS/RUN == MODEL_DIR (e.g. REPORTS=models) is accepted, but report and train both
+    stamp `settings.json` there: every second `make all` retrains and replaces the model."""
+    model = tmp_path / "models" / "h"
+    r = cli("paths", "--data", str(tmp_path / "data"), "--images", str(tmp_path / "in"),
+            "--out", str(tmp_path / "out"), "--model-dir", str(model), "--report", str(model))
+    assert r.returncode != 0, "MODEL_DIR == REPORTS/RUN accepted (settings.json collide)"
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_paths_refuses_model_dir_inside_an_out_folder_that_is_replaced(tmp_path):
+    """MODEL_DIR=OUT/evaluation is accepted; evaluate swaps OUT/evaluation as a whole folder
+    (atomic_dir), so the model bundle in it is deleted. Outputs must be apart from each other."""
+    out = tmp_path / "out"
+    r = cli("paths", "--data", str(tmp_path / "data"), "--images", str(tmp_path / "in"),
+            "--out", str(out), "--model-dir", str(out / "evaluation"),
+            "--report", str(tmp_path / "reports" / "h"))
+    assert r.returncode != 0, "MODEL_DIR inside OUT/evaluation accepted"
+
+
+# === (b) exit 0 but wrong ===
+
+def test_summary_car_area_is_square_metres_in_a_feet_crs(tmp_path):
+    """summary.csv's car_area_m2 is geometry.area in the CRS's unit: ft^2 in State Plane."""
+    out = tmp_path / "out"
+    ft = 0.3048006096012192  # US survey foot
+    gsd_ft = 0.15 / ft
+    transform = Affine(gsd_ft, 0, 6_000_000, 0, -gsd_ft, 2_100_000)
+    # One car of 30 x 14 pixels at 0.15 m: 4.5 m x 2.1 m = 9.45 m^2.
+    write_mask_and_prob(out, "sf", crs=CRS.from_epsg(2227), transform=transform,
+                        cars=[(50, 50, 30, 14)])
+    r = cli("vectors", "--out", str(out), "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    row = read_summary(out)["sf"]
+    assert row["status"] == "ok"
+    assert float(row["car_area_m2"]) == pytest.approx(9.45, rel=0.1), row
+
+
+def test_summary_lists_only_the_scenes_of_the_batch(tmp_path):
+    """A second batch into the same OUT (IMAGES=other/) lists the first batch's scenes in its
+    summary.csv as if they belonged to it (scenes come from OUT/masks, not IMAGES)."""
+    out = tmp_path / "out"
+    utm = CRS.from_epsg(32633)
+    t = Affine(0.15, 0, 500000, 0, -0.15, 4000000)
+    write_mask_and_prob(out, "old_scene", crs=utm, transform=t, cars=[(50, 50, 30, 14)])
+    write_mask_and_prob(out, "new_scene", crs=utm, transform=t, cars=[(50, 50, 30, 14)])
+    images = tmp_path / "batch2"
+    write_scene(images / "new_scene.tif", np.full((3, 200, 200), 9, np.uint8), transform=t)
+    r = cli("vectors", "--out", str(out), "--images", str(images), "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    assert set(read_summary(out)) == {"new_scene"}
+
+
+# === (c) failing, or failing with a misleading message ===
+
+def test_vectors_scene_name_with_semicolon(tmp_path):
+    """A scene named `a;b.tif` predicts, but vectors fails with sqlite's
+    "OperationalError: no such table: gpkg_geometry_columns" (the name reaches a connect
+    string). Any file name a GIS folder holds must work."""
+    out = tmp_path / "out"
+    write_mask_and_prob(out, "site;2", crs=CRS.from_epsg(32633),
+                        transform=Affine(0.15, 0, 500000, 0, -0.15, 4000000),
+                        cars=[(50, 50, 30, 14)])
+    r = cli("vectors", "--out", str(out), "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    assert read_summary(out)["site;2"]["status"] == "ok"
