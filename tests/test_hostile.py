@@ -138,3 +138,79 @@ def test_vectors_scene_name_with_semicolon(tmp_path):
     r = cli("vectors", "--out", str(out), "--workers", "1")
     assert r.returncode == 0, r.stderr
     assert read_summary(out)["site;2"]["status"] == "ok"
+
+
+# === Predict-level findings, with a tiny real Keras bundle: band 1 bright = car ===
+
+def car_scene(path: Path, *, crs=CRS.from_epsg(32633),
+              transform=Affine(0.15, 0, 500000, 0, -0.15, 4000000)) -> Path:
+    """200x200 px, 3 bands; two car-sized bright rectangles in band 1 (4.5 m x 2.1 m)."""
+    data = np.full((3, 200, 200), 100, np.uint8)
+    data[0] = 20
+    for r, c in ((40, 40), (120, 110)):
+        data[0, r:r + 30, c:c + 14] = 250
+    return write_scene(path, data, crs=crs, transform=transform)
+
+
+@pytest.fixture(scope="module")
+def bright_model(tmp_path_factory) -> Path:
+    """One 1x1 convolution + sigmoid on band 1: probability ~1 on cars, ~0 elsewhere."""
+    keras = pytest.importorskip("keras")
+    from pipeline.model import save_bundle
+
+    inputs = keras.Input((None, None, 3))
+    conv = keras.layers.Conv2D(1, 1, activation="sigmoid")
+    model = keras.Model(inputs, conv(inputs))
+    conv.set_weights([np.array([8.0, 0.0, 0.0], np.float32).reshape(1, 1, 3, 1),
+                      np.zeros(1, np.float32)])
+    meta = dict(bands=[1, 2, 3], dtype="uint8",
+                normalization={"mean": [127.0] * 3, "std": [40.0] * 3},
+                gsd=0.15, chip_size=64, size_multiple=1, threshold=0.5,
+                data_fingerprint="hostile")
+    model_dir = tmp_path_factory.mktemp("bright")
+    save_bundle(model, meta, model_dir)
+    return model_dir
+
+
+def run_batch_chain(images: Path, out: Path, model: Path) -> list[subprocess.CompletedProcess]:
+    common = ("--workers", "1")
+    return [cli("predict", str(images), "--model-dir", str(model), "--out", str(out), *common),
+            cli("vectors", "--out", str(out), "--images", str(images), *common),
+            cli("batch", "--images", str(images), "--out", str(out), "--model-dir", str(model),
+                *common)]
+
+
+@pytest.mark.slow
+def test_scene_replaced_by_a_corrupt_copy_keeps_no_stale_cars_in_the_batch(tmp_path,
+                                                                            bright_model):
+    """A scene that now fails predict keeps its previous probability/mask/cars, so the batch
+    layer still holds its old cars while summary.csv says it failed (exit 3 but wrong)."""
+    images, out = tmp_path / "images", tmp_path / "out"
+    car_scene(images / "a.tif")
+    car_scene(images / "b.tif", transform=Affine(0.15, 0, 500100, 0, -0.15, 4000000))
+    assert [r.returncode for r in run_batch_chain(images, out, bright_model)] == [0, 0, 0]
+    b = images / "b.tif"
+    os.truncate(b, b.stat().st_size // 2)  # the user's copy got cut off; mtime is new
+    rcs = [r.returncode for r in run_batch_chain(images, out, bright_model)]
+    assert rcs[0] == 3
+    assert read_summary(out)["b"]["status"] == "failed"
+    import geopandas as gpd
+
+    cars = gpd.read_file(out / "batch" / "cars.gpkg", layer="cars")
+    assert "b" not in set(cars["scene"]), "the failed scene's old cars are in the batch layer"
+
+
+@pytest.mark.slow
+def test_batch_of_scenes_in_two_far_apart_crss(tmp_path, bright_model):
+    """A batch mixing a UTM scene and a State Plane (feet) scene: predict and vectors work, but
+    batch dies with "MemoryError: Unable to allocate 161. GiB" (the density grid spans both
+    places in one CRS), exit 1, and no batch product is written."""
+    images, out = tmp_path / "images", tmp_path / "out"
+    car_scene(images / "europe.tif")
+    ft = 0.3048006096012192
+    car_scene(images / "california.tif", crs=CRS.from_epsg(2227),
+              transform=Affine(0.15 / ft, 0, 6_000_000, 0, -0.15 / ft, 2_100_000))
+    predict, vectors, batch = run_batch_chain(images, out, bright_model)
+    assert predict.returncode == 0 and vectors.returncode == 0, predict.stderr + vectors.stderr
+    assert "MemoryError" not in batch.stderr
+    assert batch.returncode == 0, batch.stderr
