@@ -214,3 +214,98 @@ def test_batch_of_scenes_in_two_far_apart_crss(tmp_path, bright_model):
     assert predict.returncode == 0 and vectors.returncode == 0, predict.stderr + vectors.stderr
     assert "MemoryError" not in batch.stderr
     assert batch.returncode == 0, batch.stderr
+
+
+@pytest.mark.slow
+def test_predict_writes_the_qml_styles_beside_its_rasters(tmp_path, bright_model):
+    """INTERFACE: "*.qml beside rasters". `make predict`/`make vectors` leave
+    OUT/probability/<scene>.tif and masks/<scene>.tif unstyled; only `make batch` writes the
+    .qml sidecars."""
+    images, out = tmp_path / "images", tmp_path / "out"
+    car_scene(images / "a.tif")
+    r = cli("predict", str(images), "--model-dir", str(bright_model), "--out", str(out),
+            "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    assert (out / "probability" / "a.qml").exists()
+    assert (out / "masks" / "a.qml").exists()
+
+
+@pytest.mark.slow
+def test_make_exits_3_when_one_scene_of_the_batch_fails(tmp_path, bright_model):
+    """README: a truncated scene fails, the others complete "and make exits 3 at the end".
+    The recipe exits 3, but make turns every recipe failure into its own status 2, so a
+    script cannot tell a partial batch from bad input."""
+    images = tmp_path / "images"
+    car_scene(images / "good.tif")
+    bad = car_scene(images / "cut.tif")
+    os.truncate(bad, bad.stat().st_size // 2)
+    r = make("predict", f"DATA={tmp_path / 'data'}", f"IMAGES={images}",
+             f"OUT={tmp_path / 'out'}", f"MODEL_DIR={bright_model}",
+             f"REPORTS={tmp_path / 'reports'}", "WORKERS=1")
+    assert (tmp_path / "out" / "masks" / "good.tif").exists()
+    assert r.returncode == 3, r.stderr
+
+
+# === (d) strays after kill -9 ===
+
+def _kill_when(proc: subprocess.Popen, seen, timeout: float = 60.0) -> bool:
+    """SIGKILL ``proc`` as soon as ``seen()`` is true; False when it ended first."""
+    import time
+
+    end = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < end:
+        if seen():
+            proc.kill()
+            proc.wait()
+            return True
+        time.sleep(0.001)
+    proc.kill()
+    proc.wait()
+    return False
+
+
+def _popen(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_sample_killed_leaves_no_staging_folder(tmp_path):
+    """kill -9 of `make sample` leaves DATA/.sample-staging.XXXX (mkdtemp, not the swept
+    .carseg-tmp) with partial scenes in it, and no later run removes it."""
+    data = tmp_path / "data"
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("sample: {train_scenes: 2, incoming_scenes: 2, width: 320, height: 256, "
+                   "seed: 3}\n")
+    proc = _popen("sample", str(data), "--config", str(cfg))
+    assert _kill_when(proc, lambda: any(data.glob(".sample-staging.*/raw/images/*.tif")))
+    r = cli("sample", str(data), "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert not list(data.glob(".sample-staging.*")), "the killed run's staging folder remains"
+
+
+@pytest.mark.slow
+def test_batch_killed_during_density_leaves_no_tmp_folder(tmp_path, bright_model):
+    """write_density uses tempfile.TemporaryDirectory(dir=OUT/batch): a kill -9 leaves a
+    visible OUT/batch/tmpXXXXXXXX/density.tif that no later run removes."""
+    images, out = tmp_path / "images", tmp_path / "out"
+    car_scene(images / "a.tif")
+    # 60 km apart: a density grid big enough to catch the write.
+    car_scene(images / "b.tif", transform=Affine(0.15, 0, 560000, 0, -0.15, 3940000))
+    predict, vectors, _ = run_batch_chain(images, out, bright_model)
+    assert predict.returncode == 0 and vectors.returncode == 0
+    batch_dir = out / "batch"
+    stray = lambda: [p for p in batch_dir.glob("tmp*") if p.is_dir()]  # noqa: E731
+    for _ in range(5):
+        for p in batch_dir.glob("*.json"):
+            p.unlink()  # redo the batch
+        proc = _popen("batch", "--images", str(images), "--out", str(out), "--model-dir",
+                      str(bright_model), "--workers", "1", "--force")
+        if _kill_when(proc, lambda: bool(stray())):
+            break
+    else:
+        pytest.skip("never caught the density write")
+    r = cli("batch", "--images", str(images), "--out", str(out), "--model-dir",
+            str(bright_model), "--workers", "1", "--force")
+    assert r.returncode == 0, r.stderr
+    assert not stray(), f"stray temporaries after kill and rerun: {stray()}"
