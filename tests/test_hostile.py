@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 
@@ -149,8 +148,11 @@ def test_vectors_scene_name_with_semicolon(tmp_path):
 
 # === Predict-level findings, with a tiny real Keras bundle: band 1 bright = car ===
 
-def car_scene(path: Path, *, crs=CRS.from_epsg(32633),
-              transform=Affine(0.15, 0, 500000, 0, -0.15, 4000000)) -> Path:
+UTM33 = CRS.from_epsg(32633)
+T0 = Affine(0.15, 0, 500000, 0, -0.15, 4000000)
+
+
+def car_scene(path: Path, *, crs=UTM33, transform=T0) -> Path:
     """200x200 px, 3 bands; two car-sized bright rectangles in band 1 (4.5 m x 2.1 m)."""
     data = np.full((3, 200, 200), 100, np.uint8)
     data[0] = 20
