@@ -350,3 +350,48 @@ def test_disk_full_says_no_space_left_naming_the_file(tmp_path, tiny_disk, brigh
     errors = [line for line in r.stderr.splitlines() if not line.startswith("INFO")]
     assert errors and all("no space left on device" in line for line in errors), errors
     assert "see previous exception" not in r.stderr.lower()
+
+
+# === ZONES ===
+
+def test_paths_accepts_out_beside_the_zones_file(tmp_path):
+    """ZONES=project/zones.gpkg with OUT=project/out is refused: "OUT/probability would write
+    into or over ZONES's folder". Writing into a subfolder overwrites no input; the usual
+    project layout (zones or truth file at the top, outputs below) must work."""
+    project = tmp_path / "project"
+    r = cli("paths", "--data", str(project / "data"), "--images", str(project / "incoming"),
+            "--out", str(project / "out"), "--model-dir", str(tmp_path / "models" / "h"),
+            "--report", str(tmp_path / "reports" / "h"), "--zones", str(project / "zones.gpkg"),
+            "--truth", str(project / "truth.gpkg"))
+    assert r.returncode == 0, r.stderr
+
+
+def test_failed_batch_leaves_no_catalog_pointing_at_deleted_files(tmp_path, bright_model):
+    """A batch with a bad ZONES file (no CRS) first deletes zones.gpkg/density.tif, then fails;
+    catalog.json and batch.json still list zones.gpkg as an asset that no longer exists."""
+    import json
+
+    import geopandas as gpd
+    import shapely
+
+    images, out = tmp_path / "images", tmp_path / "out"
+    car_scene(images / "a.tif")
+    write_mask_and_prob(out, "a", crs=UTM33, transform=T0, cars=[(40, 40, 30, 14)])
+    assert cli("vectors", "--out", str(out), "--images", str(images),
+               "--workers", "1").returncode == 0
+    zone = shapely.box(500000, 3999970, 500030, 4000000)
+    good = tmp_path / "zones" / "zones.gpkg"
+    good.parent.mkdir()
+    gpd.GeoDataFrame({"name": ["z"]}, geometry=[zone], crs=32633).to_file(good)
+    bad = tmp_path / "zones" / "nocrs.shp"
+    gpd.GeoDataFrame({"name": ["z"]}, geometry=[zone]).to_file(bad)
+    batch = ("batch", "--images", str(images), "--out", str(out), "--model-dir",
+             str(bright_model), "--workers", "1")
+    assert cli(*batch, "--zones", str(good)).returncode == 0
+    assert (out / "batch" / "zones.gpkg").exists()
+    r = cli(*batch, "--zones", str(bad))
+    assert r.returncode == 2 and "no CRS" in r.stderr
+    catalog = json.loads((out / "batch" / "catalog.json").read_text())
+    hrefs = [a["href"] for a in catalog.get("assets", {}).values()]
+    missing = [h for h in hrefs if not (out / "batch" / h).exists()]
+    assert not missing, f"catalog.json lists missing assets: {missing}"
