@@ -396,16 +396,3 @@ def test_failed_batch_leaves_no_catalog_pointing_at_deleted_files(tmp_path, brig
     missing = [h for h in hrefs if not (out / "batch" / h).exists()]
     assert not missing, f"catalog.json lists missing assets: {missing}"
 
-
-def test_scene_smaller_than_a_chip_is_not_called_invalid(tmp_path):
-    """A fully valid 40x40 training scene with 64 px chips is reported as "no chip has at least
-    50% valid pixels; zero chips": the user looks for nodata that is not there. Say that the
-    scene is smaller than tile.chip_size."""
-    images = tmp_path / "images"
-    write_scene(images / "small.tif", np.full((3, 40, 40), 120, np.uint8))
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("tile: {chip_size: 64, overlap: 8}\n")
-    r = cli("tile", str(images), str(tmp_path / "chips"), "--config", str(cfg), "--workers", "1")
-    warning = [line for line in r.stderr.splitlines() if "small.tif" in line]
-    assert warning, r.stderr
-    assert "valid pixels" not in warning[0] and "smaller" in warning[0], warning[0]
