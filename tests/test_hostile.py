@@ -16,7 +16,7 @@ import pytest
 from affine import Affine
 from rasterio.crs import CRS
 
-from tests.conftest import write_scene
+from conftest import write_scene
 
 REPO = Path(__file__).resolve().parents[1]
 
