@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -47,14 +46,16 @@ from rasterio.crs import CRS
 
 from pipeline.calibration import apply_calibration, count_interval
 from pipeline.config import Config, DistributedConfig
-from pipeline.distributed import is_fresh
+from pipeline.geo import NODATA, metres_per_unit
 from pipeline.io import (
     InputError,
     atomic_path,
     find_cars_file,
+    is_fresh,
     list_scenes,
     read_json,
     read_vector,
+    temp_dir,
     write_json,
     write_vector,
 )
@@ -74,7 +75,6 @@ log = logging.getLogger(__name__)
 BATCH_DIR = "batch"
 MANIFEST = "batch.json"
 CATALOG = "catalog.json"
-NODATA = 255
 DENSITY_NODATA = -9999.0
 # A car lying at least half inside another scene's copy is that copy, cut by an edge.
 CONTAINED = 0.5
@@ -381,9 +381,8 @@ def write_mosaics(infos: list[SceneInfo], batch_dir: Path, main_crs: CRS) -> lis
 
 # === Counts ===
 
-def zone_counts(zones_path: Path, cars, footprint, crs: CRS, *, calibration: dict | None,
-                level: float):
-    """Per zone: cars, area, valid area covered, cars per ha, expected count and interval."""
+def read_zones(zones_path: Path):
+    """The zones' polygons, checked (read before any batch output is replaced)."""
     with quiet_style_table():
         zones = read_vector(zones_path)
     if not len(zones):
@@ -394,7 +393,12 @@ def zone_counts(zones_path: Path, cars, footprint, crs: CRS, *, calibration: dic
                          f"{', '.join(sorted(set(zones.geometry.geom_type.dropna())))}")
     if (~polygonal).any():
         log.warning("%s: %d non-polygon features ignored", zones_path, int((~polygonal).sum()))
-    zones = zones[polygonal].to_crs(crs).reset_index(drop=True)
+    return zones[polygonal].reset_index(drop=True)
+
+
+def zone_counts(zones, cars, footprint, crs: CRS, *, calibration: dict | None, level: float):
+    """Per zone: cars, area, valid area covered, cars per ha, expected count and interval."""
+    zones = zones.to_crs(crs)
     geoms = zones.geometry.values
     points = shapely.point_on_surface(cars.geometry.values) if len(cars) else np.array([])
     zone_idx, car_idx = (shapely.STRtree(points).query(geoms, predicate="contains")
@@ -427,10 +431,11 @@ def write_zones(zones, target: Path) -> Path:
                         style=zones_qml(float(density.max()) if len(density) else 1.0))
 
 
-def density_grid(cars, footprint, crs: CRS, cell: float):
-    """Cars per hectare of valid imagery on a grid of ``cell`` metres; (array, transform)."""
+def density_grid(cars, footprint, crs: CRS, cell_m: float):
+    """Cars per hectare of valid imagery on a grid of ``cell_m`` metres; (array, transform)."""
     from rasterio import features
 
+    cell = cell_m / metres_per_unit(crs)  # the grid is in the CRS's unit (feet, say)
     west, south, east, north = footprint.bounds
     west, south = math.floor(west / cell) * cell, math.floor(south / cell) * cell
     east, north = math.ceil(east / cell) * cell, math.ceil(north / cell) * cell
@@ -450,9 +455,45 @@ def density_grid(cars, footprint, crs: CRS, cell: float):
                               fill=0, dtype="uint8")
     coverage = fine.reshape(height, k, width, k).mean(axis=(1, 3))
     with np.errstate(divide="ignore", invalid="ignore"):
-        density = counts / (coverage * cell * cell / 1e4)
+        density = counts / (coverage * cell_m * cell_m / 1e4)
     density = np.where(coverage >= MIN_COVERAGE, density, DENSITY_NODATA).astype(np.float32)
     return density, transform
+
+
+# Largest density grid, in cells: a batch spread over places far apart in one CRS would
+# otherwise need a grid of their bounding box (hundreds of GB for two continents).
+MAX_DENSITY_CELLS = 25_000_000
+
+
+def write_densities(cars, infos: list[SceneInfo], batch_dir: Path, main_crs: CRS,
+                    cell: float) -> list[Path]:
+    """``density.tif`` per CRS of the batch (``density_EPSG_xxxx.tif`` for the others), like the
+    mosaics: each on a grid in its scenes' own CRS."""
+    groups: dict[str, list[SceneInfo]] = {}
+    for info in infos:
+        groups.setdefault(info.crs.to_wkt(), []).append(info)
+    main_wkt = main_crs.to_wkt()
+    if main_wkt not in groups and groups:
+        main_wkt = max(groups, key=lambda k: len(groups[k]))
+    written = []
+    for wkt, members in groups.items():
+        crs = members[0].crs
+        suffix = "" if wkt == main_wkt else f"_{_crs_tag(crs)}"
+        footprint = shapely.union_all([m.footprint for m in members])
+        unit = metres_per_unit(crs)
+        west, south, east, north = footprint.bounds
+        cells = ((east - west) * unit / cell) * ((north - south) * unit / cell)
+        if cells > MAX_DENSITY_CELLS:
+            log.warning("batch: the scenes in %s span %.0f km; no density grid at %g m cells "
+                        "(set batch.density_cell_m larger, or give ZONES)", crs.to_string(),
+                        max(east - west, north - south) * unit / 1000, cell)
+            continue
+        names = {m.scene for m in members}
+        mine = cars[cars["scene"].isin(names)].to_crs(crs)
+        density, transform = density_grid(mine, footprint, crs, cell)
+        written.append(write_density(density, transform, crs,
+                                     batch_dir / f"density{suffix}.tif"))
+    return written
 
 
 def write_density(density: np.ndarray, transform: Affine, crs: CRS, target: Path) -> Path:
@@ -462,7 +503,7 @@ def write_density(density: np.ndarray, transform: Affine, crs: CRS, target: Path
 
     profile = dict(driver="GTiff", width=density.shape[1], height=density.shape[0], count=1,
                    dtype="float32", crs=crs, transform=transform, nodata=DENSITY_NODATA)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp_dir:
+    with temp_dir(target.parent) as tmp_dir:
         plain = Path(tmp_dir) / "density.tif"
         with rasterio.open(plain, "w", **profile) as dst:
             dst.write(density, 1)
@@ -701,6 +742,9 @@ def build_batch(images: Path, out_dir: Path, *, model_dir: Path, cfg: Config,
         raise InputError(f"{model_dir / MODEL_FILE}: model not found; run `make train` first")
     if zones is not None and not Path(zones).exists():
         raise InputError(f"{zones}: zones file not found")
+    # Bad zones are refused before any output is replaced, so the catalog never lists a file
+    # that a failed run removed.
+    zone_table = read_zones(Path(zones)) if zones is not None else None
     scenes = _complete_scenes(images, out_dir)
     names = [s for s, _ in scenes]
     signature = _signature(names, zones, cfg)
@@ -772,15 +816,17 @@ def build_batch(images: Path, out_dir: Path, *, model_dir: Path, cfg: Config,
         writer.writerows(seams)
     products.append(target)
     products += write_mosaics(infos, batch_dir, crs)
-    for stale in ("zones.gpkg", "density.tif", "density.qml"):
-        (batch_dir / stale).unlink(missing_ok=True)  # the other count product of a past run
-    if zones is not None:
-        table = zone_counts(Path(zones), merged, coverage, crs, calibration=calibration,
+    if zone_table is not None:
+        table = zone_counts(zone_table, merged, coverage, crs, calibration=calibration,
                             level=cfg.batch.interval)
-        products.append(write_zones(table, batch_dir / "zones.gpkg"))
+        counts = [write_zones(table, batch_dir / "zones.gpkg")]
     else:
-        density, transform = density_grid(merged, coverage, crs, cfg.batch.density_cell_m)
-        products.append(write_density(density, transform, crs, batch_dir / "density.tif"))
+        counts = write_densities(merged, infos, batch_dir, crs, cfg.batch.density_cell_m)
+    for stale in [batch_dir / "zones.gpkg", *batch_dir.glob("density*.tif")]:
+        if stale not in counts:  # the other count product of a past run
+            stale.unlink(missing_ok=True)
+            stale.with_suffix(".qml").unlink(missing_ok=True)
+    products += counts
     for info in infos:  # QGIS styles beside every per-scene COG
         write_qml(info.prob, probability_qml())
         write_qml(info.mask, mask_qml())

@@ -311,7 +311,7 @@ def cmd_predict(args) -> int:
 
 def cmd_vectors(args) -> int:
     from pipeline.distributed import run_stage_batch
-    from pipeline.io import VECTOR_SUFFIX
+    from pipeline.io import VECTOR_SUFFIX, find_cars_file
     from pipeline.vectorize import vectorize_scene, write_summary
 
     cfg = _cfg(args)
@@ -320,6 +320,11 @@ def cmd_vectors(args) -> int:
         # The batch's scenes that predict has finished (a failed scene has no mask; it is
         # reported in the summary from its log).
         masks = [masks_dir / f"{scene_name(s)}.tif" for s in _scenes(args.images, "")]
+        for gone in (m for m in masks if not m.exists()):
+            # Its predict failed (or was never run): an old car layer would be stale.
+            stale = find_cars_file(args.out, scene_name(gone))
+            if stale is not None:
+                stale.unlink()
         masks = [m for m in masks if m.exists()]
     else:
         masks = list_scenes(masks_dir)
@@ -514,6 +519,11 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("pyogrio", "rasterio", "matplotlib", "PIL", "distributed", "absl", "h5py"):
         # Libraries' INFO chatter ("Created 99 records") hides the pipeline's own lines.
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    if not args.debug:
+        # GDAL's errors reach the user as the stage's one line (io.first_line); its own log
+        # lines ("_tiffWriteProc: No space left on device.") would only repeat them.
+        logging.getLogger("rasterio._err").setLevel(logging.CRITICAL)
+        logging.getLogger("rasterio._env").setLevel(logging.CRITICAL)
     if not args.debug:
         # TensorFlow's C++ banner and Dask's worker start/stop narration are noise to a GIS
         # user; --debug keeps them. Dask reads this variable at import, in every worker too.

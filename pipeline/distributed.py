@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import DistributedConfig
-from pipeline.io import EXIT_PARTIAL, InputError, is_fresh, scene_name, stage_log, write_json
+from pipeline.io import (
+    EXIT_PARTIAL,
+    InputError,
+    first_line,
+    is_fresh,
+    scene_name,
+    stage_log,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +53,27 @@ def run_one(func: Callable, item: Any, args: tuple, kwargs: dict) -> float:
         func(item, *args, **kwargs)
     except InputError as exc:
         return f"{exc}"  # type: ignore[return-value]
+    except Exception as exc:
+        # A full disk does not get better by retrying: the scene's one line says so. GDAL does
+        # not always chain the reason into the exception, so the output folder is looked at.
+        full = _full_disk([a for a in args if isinstance(a, Path)])
+        if first_line(exc) == "no space left on device" or full is not None:
+            return f"{full or item}: no space left on device"  # type: ignore[return-value]
+        raise
     return time.perf_counter() - start
+
+
+# Below this much free space, a failed write is taken to be a full disk.
+FULL_DISK_BYTES = 1 << 20
+
+
+def _full_disk(folders: list[Path]) -> Path | None:
+    import shutil
+
+    for folder in folders:
+        if folder.is_dir() and shutil.disk_usage(folder).free < FULL_DISK_BYTES:
+            return folder
+    return None
 
 
 # How long to wait for an existing scheduler before telling the user it is not there.
@@ -104,7 +132,8 @@ def run_batch(func: Callable, items: Sequence[Any], *, args: tuple = (), kwargs:
                     break
                 except Exception as exc:  # retried, then reported; other scenes go on
                     outcome = exc
-                    log.warning("%s: attempt %d failed: %s", name(item), attempt + 1, exc)
+                    log.warning("%s: attempt %d failed: %s", name(item), attempt + 1,
+                                first_line(exc))
                     log.debug("%s", traceback.format_exc())
             _record(result, name(item), outcome)
             progress.update()
@@ -158,7 +187,7 @@ def _record(result: BatchResult, key: str, outcome: Any) -> None:
     if isinstance(outcome, float):
         result.done[key] = outcome
     elif isinstance(outcome, BaseException):
-        result.failed[key] = f"{outcome.__class__.__name__}: {outcome}"
+        result.failed[key] = f"{outcome.__class__.__name__}: {first_line(outcome)}"
     else:
         result.failed[key] = str(outcome)
 
@@ -190,6 +219,12 @@ def run_stage_batch(stage: str, func: Callable, items: Sequence[Path], *,
         for key, error in result.failed.items():
             write_json(stage_log(log_dir, key, stage), {"scene": key, "error": error,
                                                        "status": "failed"})
+    for item in stale:
+        if name(item) in result.failed:
+            # A failed scene keeps no outputs of an earlier run: later stages (vectors, the
+            # batch layer) must not use results that no longer match its input.
+            for path in outputs(item):
+                Path(path).unlink(missing_ok=True)
     for key, error in result.failed.items():
         print(f"error: {stage}: {key}: {error}", file=sys.stderr)
     if not result.failed:

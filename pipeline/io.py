@@ -466,7 +466,7 @@ def first_line(exc: BaseException) -> str:
              if "see previous exception" not in t.lower()]
     text = texts[-1] if texts else chain[0].__class__.__name__
     if any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain) \
-            or "no space left" in text.lower():
+            or any("no space left" in t.lower() for t in texts):
         return "no space left on device"
     if any(k in text for k in ("TIFFRead", "Read error", "TIFFFillTile", "TIFFFillStrip",
                                "IReadBlock", "not recognized as a supported file format",
