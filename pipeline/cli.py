@@ -108,6 +108,8 @@ def _prune(folder: Path, scenes: list[Path], what: str) -> None:
 
 
 def _scenes(folder: Path, what: str) -> list[Path]:
+    if not folder.is_dir():
+        raise InputError(f"{folder}: folder not found")
     scenes = list_scenes(folder)
     if not scenes:
         raise InputError(f"{folder}: no GeoTIFF scenes (.tif/.tiff) {what}")

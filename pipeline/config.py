@@ -244,6 +244,24 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{key} given twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
 def _parse_value(text: str) -> Any:
     # YAML gives numbers, booleans, null and [lists] their types; plain words stay strings.
     return yaml.safe_load(text) if text != "" else ""
@@ -297,9 +315,12 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
         except FileNotFoundError:
             raise InputError(f"{path}: config file not found") from None
+        except yaml.constructor.ConstructorError as exc:
+            line = exc.problem_mark.line + 1 if exc.problem_mark else "?"
+            raise SettingsError(f"{path}: line {line}: {exc.problem}") from None
         except yaml.YAMLError as exc:
             raise InputError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
         if not isinstance(data, dict):

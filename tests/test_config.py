@@ -97,3 +97,10 @@ def test_inconsistent_settings_fail_up_front():
     with pytest.raises(InputError, match=r"--set tile.overlap: tile.overlap \(256\) must be "
                                          r"smaller than tile.chip_size \(256\)"):
         load_config(Path("configs/default.yaml"), ["tile.overlap=256"])
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    bad = tmp_path / "twice.yaml"
+    bad.write_text("train:\n  epochs: 3\n  epochs: 30\n")
+    with pytest.raises(InputError, match=r"twice.yaml: line 3: epochs given twice"):
+        load_config(bad)
