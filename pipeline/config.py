@@ -121,8 +121,12 @@ class TrainConfig(_Section):
 class PredictConfig(_Section):
     """Sliding-window inference and stitching (``make predict``)."""
 
-    window: int | None = Field(None, ge=16, description="Window size (None = the model's chip size).")
-    overlap: int = Field(64, ge=0, description="Pixels shared by neighbouring windows.")
+    window: int = Field(
+        1024, ge=16, description="Largest inference window in pixels, independent of the training "
+        "chip size (windows shrink to fit a smaller scene).")
+    overlap: int | None = Field(
+        None, ge=0, description="Pixels shared by neighbouring windows (None = from the model's "
+        "receptive field).")
     batch_size: int = Field(8, ge=1, description="Windows per forward pass.")
     tta: bool = Field(False, description="Average over flips (test-time augmentation).")
     threshold: float | None = Field(

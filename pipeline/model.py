@@ -3,7 +3,9 @@ predict reads. Only ``keras.*`` APIs, so the same code runs on TensorFlow, JAX a
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +107,11 @@ class Bundle:
         """Window sizes must be a multiple of this (2 ** U-Net depth)."""
         return int(self.metadata.get("size_multiple", 1))
 
+    @functools.cached_property
+    def receptive_field(self) -> int | None:
+        """Side in pixels of one output pixel's context (see ``receptive_field``)."""
+        return receptive_field(self.model)
+
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """Normalise a (rows, cols, bands) image the way training did."""
         return normalize(image, self.metadata["normalization"])
@@ -159,3 +166,76 @@ def load_bundle(model_dir: Path | str) -> Bundle:
         raise InputError(f"{model_path}: cannot load the model ({exc.__class__.__name__}: "
                          f"{first_line(exc)})") from None
     return Bundle(model=model, metadata=metadata, path=model_dir)
+
+
+# === Inference helpers ===
+
+def receptive_field(model) -> int | None:
+    """Side in input pixels of the region that one output pixel of ``model`` depends on.
+
+    Walks the functional graph (nested models included) with the usual recurrence: a kxk
+    convolution or pooling adds ``(k - 1) * jump`` pixels, a stride multiplies the jump (the
+    input pixels between neighbouring outputs), an up-sampling divides it; where branches meet
+    (U-Net skips), the larger field wins. Predict sizes its window overlap from this, so a pixel
+    is only taken from windows that see all of its context.
+
+    Returns:
+        The receptive field's side in pixels, or None when the graph holds a layer it does not
+        know how to measure (a custom layer that mixes pixels).
+    """
+    try:
+        field, _ = _field_of(model, 1.0, 1.0)
+    except _UnknownLayerError:
+        return None
+    return int(math.ceil(field))
+
+
+class _UnknownLayerError(Exception):
+    pass
+
+
+# Layers that keep every pixel's value a function of that pixel alone (or of the same pixel of
+# several inputs): they leave the receptive field as it is.
+_POINTWISE = ("InputLayer", "Activation", "BatchNormalization", "Dropout", "SpatialDropout2D",
+              "Concatenate", "Add", "Multiply", "Subtract", "Average", "Maximum", "Minimum",
+              "ReLU", "LeakyReLU", "PReLU", "ELU", "Softmax", "LayerNormalization",
+              "GroupNormalization", "Rescaling", "Normalization", "Identity", "Lambda",
+              "GaussianNoise", "GaussianDropout", "Cropping2D", "ZeroPadding2D", "Dense")
+
+
+def _pair(value) -> int:
+    return int(max(value)) if isinstance(value, (tuple, list)) else int(value)
+
+
+def _field_of(model, field_in: float, jump_in: float) -> tuple[float, float]:
+    """(field, jump) of ``model``'s first output given its inputs' (field, jump)."""
+    state = {id(t): (field_in, jump_in) for t in model.inputs}
+    for layer in model.layers:
+        ins = layer.input if isinstance(layer.input, (list, tuple)) else [layer.input]
+        known = [state[id(t)] for t in ins if id(t) in state]
+        if not known:
+            if type(layer).__name__ == "InputLayer":
+                continue
+            raise _UnknownLayerError(layer.name)
+        field, jump = max(known)
+        kind = type(layer).__name__
+        if hasattr(layer, "layers") and hasattr(layer, "inputs"):  # a nested model
+            field, jump = _field_of(layer, field, jump)
+        elif kind == "Conv2DTranspose":
+            stride = _pair(layer.strides)
+            field += (math.ceil(_pair(layer.kernel_size) / stride) - 1) * jump
+            jump /= stride
+        elif kind in ("Conv2D", "DepthwiseConv2D", "SeparableConv2D"):
+            field += (_pair(layer.kernel_size) - 1) * _pair(layer.dilation_rate) * jump
+            jump *= _pair(layer.strides)
+        elif kind in ("MaxPooling2D", "AveragePooling2D"):
+            field += (_pair(layer.pool_size) - 1) * jump
+            jump *= _pair(layer.strides)
+        elif kind == "UpSampling2D":
+            jump /= _pair(layer.size)
+        elif kind not in _POINTWISE:
+            raise _UnknownLayerError(layer.name)
+        outs = layer.output if isinstance(layer.output, (list, tuple)) else [layer.output]
+        for t in outs:
+            state[id(t)] = (field, jump)
+    return state[id(model.outputs[0])]

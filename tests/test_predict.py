@@ -302,3 +302,83 @@ def test_encode_quantises_and_marks_nodata():
     prob = np.array([[0.0, 0.5, 1.0, np.nan]], np.float32)
     q, m = encode(prob, 0.5)
     assert q.tolist() == [[0, 127, 254, 255]] and m.tolist() == [[0, 1, 1, 255]]
+
+
+# === Every input works exactly (issue 12, predict side) ===
+
+def test_masked_pixels_stay_out_of_a_resampled_scene(tmp_path, identity_model):
+    """A scene at another GSD with an internal mask: masked pixels never reach the result.
+
+    The warped grid used to drop the mask, so the garbage under it (250) was predicted as if
+    valid and bled into the valid pixels next to it when the probability was brought back.
+    """
+    data = np.full((3, 60, 80), 60, np.uint8)
+    data[:, 20:40, 30:50] = 250  # garbage under the mask
+    valid = np.full((60, 80), 255, np.uint8)
+    valid[20:40, 30:50] = 0
+    path = tmp_path / "masked.tif"
+    profile = dict(driver="GTiff", width=80, height=60, count=3, dtype="uint8", crs=UTM,
+                   transform=Affine(2 * GSD, 0, 500000, 0, -2 * GSD, 4000000), tiled=True,
+                   blockxsize=16, blockysize=16)
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+        dst.write_mask(valid)
+    prob_path, _ = predict_scene(path, identity_model, tmp_path / "out",
+                                 cfg=PredictConfig(window=32, overlap=8))
+    prob = _read(prob_path)[0]
+    assert (prob[valid == 0] == 255).all()
+    expected = round(60 / 255 * 254)
+    assert np.abs(prob[valid == 255].astype(int) - expected).max() <= 1
+
+
+def _mixed_dtype_vrt(tmp_path, rng) -> Path:
+    """A VRT whose band 2 is uint16 while bands 1 and 3 are uint8 (a GeoTIFF cannot mix them)."""
+    base = write_scene(tmp_path / "base.tif", _scene(rng, 20, 20), nodata=None)
+    with rasterio.open(base) as src:
+        gt = ", ".join(repr(v) for v in src.transform.to_gdal())
+        wkt = src.crs.to_wkt()
+    bands = "".join(
+        f'<VRTRasterBand dataType="{dtype}" band="{i}"><SimpleSource>'
+        f'<SourceFilename relativeToVRT="1">base.tif</SourceFilename>'
+        f'<SourceBand>{i}</SourceBand></SimpleSource></VRTRasterBand>'
+        for i, dtype in ((1, "Byte"), (2, "UInt16"), (3, "Byte")))
+    vrt = tmp_path / "mixed.vrt"
+    vrt.write_text(f'<VRTDataset rasterXSize="20" rasterYSize="20"><SRS>{wkt}</SRS>'
+                   f'<GeoTransform>{gt}</GeoTransform>{bands}</VRTDataset>')
+    return vrt
+
+
+def test_dtype_is_checked_on_every_band_the_model_reads(tmp_path, rng, identity_model):
+    vrt = _mixed_dtype_vrt(tmp_path, rng)
+    with rasterio.open(vrt) as ds:
+        assert ds.dtypes == ("uint8", "uint16", "uint8")
+    message, leftovers = _failure(tmp_path, vrt, identity_model, "band 2 is uint16.*uint8")
+    assert "\n" not in message and str(vrt) in message
+    assert leftovers == []
+
+
+def test_extra_bands_are_named_in_the_log(tmp_path, rng, identity_model, caplog):
+    """A 4-band scene given to a 3-band model says which bands are used and which are not."""
+    data = rng.integers(1, 255, size=(4, 40, 40)).astype(np.uint8)
+    scene = tmp_path / "rgbn.tif"  # red, green, blue and an undefined (near-infrared) band
+    with rasterio.open(scene, "w", driver="GTiff", width=40, height=40, count=4, dtype="uint8",
+                       crs=UTM, transform=TRANSFORM, photometric="RGB") as dst:
+        dst.write(data)
+    with caplog.at_level("INFO", logger="pipeline.predict"):
+        prob_path, _ = predict_scene(scene, identity_model, tmp_path / "out",
+                                     cfg=PredictConfig(window=32, overlap=8))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("rgbn.tif" in w and "bands [1, 2, 3]" in w and "band(s) [4]" in w
+               for w in warnings), warnings
+    np.testing.assert_array_equal(_read(prob_path)[0], np.rint(data[0] / 255 * 254))
+    # An alpha band is a mask, not an unused data band: no warning for RGBA.
+    caplog.clear()
+    rgba = tmp_path / "rgba.tif"
+    with rasterio.open(rgba, "w", driver="GTiff", width=40, height=40, count=4, dtype="uint8",
+                       crs=UTM, transform=TRANSFORM, photometric="RGB", alpha="YES") as dst:
+        dst.write(np.concatenate([data[:3], np.full((1, 40, 40), 255, np.uint8)]))
+    with caplog.at_level("INFO", logger="pipeline.predict"):
+        predict_scene(rgba, identity_model, tmp_path / "out2",
+                      cfg=PredictConfig(window=32, overlap=8))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert any("reads bands [1, 2, 3]" in r.getMessage() for r in caplog.records)
