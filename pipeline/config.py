@@ -132,6 +132,9 @@ class PredictConfig(_Section):
     threshold: float | None = Field(
         None, gt=0, lt=1, description="Car threshold (None = the one stored in the model bundle)."
     )
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Inference arithmetic; 'auto' = bfloat16 on a CPU with AVX-512 BF16 "
+        "or AMX (TensorFlow backend, no GPU), else float32.")
 
 
 class VectorConfig(_Section):

@@ -16,6 +16,7 @@ and a scene the model cannot take (too few bands, another dtype) is refused with
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -39,7 +40,15 @@ from rasterio.windows import transform as window_transform
 from pipeline.config import PredictConfig
 from pipeline.geo import pixel_size, valid_mask
 from pipeline.io import InputError, atomic_path, first_line, open_scene
-from pipeline.model import METADATA_FILE, MODEL_FILE, Bundle, load_bundle, read_metadata
+from pipeline.model import (
+    METADATA_FILE,
+    MODEL_FILE,
+    Bundle,
+    load_bundle,
+    read_metadata,
+    resolve_precision,
+    with_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +59,8 @@ _EPS = 1e-6  # weight floor for valid pixels, so every one of them has a positiv
 _BLOCK = 256  # block size of the intermediate GeoTIFFs
 _FLUSH_ROWS = 64  # rows handed to the writer at a time
 # Overlap from the receptive field (predict.overlap = None): the dead margin at each inner
-# window edge is this share of the half-field, and the cos^2 ramp adds this share of the margin.
+# window edge is this share of the half-field, and the cos^2 ramp between two margins is this
+# share of one margin.
 # A U-Net's effective receptive field is much smaller than its theoretical one (the weights of
 # far pixels are tiny); bench.seams measures what is left at this share.
 CONTEXT_SHARE = 0.5
@@ -67,15 +77,26 @@ _GDAL_ENV = {"GDAL_CACHEMAX": 32 * 2**20, "GDAL_TIFF_INTERNAL_MASK": True}
 # === Model bundle, cached per process ===
 
 @functools.lru_cache(maxsize=4)
-def _cached_bundle(model_dir: str, stamp: tuple[int, int]) -> Bundle:
+def _cached_bundle(model_dir: str, stamp: tuple[int, int], precision: str) -> Bundle:
     log.info("loading model %s", model_dir)
-    return load_bundle(model_dir)
+    bundle = load_bundle(model_dir)
+    if precision != "float32":
+        try:
+            bundle = dataclasses.replace(bundle, model=with_precision(bundle.model, precision))
+        except Exception as exc:  # noqa: BLE001 - a model that cannot be rebuilt stays exact
+            log.info("%s: staying float32 (%s cannot be rebuilt: %s)", model_dir, precision,
+                     first_line(exc))
+            precision = "float32"
+    bundle.metadata = {**bundle.metadata, "inference_precision": precision}
+    return bundle
 
 
-def get_bundle(model_dir: Path | str) -> Bundle:
+def get_bundle(model_dir: Path | str, precision: str = "float32") -> Bundle:
     """Load a model bundle once per process (a Dask worker reuses it for every scene).
 
-    The cache key includes the model and metadata mtimes, so a retrained model is picked up.
+    ``precision`` is a ``predict.precision`` value (``auto`` is resolved here, per process, so a
+    Dask worker decides on its own CPU). The cache key includes the model and metadata mtimes, so
+    a retrained model is picked up.
     """
     model_dir = Path(model_dir).resolve()
     read_metadata(model_dir)  # raises the clear InputError when the bundle is missing
@@ -83,7 +104,7 @@ def get_bundle(model_dir: Path | str) -> Bundle:
     if not model_path.exists():
         raise InputError(f"{model_path}: model not found; run `make train` first")
     stamp = (model_path.stat().st_mtime_ns, (model_dir / METADATA_FILE).stat().st_mtime_ns)
-    return _cached_bundle(str(model_dir), stamp)
+    return _cached_bundle(str(model_dir), stamp, resolve_precision(precision))
 
 
 # === Window geometry and blending weights ===
@@ -124,20 +145,19 @@ def window_geometry(cfg: PredictConfig, metadata: dict,
     rest of the overlap; measured on the project's U-Nets (``bench.seams``), the context beyond
     ``CONTEXT_SHARE`` of the half-field moves a probability by well under 1/254, so a crop then
     predicts like the whole scene whatever its windows. All sizes are multiples of the model's
-    multiple, so every window sits on the model's pooling lattice.
+    multiple, so every window sits on the model's pooling lattice. Of the overlap, the margin is
+    1 / (2 + ``RAMP_SHARE``) at each end and the ramp the rest, given or computed alike.
     """
     multiple = int(metadata.get("size_multiple", 1))
     window = _round_up(cfg.window, multiple)
     if cfg.overlap is None:
         half = (receptive_field or DEFAULT_FIELD) / 2
-        margin = _round_up(CONTEXT_SHARE * half, multiple)
-        overlap = 2 * margin + _round_up(RAMP_SHARE * margin, multiple)
+        overlap = _round_up((2 + RAMP_SHARE) * CONTEXT_SHARE * half, multiple)
     else:
         overlap = _round_up(cfg.overlap, multiple) if cfg.overlap else 0
-        margin = max(overlap // 4, min(2, overlap // 2))
     # Neighbouring ramps must not cross, and a window must move forward.
     overlap = min(overlap, window // 2 // multiple * multiple)
-    margin = min(margin, overlap // 2)
+    margin = max(round(overlap / (2 + RAMP_SHARE)), min(2, overlap // 2))
     if cfg.overlap is not None and overlap != cfg.overlap:
         log.info("overlap %d set to %d (a multiple of %d, at most half the %d px window)",
                  cfg.overlap, overlap, multiple, window)
@@ -492,14 +512,15 @@ def predict_scene(scene: Path, model_dir: Path, out_dir: Path, *,
         src = open_scene(scene)
         try:
             check_compatible(src, scene, metadata)
-            bundle = get_bundle(model_dir)
+            bundle = get_bundle(model_dir, cfg.precision)
             geometry = window_geometry(cfg, bundle.metadata, bundle.receptive_field)
             threshold = cfg.threshold if cfg.threshold is not None else bundle.threshold
             tags = {"model": str(Path(model_dir).resolve() / MODEL_FILE),
                     "data_fingerprint": str(bundle.metadata.get("data_fingerprint", "")),
                     "threshold": f"{threshold:g}", "window": str(geometry.window),
                     "overlap": str(geometry.overlap), "margin": str(geometry.margin),
-                    "tta": str(cfg.tta), "prob_scale": str(PROB_SCALE)}
+                    "tta": str(cfg.tta), "prob_scale": str(PROB_SCALE),
+                    "precision": bundle.metadata["inference_precision"]}
             out_dir.mkdir(parents=True, exist_ok=True)
             # Intermediates live beside the outputs (same disk, scene-sized) and always go away.
             with tempfile.TemporaryDirectory(prefix=f".predict-{scene.stem}-", dir=out_dir) as tmp:
