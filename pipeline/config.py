@@ -111,8 +111,9 @@ class TrainConfig(_Section):
         None, gt=0, description="Wall-clock budget; training ends cleanly when it is spent."
     )
     early_stopping_patience: int = Field(8, ge=1, description="Epochs without val IoU gain.")
-    mixed_precision: Literal["auto", "on", "off"] = Field(
-        "auto", description="'auto' = mixed_float16 on a GPU, float32 on a CPU."
+    mixed_precision: Literal["auto", "on", "off", "bf16"] = Field(
+        "auto", description="'auto' = mixed_float16 on a GPU, mixed_bfloat16 on a CPU with "
+        "AVX-512 BF16 or AMX, else float32; 'on' = float16, 'bf16' = bfloat16."
     )
     cache_in_memory: bool = Field(True, description="Hold chips in RAM when they fit.")
     seed: int = Field(0, description="Seed for weights, sampling and augmentation.")
@@ -132,6 +133,9 @@ class PredictConfig(_Section):
     threshold: float | None = Field(
         None, gt=0, lt=1, description="Car threshold (None = the one stored in the model bundle)."
     )
+    engine: Literal["auto", "keras", "openvino"] = Field(
+        "auto", description="Inference engine; 'auto' = OpenVINO where it is installed (pip "
+        "install 'carseg[openvino]'), else Keras. Any failure falls back to Keras.")
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Inference arithmetic; 'auto' = bfloat16 on a CPU with AVX-512 BF16 "
         "or AMX (TensorFlow backend, no GPU), else float32.")

@@ -4,8 +4,11 @@ predict reads. Only ``keras.*`` APIs, so the same code runs on TensorFlow, JAX a
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +113,8 @@ class Bundle:
     @functools.cached_property
     def receptive_field(self) -> int | None:
         """Side in pixels of one output pixel's context (see ``receptive_field``)."""
+        if "receptive_field" in self.metadata:  # measured before the model went to an engine
+            return self.metadata["receptive_field"]
         return receptive_field(self.model)
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
@@ -305,3 +310,80 @@ def with_precision(model, precision: str):
     fast = model.__class__.from_config(config)
     fast.set_weights(model.get_weights())
     return fast
+
+
+# === Inference engine ===
+
+ENGINE_CACHE = ".engine-cache"  # beside model.keras; one folder per engine and model digest
+
+
+def file_sha256(path: Path | str) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(2**20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def resolve_engine(engine: str) -> str:
+    """'openvino' or 'keras': ``auto`` takes OpenVINO when its package is installed."""
+    if engine != "auto":
+        return engine
+    import importlib.util
+
+    return "openvino" if importlib.util.find_spec("openvino") else "keras"
+
+
+class OpenVINOModel:
+    """An OpenVINO compiled model with the one Keras method predict uses, ``predict_on_batch``."""
+
+    def __init__(self, compiled, precision: str):
+        self.compiled = compiled
+        self.precision = precision
+
+    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.compiled(np.ascontiguousarray(x, dtype=np.float32))[0])
+
+
+def openvino_model(model, model_path: Path, precision: str) -> OpenVINOModel:
+    """Compile ``model`` with OpenVINO for the CPU, at ``precision`` ('float32' or 'bfloat16').
+
+    The exported graph (OpenVINO IR, from Keras' ``model.export(format="openvino")``) is cached
+    in ``.engine-cache/openvino-<sha256 of model.keras>/`` beside the model, so it is built once
+    per model, not per process: a Dask worker finds it ready. It is exported into a temporary
+    folder and renamed into place, so a reader never sees half an export and two processes that
+    race both end up with a complete one. Where the bundle's folder is read-only the cache goes
+    to the system's temporary folder.
+    """
+    import openvino as ov
+
+    digest = file_sha256(model_path)[:16]
+    xml = None
+    for root in (Path(model_path).parent / ENGINE_CACHE,
+                 Path(tempfile.gettempdir()) / "carseg-engine-cache"):
+        target = root / f"openvino-{digest}"
+        if (target / "model.xml").exists():
+            xml = target / "model.xml"
+            break
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=root))
+        except OSError:
+            continue
+        try:
+            model.export(str(tmp / "model.xml"), format="openvino", verbose=False)
+            try:
+                tmp.rename(target)
+            except OSError:  # another process finished first: use its export
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        xml = target / "model.xml"
+        break
+    if xml is None:
+        raise OSError("no writable folder for the OpenVINO export")
+    core = ov.Core()
+    hint = "bf16" if precision == "bfloat16" else "f32"
+    compiled = core.compile_model(core.read_model(xml), "CPU", {"INFERENCE_PRECISION_HINT": hint})
+    return OpenVINOModel(compiled, precision)

@@ -45,7 +45,9 @@ from pipeline.model import (
     MODEL_FILE,
     Bundle,
     load_bundle,
+    openvino_model,
     read_metadata,
+    resolve_engine,
     resolve_precision,
     with_precision,
 )
@@ -77,26 +79,41 @@ _GDAL_ENV = {"GDAL_CACHEMAX": 32 * 2**20, "GDAL_TIFF_INTERNAL_MASK": True}
 # === Model bundle, cached per process ===
 
 @functools.lru_cache(maxsize=4)
-def _cached_bundle(model_dir: str, stamp: tuple[int, int], precision: str) -> Bundle:
+def _cached_bundle(model_dir: str, stamp: tuple[int, int], precision: str, engine: str) -> Bundle:
+    """The bundle with its model ready to run on ``engine`` at ``precision``.
+
+    Whatever cannot be had (the engine's package, an export, a bf16 rebuild) falls back,
+    quietly, to Keras and then to float32: predicting slower is better than not predicting.
+    """
     log.info("loading model %s", model_dir)
     bundle = load_bundle(model_dir)
-    if precision != "float32":
+    field = bundle.receptive_field  # measured on the Keras graph, before any engine swap
+    model = bundle.model
+    if engine == "openvino":
         try:
-            bundle = dataclasses.replace(bundle, model=with_precision(bundle.model, precision))
+            model = openvino_model(bundle.model, Path(model_dir) / MODEL_FILE, precision)
+        except Exception as exc:  # noqa: BLE001 - any failure means: use Keras
+            log.info("%s: OpenVINO unavailable (%s); using Keras", model_dir, first_line(exc))
+            engine = "keras"
+    if engine == "keras" and precision != "float32":
+        try:
+            model = with_precision(bundle.model, precision)
         except Exception as exc:  # noqa: BLE001 - a model that cannot be rebuilt stays exact
             log.info("%s: staying float32 (%s cannot be rebuilt: %s)", model_dir, precision,
                      first_line(exc))
             precision = "float32"
-    bundle.metadata = {**bundle.metadata, "inference_precision": precision}
-    return bundle
+    metadata = {**bundle.metadata, "inference_precision": precision, "inference_engine": engine,
+                "receptive_field": field}
+    return dataclasses.replace(bundle, model=model, metadata=metadata)
 
 
-def get_bundle(model_dir: Path | str, precision: str = "float32") -> Bundle:
+def get_bundle(model_dir: Path | str, precision: str = "float32",
+               engine: str = "keras") -> Bundle:
     """Load a model bundle once per process (a Dask worker reuses it for every scene).
 
-    ``precision`` is a ``predict.precision`` value (``auto`` is resolved here, per process, so a
-    Dask worker decides on its own CPU). The cache key includes the model and metadata mtimes, so
-    a retrained model is picked up.
+    ``precision`` and ``engine`` are ``predict.precision`` / ``predict.engine`` values (``auto``
+    is resolved here, per process, so a Dask worker decides on its own CPU). The cache key
+    includes the model and metadata mtimes, so a retrained model is picked up.
     """
     model_dir = Path(model_dir).resolve()
     read_metadata(model_dir)  # raises the clear InputError when the bundle is missing
@@ -104,7 +121,8 @@ def get_bundle(model_dir: Path | str, precision: str = "float32") -> Bundle:
     if not model_path.exists():
         raise InputError(f"{model_path}: model not found; run `make train` first")
     stamp = (model_path.stat().st_mtime_ns, (model_dir / METADATA_FILE).stat().st_mtime_ns)
-    return _cached_bundle(str(model_dir), stamp, resolve_precision(precision))
+    return _cached_bundle(str(model_dir), stamp, resolve_precision(precision),
+                          resolve_engine(engine))
 
 
 # === Window geometry and blending weights ===
@@ -512,7 +530,7 @@ def predict_scene(scene: Path, model_dir: Path, out_dir: Path, *,
         src = open_scene(scene)
         try:
             check_compatible(src, scene, metadata)
-            bundle = get_bundle(model_dir, cfg.precision)
+            bundle = get_bundle(model_dir, cfg.precision, cfg.engine)
             geometry = window_geometry(cfg, bundle.metadata, bundle.receptive_field)
             threshold = cfg.threshold if cfg.threshold is not None else bundle.threshold
             tags = {"model": str(Path(model_dir).resolve() / MODEL_FILE),
@@ -520,7 +538,8 @@ def predict_scene(scene: Path, model_dir: Path, out_dir: Path, *,
                     "threshold": f"{threshold:g}", "window": str(geometry.window),
                     "overlap": str(geometry.overlap), "margin": str(geometry.margin),
                     "tta": str(cfg.tta), "prob_scale": str(PROB_SCALE),
-                    "precision": bundle.metadata["inference_precision"]}
+                    "precision": bundle.metadata["inference_precision"],
+                    "engine": bundle.metadata["inference_engine"]}
             out_dir.mkdir(parents=True, exist_ok=True)
             # Intermediates live beside the outputs (same disk, scene-sized) and always go away.
             with tempfile.TemporaryDirectory(prefix=f".predict-{scene.stem}-", dir=out_dir) as tmp:

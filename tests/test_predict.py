@@ -488,3 +488,44 @@ def test_auto_precision_follows_the_cpu():
     expected = "bfloat16" if cpu_bf16_flags() else "float32"
     assert resolve_precision("auto") == expected
     assert resolve_precision("float32") == "float32"
+
+
+def test_training_policy_follows_the_setting_and_the_cpu():
+    from pipeline.train import gpu_visible, training_policy
+
+    assert training_policy("off") is None
+    assert training_policy("bf16") == "mixed_bfloat16"
+    assert training_policy("on") == "mixed_float16"
+    if gpu_visible():
+        assert training_policy("auto") == "mixed_float16"
+    else:
+        assert training_policy("auto") == ("mixed_bfloat16" if cpu_bf16_flags() else None)
+
+
+def test_engine_falls_back_to_keras_quietly(small_unet, tmp_path, rng):
+    """Asking for OpenVINO where it is not installed (or cannot export) still predicts."""
+    import importlib.util
+
+    bundle = get_bundle(small_unet, "float32", "openvino")
+    installed = importlib.util.find_spec("openvino") is not None
+    assert bundle.metadata["inference_engine"] == ("openvino" if installed else "keras")
+    assert bundle.receptive_field == 44  # measured on the Keras graph either way
+    scene = write_scene(tmp_path / "s.tif", _scene(rng, 40, 40), nodata=None)
+    prob_path, _ = predict_scene(scene, small_unet, tmp_path / "o",
+                                 cfg=PredictConfig(engine="openvino", precision="float32"))
+    tags = _read(prob_path)[1]["tags"]
+    assert tags["engine"] == bundle.metadata["inference_engine"]
+    exact = _read(predict_scene(scene, small_unet, tmp_path / "k",
+                                cfg=PredictConfig(engine="keras", precision="float32"))[0])[0]
+    assert np.abs(_read(prob_path)[0].astype(int) - exact).max() <= 1
+
+
+def test_openvino_export_is_cached_beside_the_model(small_unet, tmp_path, rng):
+    pytest.importorskip("openvino")
+    from pipeline.model import ENGINE_CACHE, MODEL_FILE, file_sha256
+
+    get_bundle(small_unet, "bfloat16", "openvino")
+    digest = file_sha256(small_unet / MODEL_FILE)[:16]
+    cached = small_unet / ENGINE_CACHE / f"openvino-{digest}"
+    assert (cached / "model.xml").exists() and (cached / "model.bin").exists()
+    assert not [p for p in (small_unet / ENGINE_CACHE).iterdir() if p.name.startswith(".")]
