@@ -2,12 +2,13 @@
 
     python -m bench.precision MODEL_DIR IMAGES_DIR [--truth TRUTH.gpkg] [--repeats 3] [--out DIR]
 
-Every scene in ``IMAGES_DIR`` is predicted at ``predict.precision=float32`` and ``bfloat16`` (same
-window and overlap); the stored probability rasters are compared pixel by pixel (in 1/254 steps:
-p99, p99.9, max, share of pixels more than 2 steps apart; target: at most 2 steps at 99.9% of
-pixels), the car masks by IoU, and, with ``--truth``, the object F1 of the full chain
-(vectors + evaluate) under both (target: F1 differs by at most 0.005). Wall times of the two
-predictions (medians of alternating runs) give the end-to-end speed-up on this machine.
+Every scene in ``IMAGES_DIR`` is predicted with Keras in float32 (the reference) and with each
+fast path: Keras bfloat16, and OpenVINO float32 / bf16 where OpenVINO is installed (same window
+and overlap). The stored probability rasters are compared pixel by pixel with the reference (in
+1/254 steps: p99, p99.9, max, share of pixels more than 2 steps apart; target: at most 2 steps at
+99.9% of pixels), the car masks by IoU, and, with ``--truth``, the object F1 of the full chain
+(vectors + evaluate) (target: F1 differs by at most 0.005). Wall times (medians of alternating
+runs) give the end-to-end speed-ups on this machine.
 Writes ``precision.json`` into ``--out`` (default ``reports/bench``).
 """
 
@@ -23,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import rasterio
 
-PRECISIONS = ("float32", "bfloat16")
 TARGET_P999 = 2  # 1/254 steps
 TARGET_F1 = 0.005
 
@@ -41,63 +41,79 @@ def _object_f1(out_dir: Path, truth: Path) -> float:
     return float(metrics["overall"]["object"]["f1"])
 
 
+def _variants() -> dict[str, tuple[str, str]]:
+    """name -> (engine, precision): the float32 Keras reference first, then the fast paths."""
+    import importlib.util
+
+    out = {"keras_float32": ("keras", "float32"), "keras_bfloat16": ("keras", "bfloat16")}
+    if importlib.util.find_spec("openvino"):
+        out.update(openvino_float32=("openvino", "float32"),
+                   openvino_bfloat16=("openvino", "bfloat16"))
+    return out
+
+
+def _read_outputs(out: Path, scene: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    with rasterio.open(out / "probability" / f"{scene.stem}.tif") as ds:
+        prob, tags = ds.read(1).astype(np.int16), ds.tags()
+    with rasterio.open(out / "masks" / f"{scene.stem}.tif") as ds:
+        mask = ds.read(1)
+    return prob, mask, tags
+
+
 def run(model_dir: Path, images: Path, *, truth: Path | None = None, repeats: int = 3) -> dict:
-    """Predict every scene of ``images`` at both precisions and compare (see module doc)."""
+    """Predict every scene of ``images`` with each engine and precision; compare (module doc)."""
     from pipeline.config import PredictConfig
     from pipeline.io import list_scenes
     from pipeline.model import cpu_bf16_flags
     from pipeline.predict import predict_scene
 
     scenes = list_scenes(images)
-    cfgs = {p: PredictConfig(precision=p) for p in PRECISIONS}
-    result: dict = {"model": str(model_dir), "images": str(images), "cpu_bf16_flags":
-                    cpu_bf16_flags(), "target_p999": TARGET_P999, "target_f1_diff": TARGET_F1,
-                    "scenes": {}}
+    variants = _variants()
+    cfgs = {n: PredictConfig(engine=e, precision=p) for n, (e, p) in variants.items()}
+    result: dict = {"model": str(model_dir), "images": str(images),
+                    "cpu_bf16_flags": cpu_bf16_flags(), "reference": "keras_float32",
+                    "target_p999": TARGET_P999, "target_f1_diff": TARGET_F1,
+                    "default": PredictConfig().model_dump(include={"engine", "precision"}),
+                    "variants": {}}
     with tempfile.TemporaryDirectory(prefix="precision-") as tmp:
-        outs = {p: Path(tmp) / p for p in PRECISIONS}
-        times: dict[str, list[float]] = {p: [] for p in PRECISIONS}
-        for scene in scenes:  # warm: model load and tracing at both precisions
-            for p in PRECISIONS:
-                predict_scene(scene, model_dir, outs[p], cfg=cfgs[p])
-        for _ in range(repeats):
-            for p in PRECISIONS:
+        outs = {n: Path(tmp) / n for n in variants}
+        times: dict[str, list[float]] = {n: [] for n in variants}
+        for scene in scenes:  # warm: model load, export and tracing for every variant
+            for n in variants:
+                predict_scene(scene, model_dir, outs[n], cfg=cfgs[n])
+        for _ in range(repeats):  # alternate, so other load hits every variant alike
+            for n in variants:
                 start = time.perf_counter()
                 for scene in scenes:
-                    predict_scene(scene, model_dir, outs[p], cfg=cfgs[p])
-                times[p].append(time.perf_counter() - start)
-        diffs = []
-        for scene in scenes:
-            probs, masks = {}, {}
-            for p in PRECISIONS:
-                with rasterio.open(outs[p] / "probability" / f"{scene.stem}.tif") as ds:
-                    probs[p] = ds.read(1).astype(np.int16)
-                    assert ds.tags()["precision"] == p, ds.tags()
-                with rasterio.open(outs[p] / "masks" / f"{scene.stem}.tif") as ds:
-                    masks[p] = ds.read(1)
-            keep = probs["float32"] != 255
-            d = np.abs(probs["float32"] - probs["bfloat16"])[keep]
-            diffs.append(d)
-            a, b = masks["float32"][keep] == 1, masks["bfloat16"][keep] == 1
-            union = np.logical_or(a, b).sum()
-            result["scenes"][scene.name] = {
-                "p99": float(np.percentile(d, 99)), "p999": float(np.percentile(d, 99.9)),
-                "max": int(d.max()), "share_over_2": round(float((d > 2).mean()), 6),
-                "mask_iou": round(float(np.logical_and(a, b).sum() / union), 5) if union else 1.0,
-            }
-        d = np.concatenate(diffs)
-        result["all"] = {"p99": float(np.percentile(d, 99)),
-                         "p999": float(np.percentile(d, 99.9)), "max": int(d.max()),
-                         "share_over_2": round(float((d > 2).mean()), 6)}
-        result["seconds"] = {p: round(statistics.median(t), 3) for p, t in times.items()}
-        result["speedup_bf16"] = round(result["seconds"]["float32"]
-                                       / result["seconds"]["bfloat16"], 3)
-        ok = result["all"]["p999"] <= TARGET_P999
-        if truth is not None:
-            f1 = {p: _object_f1(outs[p], truth) for p in PRECISIONS}
-            result["object_f1"] = {p: round(v, 5) for p, v in f1.items()}
-            result["object_f1_diff"] = round(abs(f1["float32"] - f1["bfloat16"]), 5)
-            ok = ok and result["object_f1_diff"] <= TARGET_F1
-        result["ok"] = ok
+                    predict_scene(scene, model_dir, outs[n], cfg=cfgs[n])
+                times[n].append(time.perf_counter() - start)
+        f1 = {n: _object_f1(outs[n], truth) for n in variants} if truth is not None else {}
+        ref_s = statistics.median(times["keras_float32"])
+        for n in variants:
+            diffs, ious = [], []
+            for scene in scenes:
+                p_ref, m_ref, _ = _read_outputs(outs["keras_float32"], scene)
+                p, m, tags = _read_outputs(outs[n], scene)
+                used = (tags.get("engine"), tags.get("precision"))
+                keep = p_ref != 255
+                diffs.append(np.abs(p_ref - p)[keep])
+                a, b = m_ref[keep] == 1, m[keep] == 1
+                union = np.logical_or(a, b).sum()
+                ious.append(float(np.logical_and(a, b).sum() / union) if union else 1.0)
+            d = np.concatenate(diffs)
+            row = {"engine_used": used[0], "precision_used": used[1],
+                   "seconds": round(statistics.median(times[n]), 3),
+                   "speedup": round(ref_s / statistics.median(times[n]), 3),
+                   "p99": float(np.percentile(d, 99)), "p999": float(np.percentile(d, 99.9)),
+                   "max": int(d.max()), "share_over_2": round(float((d > 2).mean()), 6),
+                   "mask_iou_min": round(min(ious), 5)}
+            ok = row["p999"] <= TARGET_P999
+            if f1:
+                row["object_f1"] = round(f1[n], 5)
+                row["object_f1_diff"] = round(abs(f1[n] - f1["keras_float32"]), 5)
+                ok = ok and row["object_f1_diff"] <= TARGET_F1
+            row["ok"] = ok
+            result["variants"][n] = row
     return result
 
 

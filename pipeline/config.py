@@ -123,7 +123,7 @@ class PredictConfig(_Section):
     """Sliding-window inference and stitching (``make predict``)."""
 
     window: int = Field(
-        1024, ge=16, description="Largest inference window in pixels, independent of the training "
+        1280, ge=16, description="Largest inference window in pixels, independent of the training "
         "chip size (windows shrink to fit a smaller scene).")
     overlap: int | None = Field(
         None, ge=0, description="Pixels shared by neighbouring windows (None = from the model's "
@@ -134,8 +134,8 @@ class PredictConfig(_Section):
         None, gt=0, lt=1, description="Car threshold (None = the one stored in the model bundle)."
     )
     engine: Literal["auto", "keras", "openvino"] = Field(
-        "auto", description="Inference engine; 'auto' = OpenVINO where it is installed (pip "
-        "install 'carseg[openvino]'), else Keras. Any failure falls back to Keras.")
+        "auto", description="Inference engine; 'auto' = Keras for bfloat16, else OpenVINO where "
+        "it is installed (pip install 'carseg[openvino]'), else Keras. Failures fall back to Keras.")
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Inference arithmetic; 'auto' = bfloat16 on a CPU with AVX-512 BF16 "
         "or AMX (TensorFlow backend, no GPU), else float32.")

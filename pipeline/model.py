@@ -248,7 +248,8 @@ def _field_of(model, field_in: float, jump_in: float) -> tuple[float, float]:
 
 # === Inference precision ===
 
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with bf16 arithmetic
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+FIRST_LAYER_FLOAT32 = True  # /proc/cpuinfo flags of CPUs with bf16 arithmetic
 
 
 def cpu_bf16_flags() -> list[str]:
@@ -268,10 +269,11 @@ def resolve_precision(precision: str) -> str:
     """The precision predict runs at: 'float32' or 'bfloat16'.
 
     ``auto`` picks bfloat16 where it pays and stays faithful: the TensorFlow backend on a CPU
-    with bf16 instructions and no GPU (measured in ``bench.bench_predict``: about 1.6x the
-    float32 speed, probabilities within 2/254 at 99.9% of pixels). Elsewhere, and whenever that
-    cannot be established, float32. An explicit ``bfloat16`` is honoured anywhere (without the
-    instructions it is emulated and slow).
+    with bf16 instructions and no GPU (measured in ``bench.precision`` with the trained demo
+    model: about 1.5x the float32 speed end to end, probabilities within 2/254 at 99.9% of
+    pixels, object F1 within 0.005). Elsewhere, and whenever that cannot be established,
+    float32. An explicit ``bfloat16`` is honoured anywhere (without the instructions it is
+    emulated and slow).
     """
     if precision != "auto":
         return precision
@@ -295,17 +297,26 @@ def with_precision(model, precision: str):
     The copy is rebuilt from the model's config with every layer's dtype policy set to
     ``mixed_bfloat16`` (variables stay float32, so the weights carry over bit for bit), except
     the layers that produce the outputs: the sigmoid head keeps computing in float32, as in
-    training, so probabilities are not rounded to bf16's 8 bits.
+    training, so probabilities are not rounded to bf16's 8 bits; and the layers that read the
+    image (``FIRST_LAYER_FLOAT32``): bf16 holds normalised pixels to 1/64 near 2-4, coarser than
+    one grey level, and keeping that one thin convolution exact halved the pixels whose
+    probability moved by more than 2/254 on the demo model.
     """
     if precision == "float32":
         return model
     if precision != "bfloat16":
         raise ValueError(f"unknown precision {precision!r}")
 
-    heads = {t._keras_history.operation.name for t in model.outputs}
+    exact = {t._keras_history.operation.name for t in model.outputs}
+    if FIRST_LAYER_FLOAT32:
+        inputs = {id(t) for t in model.inputs}
+        for layer in model.layers:
+            ins = layer.input if isinstance(layer.input, (list, tuple)) else [layer.input]
+            if type(layer).__name__ != "InputLayer" and any(id(t) in inputs for t in ins):
+                exact.add(layer.name)
     config = model.get_config()
     for layer in config["layers"]:
-        if layer["class_name"] != "InputLayer" and layer["name"] not in heads:
+        if layer["class_name"] != "InputLayer" and layer["name"] not in exact:
             layer["config"]["dtype"] = "mixed_bfloat16"
     fast = model.__class__.from_config(config)
     fast.set_weights(model.get_weights())
@@ -326,10 +337,18 @@ def file_sha256(path: Path | str) -> str:
     return digest.hexdigest()
 
 
-def resolve_engine(engine: str) -> str:
-    """'openvino' or 'keras': ``auto`` takes OpenVINO when its package is installed."""
+def resolve_engine(engine: str, precision: str = "float32") -> str:
+    """'openvino' or 'keras' for a resolved ``precision``.
+
+    ``auto``: Keras for bfloat16 (Keras keeps the first layer and the head in float32, which keeps
+    probabilities within 2/254 at 99.9% of pixels; OpenVINO's bf16 hint rounds the whole graph and
+    missed that, see ``bench.precision``), otherwise OpenVINO when its package is installed
+    (float32 there matches Keras to 1/254 and runs about 1.4x faster on a CPU), else Keras.
+    """
     if engine != "auto":
         return engine
+    if precision == "bfloat16":
+        return "keras"
     import importlib.util
 
     return "openvino" if importlib.util.find_spec("openvino") else "keras"

@@ -68,7 +68,8 @@ _FLUSH_ROWS = 64  # rows handed to the writer at a time
 CONTEXT_SHARE = 0.5
 RAMP_SHARE = 0.5
 DEFAULT_FIELD = 128  # receptive field assumed when a model's cannot be measured
-# Pixels per forward pass (batch x window area): 2 windows of 1024^2, 32 of 256^2.
+# Pixels per forward pass (batch x window area): one 1280^2 window, 2 of 1024^2, 32 of 256^2;
+# the default U-Net then peaks near 2 GB on a CPU.
 MAX_BATCH_PIXELS = 2 * 1024 * 1024
 # GDAL's block cache defaults to 5% of RAM and fills up as large outputs stream through it; a
 # small one is enough for strip-by-strip writes and keeps memory flat whatever the scene size.
@@ -121,8 +122,11 @@ def get_bundle(model_dir: Path | str, precision: str = "float32",
     if not model_path.exists():
         raise InputError(f"{model_path}: model not found; run `make train` first")
     stamp = (model_path.stat().st_mtime_ns, (model_dir / METADATA_FILE).stat().st_mtime_ns)
-    return _cached_bundle(str(model_dir), stamp, resolve_precision(precision),
-                          resolve_engine(engine))
+    resolved = resolve_precision(precision)
+    engine = resolve_engine(engine, resolved)
+    if engine == "openvino" and precision == "auto":
+        resolved = "float32"  # OpenVINO's bf16 is opt-in: it rounds the whole graph
+    return _cached_bundle(str(model_dir), stamp, resolved, engine)
 
 
 # === Window geometry and blending weights ===
