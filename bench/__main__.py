@@ -5,6 +5,11 @@
 Each benchmark module has ``run(workdir, **sizes) -> dict``; its result is written to
 ``OUT/<name>.json`` together with the machine it was measured on. A benchmark that fails is
 recorded with its error and the others still run; the exit status is then 1.
+
+Two checks need a trained model and run on their own: ``python -m bench.seams MODEL SCENE``
+(a crop at an unaligned offset predicts like the whole scene) and ``python -m bench.precision
+MODEL IMAGES --truth TRUTH`` (bfloat16 / OpenVINO against Keras float32: probabilities, object
+F1 and speed).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ GeoTIFF (a repeating noise block, so it is cheap to make), then measures in MPix
 - ``tile``: ``pipeline.tile.tile_scene`` with chip 256 / overlap 32, each run in a fresh
   subprocess whose peak resident memory is ``ru_maxrss`` of ``RUSAGE_CHILDREN``; the time
   excludes the interpreter start and imports (gdal_retile's includes its own, ~0.2 s),
-- ``gdal_retile``: ``gdal_retile.py -ps 256 256 -overlap 32`` with the same compression.
+- ``gdal_retile``: ``gdal_retile.py -ps 256 256 -overlap 32`` with the chips' own compression
+  (``pipeline.tile.CHIP_COMPRESSION``), so both write the same files.
 
 Times are medians of ``repeats`` runs; gdal_retile gets one run on big scenes (it is slow).
 """
@@ -115,9 +116,15 @@ def retile_once(path: Path, out: Path) -> float | str:
         return "unavailable"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    cmd = [exe, "-q", "-ps", str(CHIP), str(CHIP), "-overlap", str(OVERLAP),
-           "-co", "COMPRESS=DEFLATE", "-co", "ZLEVEL=1", "-co", "TILED=YES",
-           "-targetDir", str(out), str(path)]
+    from pipeline.tile import CHIP_COMPRESSION
+
+    # The chips' own creation options, so both write the same files.
+    options = {"COMPRESS": CHIP_COMPRESSION["compress"].upper(), "TILED": "YES",
+               **{k.upper(): str(v) for k, v in CHIP_COMPRESSION.items() if k != "compress"}}
+    cmd = [exe, "-q", "-ps", str(CHIP), str(CHIP), "-overlap", str(OVERLAP)]
+    for key, value in options.items():
+        cmd += ["-co", f"{key}={value}"]
+    cmd += ["-targetDir", str(out), str(path)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start

@@ -93,14 +93,21 @@ def make_chips(folder: Path, *, n: int, size: int, seed: int = 0, bands: int = 3
 
 
 def build_model(*, bands: int, depth: int, base_filters: int, learning_rate: float = 1e-3,
-                mixed_precision: bool = False):
-    """The U-Net compiled the way training compiles it (Adam, weighted BCE)."""
+                mixed_precision: bool | str = False):
+    """The U-Net compiled the way training compiles it (Adam, weighted BCE).
+
+    ``mixed_precision``: False (float32), True (mixed_float16) or a Keras policy name.
+    """
     import keras
 
     from pipeline.model import build_unet
     from pipeline.train import make_loss
 
-    keras.mixed_precision.set_global_policy("mixed_float16" if mixed_precision else "float32")
+    if isinstance(mixed_precision, str):
+        policy = mixed_precision
+    else:
+        policy = "mixed_float16" if mixed_precision else "float32"
+    keras.mixed_precision.set_global_policy(policy)
     try:
         model = build_unet(bands, depth=depth, base_filters=base_filters)
         model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=make_loss())
@@ -171,6 +178,24 @@ def run(workdir: Path, *, chip_size: int = 256, batch_size: int | None = None,
     model = build_model(bands=3, depth=depth, base_filters=base_filters)
     x, y = augmented[0]
     step_rate = train_step_chips_per_s(model, x, y, steps=steps)
+    # bfloat16 on this CPU (train.mixed_precision: bf16 / auto with AVX-512 BF16 or AMX):
+    # alternate float32 and bfloat16 steps so other load hits both alike.
+    bf16 = {}
+    if not accel:
+        from pipeline.model import cpu_bf16_flags
+
+        fast = build_model(bands=3, depth=depth, base_filters=base_filters,
+                           mixed_precision="mixed_bfloat16")
+        train_step_chips_per_s(fast, x, y, steps=1)  # compile outside the timing
+        rates = {"float32": [], "bfloat16": []}
+        for _ in range(3):
+            rates["float32"].append(train_step_chips_per_s(model, x, y, steps=steps, warmup=0))
+            rates["bfloat16"].append(train_step_chips_per_s(fast, x, y, steps=steps, warmup=0))
+        f32, b16 = (float(np.median(rates[k])) for k in ("float32", "bfloat16"))
+        bf16 = {"cpu_bf16_flags": cpu_bf16_flags(),
+                "train_step_chips_per_s_float32": round(f32, 3),
+                "train_step_chips_per_s_bf16": round(b16, 3),
+                "bf16_speedup": round(b16 / f32, 3)}
     return {
         "chip_size": chip_size,
         "batch_size": batch_size,
@@ -186,4 +211,5 @@ def run(workdir: Path, *, chip_size: int = 256, batch_size: int | None = None,
         "train_step_chips_per_s": round(step_rate, 3),
         "input_to_step_ratio": round(input_rate / step_rate, 3),
         "input_bound": bool(input_rate < step_rate),
+        **bf16,
     }

@@ -123,13 +123,11 @@ def predict_throughput(workdir: Path, *, scene_size: int, depth: int, base_filte
     from bench.harness import make_bundle, make_scene
     from pipeline import predict
     from pipeline.config import PredictConfig
-    from pipeline.geo import grid_windows
-    from pipeline.model import load_bundle, read_metadata
+    from pipeline.model import read_metadata
     model_dir = workdir / "model"
     make_bundle(model_dir, depth=depth, base_filters=base_filters, chip_size=chip_size)
     scene = make_scene(workdir / "scene.tif", scene_size, seed=1)
-    # The default overlap, capped where a tiny --quick window cannot hold it.
-    cfg = PredictConfig(overlap=min(PredictConfig().overlap, chip_size // 4))
+    cfg = PredictConfig()  # the defaults: window, receptive-field overlap, engine, precision
     mpix = scene_size * scene_size / 1e6
 
     def end_to_end(i: int) -> float:
@@ -141,16 +139,16 @@ def predict_throughput(workdir: Path, *, scene_size: int, depth: int, base_filte
     e2e = statistics.median(end_to_end(i + 1) for i in range(repeats))
 
     # Bare forward pass: the same number of windows of the same size, already in memory.
-    window, overlap = predict.window_geometry(cfg, read_metadata(model_dir))
-    if hasattr(predict, "window_offsets"):  # predict's own grid, where it has one
-        n_windows = len(predict.window_offsets(scene_size, window, overlap)) ** 2
-    else:
-        n_windows = len(grid_windows(scene_size, scene_size, window, overlap))
-    model = load_bundle(model_dir).model
-    batch = np.random.default_rng(0).normal(size=(cfg.batch_size, window, window, 3)).astype(
+    bundle = predict.get_bundle(model_dir, cfg.precision, cfg.engine)
+    geometry = predict.window_geometry(cfg, read_metadata(model_dir), bundle.receptive_field)
+    window, rows = predict.axis_plan(scene_size, 0, geometry)
+    n_windows = len(rows) ** 2
+    model = bundle.model
+    batch_size = max(1, min(cfg.batch_size, predict.MAX_BATCH_PIXELS // window**2))
+    batch = np.random.default_rng(0).normal(size=(batch_size, window, window, 3)).astype(
         np.float32)
     np.asarray(model.predict_on_batch(batch))  # compile
-    batches = int(np.ceil(n_windows / cfg.batch_size))
+    batches = int(np.ceil(n_windows / batch_size))
 
     def forward() -> float:
         start = time.perf_counter()
@@ -163,15 +161,16 @@ def predict_throughput(workdir: Path, *, scene_size: int, depth: int, base_filte
     return {
         "scene_size": scene_size,
         "window": window,
-        "overlap": overlap,
-        "batch_size": cfg.batch_size,
+        "overlap": geometry.overlap,
+        "precision": bundle.metadata["inference_precision"],
+        "batch_size": batch_size,
         "windows": n_windows,
         "first_call_s": round(first, 3),
         "end_to_end_s": round(e2e, 3),
         "end_to_end_mpix_per_s": round(mpix / e2e, 3),
         # Forward MPix/s counts scene pixels too (windows overlap), so the two compare directly.
         "forward_mpix_per_s": round(mpix / bare, 3),
-        "forward_window_mpix_per_s": round(batches * cfg.batch_size * window**2 / 1e6 / bare, 3),
+        "forward_window_mpix_per_s": round(batches * batch_size * window**2 / 1e6 / bare, 3),
         "end_to_end_share": round(bare / e2e, 3),
         "memory": memory_used(),
     }

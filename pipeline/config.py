@@ -113,8 +113,9 @@ class TrainConfig(_Section):
         None, gt=0, description="Wall-clock budget; training ends cleanly when it is spent."
     )
     early_stopping_patience: int = Field(8, ge=1, description="Epochs without val IoU gain.")
-    mixed_precision: Literal["auto", "on", "off"] = Field(
-        "auto", description="'auto' = mixed_float16 on a GPU, float32 on a CPU."
+    mixed_precision: Literal["auto", "on", "off", "bf16"] = Field(
+        "auto", description="'auto' = mixed_float16 on a GPU, mixed_bfloat16 on a CPU with "
+        "AVX-512 BF16 or AMX, else float32; 'on' = float16, 'bf16' = bfloat16."
     )
     cache_in_memory: bool = Field(True, description="Hold chips in RAM when they fit.")
     seed: int = Field(0, description="Seed for weights, sampling and augmentation.")
@@ -123,13 +124,23 @@ class TrainConfig(_Section):
 class PredictConfig(_Section):
     """Sliding-window inference and stitching (``make predict``)."""
 
-    window: int | None = Field(None, ge=16, description="Window size (None = the model's chip size).")
-    overlap: int = Field(64, ge=0, description="Pixels shared by neighbouring windows.")
+    window: int = Field(
+        1280, ge=16, description="Largest inference window in pixels, independent of the training "
+        "chip size (windows shrink to fit a smaller scene).")
+    overlap: int | None = Field(
+        None, ge=0, description="Pixels shared by neighbouring windows (None = from the model's "
+        "receptive field).")
     batch_size: int = Field(8, ge=1, description="Windows per forward pass.")
     tta: bool = Field(False, description="Average over flips (test-time augmentation).")
     threshold: float | None = Field(
         None, gt=0, lt=1, description="Car threshold (None = the one stored in the model bundle)."
     )
+    engine: Literal["auto", "keras", "openvino"] = Field(
+        "auto", description="Inference engine; 'auto' = Keras for bfloat16, else OpenVINO where "
+        "it is installed (pip install 'carseg[openvino]'), else Keras. Failures fall back to Keras.")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Inference arithmetic; 'auto' = bfloat16 on a CPU with AVX-512 BF16 "
+        "or AMX (TensorFlow backend, no GPU), else float32.")
 
 
 class VectorConfig(_Section):

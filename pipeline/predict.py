@@ -16,18 +16,20 @@ and a scene the model cannot take (too few bands, another dtype) is refused with
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import rasterio
 from affine import Affine
-from rasterio.enums import MaskFlags, Resampling
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import RasterioError
 from rasterio.plot import reshape_as_image
 from rasterio.vrt import WarpedVRT
@@ -35,18 +37,38 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from pipeline.config import PredictConfig
-from pipeline.geo import pixel_size, valid_mask
-from pipeline.io import InputError, atomic_path, first_line, open_scene, temp_dir
-from pipeline.model import METADATA_FILE, MODEL_FILE, Bundle, load_bundle, read_metadata
+from pipeline.geo import NODATA, PROB_SCALE, gsd_m, valid_mask
+from pipeline.io import InputError, atomic_path, first_line, open_scene, scene_name, temp_dir
+from pipeline.model import (
+    METADATA_FILE,
+    MODEL_FILE,
+    Bundle,
+    load_bundle,
+    openvino_model,
+    read_metadata,
+    resolve_engine,
+    resolve_precision,
+    with_precision,
+)
+from pipeline.styles import mask_qml, probability_qml, write_qml
 
 log = logging.getLogger(__name__)
 
-NODATA = 255
-PROB_SCALE = 254  # probability p is stored as round(p * 254); 255 is left for nodata
 GSD_TOLERANCE = 0.01  # relative GSD difference beyond which the scene is resampled
 _EPS = 1e-6  # weight floor for valid pixels, so every one of them has a positive total weight
 _BLOCK = 256  # block size of the intermediate GeoTIFFs
 _FLUSH_ROWS = 64  # rows handed to the writer at a time
+# Overlap from the receptive field (predict.overlap = None): the dead margin at each inner
+# window edge is this share of the half-field, and the cos^2 ramp between two margins is this
+# share of one margin.
+# A U-Net's effective receptive field is much smaller than its theoretical one (the weights of
+# far pixels are tiny); bench.seams measures what is left at this share.
+CONTEXT_SHARE = 0.5
+RAMP_SHARE = 0.5
+DEFAULT_FIELD = 128  # receptive field assumed when a model's cannot be measured
+# Pixels per forward pass (batch x window area): one 1280^2 window, 2 of 1024^2, 32 of 256^2;
+# the default U-Net then peaks near 2 GB on a CPU.
+MAX_BATCH_PIXELS = 2 * 1024 * 1024
 # GDAL's block cache defaults to 5% of RAM and fills up as large outputs stream through it; a
 # small one is enough for strip-by-strip writes and keeps memory flat whatever the scene size.
 # (rasterio passes an integer straight to GDALSetCacheMax64, so it is in bytes, not MB.)
@@ -56,15 +78,41 @@ _GDAL_ENV = {"GDAL_CACHEMAX": 32 * 2**20, "GDAL_TIFF_INTERNAL_MASK": True}
 # === Model bundle, cached per process ===
 
 @functools.lru_cache(maxsize=4)
-def _cached_bundle(model_dir: str, stamp: tuple[int, int]) -> Bundle:
+def _cached_bundle(model_dir: str, stamp: tuple[int, int], precision: str, engine: str) -> Bundle:
+    """The bundle with its model ready to run on ``engine`` at ``precision``.
+
+    Whatever cannot be had (the engine's package, an export, a bf16 rebuild) falls back,
+    quietly, to Keras and then to float32: predicting slower is better than not predicting.
+    """
     log.info("loading model %s", model_dir)
-    return load_bundle(model_dir)
+    bundle = load_bundle(model_dir)
+    field = bundle.receptive_field  # measured on the Keras graph, before any engine swap
+    model = bundle.model
+    if engine == "openvino":
+        try:
+            model = openvino_model(bundle.model, Path(model_dir) / MODEL_FILE, precision)
+        except Exception as exc:  # noqa: BLE001 - any failure means: use Keras
+            log.info("%s: OpenVINO unavailable (%s); using Keras", model_dir, first_line(exc))
+            engine = "keras"
+    if engine == "keras" and precision != "float32":
+        try:
+            model = with_precision(bundle.model, precision)
+        except Exception as exc:  # noqa: BLE001 - a model that cannot be rebuilt stays exact
+            log.info("%s: staying float32 (%s cannot be rebuilt: %s)", model_dir, precision,
+                     first_line(exc))
+            precision = "float32"
+    metadata = {**bundle.metadata, "inference_precision": precision, "inference_engine": engine,
+                "receptive_field": field}
+    return dataclasses.replace(bundle, model=model, metadata=metadata)
 
 
-def get_bundle(model_dir: Path | str) -> Bundle:
+def get_bundle(model_dir: Path | str, precision: str = "float32",
+               engine: str = "keras") -> Bundle:
     """Load a model bundle once per process (a Dask worker reuses it for every scene).
 
-    The cache key includes the model and metadata mtimes, so a retrained model is picked up.
+    ``precision`` and ``engine`` are ``predict.precision`` / ``predict.engine`` values (``auto``
+    is resolved here, per process, so a Dask worker decides on its own CPU). The cache key
+    includes the model and metadata mtimes, so a retrained model is picked up.
     """
     model_dir = Path(model_dir).resolve()
     read_metadata(model_dir)  # raises the clear InputError when the bundle is missing
@@ -72,41 +120,102 @@ def get_bundle(model_dir: Path | str) -> Bundle:
     if not model_path.exists():
         raise InputError(f"{model_path}: model not found; run `make train` first")
     stamp = (model_path.stat().st_mtime_ns, (model_dir / METADATA_FILE).stat().st_mtime_ns)
-    return _cached_bundle(str(model_dir), stamp)
+    resolved = resolve_precision(precision)
+    engine = resolve_engine(engine, resolved)
+    if engine == "openvino" and precision == "auto":
+        resolved = "float32"  # OpenVINO's bf16 is opt-in: it rounds the whole graph
+    return _cached_bundle(str(model_dir), stamp, resolved, engine)
 
 
 # === Window geometry and blending weights ===
 
-def window_geometry(cfg: PredictConfig, metadata: dict) -> tuple[int, int]:
-    """The (window, overlap) to predict with.
+@dataclass(frozen=True)
+class Geometry:
+    """How a scene is cut into inference windows.
 
-    The window is ``cfg.window`` or the bundle's chip size, rounded up to the model's size
-    multiple (a U-Net of depth d needs sizes divisible by 2**d). The overlap is rounded to that
-    multiple too, so every window starts on the model's pooling lattice: the U-Net is then
-    exactly shift-equivariant between windows, and a crop of a scene predicts like the scene.
-    It is capped at half the window so the blending ramps of neighbouring windows never cross.
+    Attributes:
+        window: the largest window side (``predict.window`` rounded to the model's multiple).
+        overlap: pixels shared by neighbouring windows (a multiple of the model's multiple).
+        margin: pixels next to a window's inner edge that get no weight at all.
+        multiple: window sides and strides are multiples of this (2 ** U-Net depth).
+        receptive_field: side of one output pixel's context in input pixels (None = unknown).
+    """
+
+    window: int
+    overlap: int
+    margin: int
+    multiple: int
+    receptive_field: int | None
+
+
+def _round_up(value: float, multiple: int) -> int:
+    return max(multiple, math.ceil(value / multiple) * multiple)
+
+
+def window_geometry(cfg: PredictConfig, metadata: dict,
+                    receptive_field: int | None = None) -> Geometry:
+    """The window, overlap and dead margin to predict with.
+
+    The window is ``cfg.window`` (independent of the training chip size: the U-Net is fully
+    convolutional, and one big window computes far fewer pixels twice than many chip-sized
+    ones), rounded up to the model's size multiple. With ``cfg.overlap`` None the overlap comes
+    from the model's receptive field: a pixel closer to a window's edge than half the field is
+    computed partly from padding, so its value depends on where the window falls. Each inner
+    edge drops ``margin`` = a share of that half-field outright (weight 0) and blends across the
+    rest of the overlap; measured on the project's U-Nets (``bench.seams``), the context beyond
+    ``CONTEXT_SHARE`` of the half-field moves a probability by well under 1/254, so a crop then
+    predicts like the whole scene whatever its windows. All sizes are multiples of the model's
+    multiple, so every window sits on the model's pooling lattice. Of the overlap, the margin is
+    1 / (2 + ``RAMP_SHARE``) at each end and the ramp the rest, given or computed alike.
     """
     multiple = int(metadata.get("size_multiple", 1))
-    size = int(cfg.window or metadata["chip_size"])
-    window = max(multiple, math.ceil(size / multiple) * multiple)
-    overlap = min(math.ceil(cfg.overlap / multiple) * multiple,
-                  window // 2 // multiple * multiple)
-    if overlap != cfg.overlap:
+    window = _round_up(cfg.window, multiple)
+    if cfg.overlap is None:
+        half = (receptive_field or DEFAULT_FIELD) / 2
+        overlap = _round_up((2 + RAMP_SHARE) * CONTEXT_SHARE * half, multiple)
+    else:
+        overlap = _round_up(cfg.overlap, multiple) if cfg.overlap else 0
+    # Neighbouring ramps must not cross, and a window must move forward.
+    overlap = min(overlap, window // 2 // multiple * multiple)
+    margin = max(round(overlap / (2 + RAMP_SHARE)), min(2, overlap // 2))
+    if cfg.overlap is not None and overlap != cfg.overlap:
         log.info("overlap %d set to %d (a multiple of %d, at most half the %d px window)",
                  cfg.overlap, overlap, multiple, window)
-    return window, overlap
+    return Geometry(window, overlap, margin, multiple, receptive_field)
+
+
+def lattice_phase(transform: Affine, multiple: int) -> tuple[int, int]:
+    """(row, col) of the scene's first pixel on the map's pooling lattice, modulo ``multiple``.
+
+    Pixel (r, c) of a north-up scene is pixel (r + R, c + C) of the map-wide grid of its pixel
+    size, with C = x0 / a and R = y0 / e; a crop of the scene has the same grid shifted by whole
+    pixels. Windows start at ``-phase``, i.e. on multiples of ``multiple`` of that map-wide grid,
+    so a crop's windows pool the same 2x2 blocks as the whole scene's, whatever its offset: the
+    U-Net is shift-equivariant only for shifts that are multiples of 2 ** depth.
+    """
+    if multiple <= 1 or transform.b != 0 or transform.d != 0:
+        return 0, 0
+    col = round(transform.c / transform.a) % multiple
+    row = round(transform.f / transform.e) % multiple
+    return int(row), int(col)
+
+
+def axis_plan(length: int, phase: int, geometry: Geometry) -> tuple[int, list[int]]:
+    """Window size and starts along one axis, in coordinates that start ``phase`` px early.
+
+    The fewest windows of at most ``geometry.window`` px that cover ``phase + length`` px are
+    taken, then shrunk to the smallest multiple of the model's multiple that still covers: a
+    700 px scene is one 704 px window, not a 1024 px one mostly made of padding.
+    """
+    total = phase + length
+    big, overlap, multiple = geometry.window, geometry.overlap, geometry.multiple
+    count = 1 + max(0, math.ceil((total - big) / (big - overlap)))
+    size = min(big, _round_up((total + (count - 1) * overlap) / count, multiple))
+    return size, [i * (size - overlap) for i in range(count)]
 
 
 def window_offsets(length: int, window: int, overlap: int) -> list[int]:
-    """Window starts along one axis: every multiple of the stride until the axis is covered.
-
-    Unlike ``geo.axis_offsets``, the last window is not shifted back to end at the edge: it stays
-    on the stride lattice and runs past the edge (padded by reflection). That costs no extra
-    window, and every window of a scene sits where the same window of any crop of it (offset by
-    a multiple of the stride) sits, so the blended result does not depend on where the scene
-    ends, and with the stride a multiple of the U-Net's size multiple, windows share its pooling
-    grid.
-    """
+    """Window starts along one axis: every multiple of the stride until the axis is covered."""
     stride = window - overlap
     if stride <= 0:
         raise ValueError(f"window size {window} must exceed overlap {overlap}")
@@ -114,17 +223,18 @@ def window_offsets(length: int, window: int, overlap: int) -> list[int]:
     return [i * stride for i in range(count)]
 
 
-def edge_ramp(size: int, overlap: int) -> np.ndarray:
+def edge_ramp(size: int, overlap: int, margin: int | None = None) -> np.ndarray:
     """1-D weights of a window's leading edge: 0 on a margin, then a cos^2 rise, then 1.
 
-    The margin (a quarter of the overlap, at least 2 px) drops the pixels a convolution computes
-    from its own zero padding; the ramp fills the rest of the overlap. A neighbour's trailing ramp
-    is this one mirrored, and sin^2 + cos^2 = 1, so the blend is a partition of unity.
+    The margin drops the pixels a convolution computes partly from the window's padding; the
+    ramp fills the rest of the overlap. A neighbour's trailing ramp is this one mirrored, and
+    sin^2 + cos^2 = 1, so the blend is a partition of unity.
     """
     ramp = np.ones(size, dtype=np.float32)
     if overlap <= 0:
         return ramp
-    margin = max(overlap // 4, min(2, overlap // 2))
+    if margin is None:
+        margin = max(overlap // 4, min(2, overlap // 2))
     ramp[:margin] = 0.0
     n = overlap - 2 * margin
     if n > 0:
@@ -133,14 +243,15 @@ def edge_ramp(size: int, overlap: int) -> np.ndarray:
     return ramp
 
 
-def axis_weight(offset: int, size: int, length: int, overlap: int) -> np.ndarray:
+def axis_weight(offset: int, size: int, length: int, overlap: int,
+                margin: int | None = None) -> np.ndarray:
     """1-D blending weight of a window at ``offset`` along an axis of ``length`` pixels.
 
     Only edges that have a neighbouring window are ramped: at the scene's true edge nothing else
     covers the pixels, so they keep full weight.
     """
     weight = np.ones(size, dtype=np.float32)
-    ramp = edge_ramp(size, overlap)
+    ramp = edge_ramp(size, overlap, margin)
     if offset > 0:
         weight *= ramp
     if offset + size < length:
@@ -158,41 +269,30 @@ class _StripReader:
         self.scene = scene
         self.bands = bands
         self.width, self.height = src.width, src.height
-        flags = src.mask_flag_enums[0] if src.count else ()
         # An internal mask or alpha band is a per-dataset mask; a nodata value is checked per
         # pixel across all bands by valid_mask (the GDAL convention for RGB orthophotos).
-        self.use_dataset_mask = (MaskFlags.per_dataset in flags or MaskFlags.alpha in flags)
+        self.use_dataset_mask = _has_mask(src)
 
     def read(self, row: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """(bands, rows, width) data and (rows, width) validity starting at ``row``.
 
-        Rows past the scene's bottom are filled by reflection (and marked invalid).
+        Rows above the scene's top (``row`` < 0) or past its bottom are filled by reflection
+        (and marked invalid).
         """
-        n = min(rows, self.height - row)
-        win = Window(0, row, self.width, n)
+        top = max(0, row)
+        n = max(0, min(row + rows, self.height) - top)
+        win = Window(0, top, self.width, n)
         try:
             data = self.src.read(self.bands, window=win)
             mask = self.src.dataset_mask(window=win) if self.use_dataset_mask else None
         except RasterioError as exc:
             raise InputError(f"{self.scene}: cannot read pixels ({first_line(exc)})") from None
         valid = valid_mask(data, self.src.nodata, mask)
-        if n < rows:
-            data = np.pad(data, ((0, 0), (0, rows - n), (0, 0)), mode="symmetric")
-            valid = np.pad(valid, ((0, rows - n), (0, 0)), constant_values=False)
+        before, after = top - row, rows - n - (top - row)
+        if before or after:
+            data = np.pad(data, ((0, 0), (before, after), (0, 0)), mode="symmetric")
+            valid = np.pad(valid, ((before, after), (0, 0)), constant_values=False)
         return data, valid
-
-
-def _window_image(image: np.ndarray, col: int, window: int) -> np.ndarray:
-    """The (window, window, bands) image of the window at ``col`` of a strip.
-
-    A window running past the scene's right edge is filled by reflection: it keeps image
-    statistics at the edge, unlike zeros, so the model sees no artificial border there.
-    """
-    cell = image[:, col:col + window]
-    short = window - cell.shape[1]
-    if short > 0:
-        cell = np.pad(cell, ((0, 0), (0, short), (0, 0)), mode="symmetric")
-    return cell
 
 
 # === Inference ===
@@ -242,58 +342,77 @@ class _Predictor:
         return out
 
 
-def predict_grid(reader: _StripReader, bundle: Bundle, *, window: int, overlap: int,
-                 batch_size: int, tta: bool,
-                 emit: Callable[[int, np.ndarray], None]) -> None:
+def predict_grid(reader: _StripReader, bundle: Bundle, *, geometry: Geometry,
+                 phase: tuple[int, int], batch_size: int, tta: bool,
+                 emit: Callable[[int, np.ndarray], None], predictor=None) -> None:
     """Predict every window of ``reader``'s grid and emit finished rows of blended probability.
 
-    ``emit(row_off, prob)`` receives float32 rows (scene width) with NaN at nodata, top to
-    bottom, in a writer thread. Memory holds one strip of ``window`` rows, whatever the height.
+    Windows are laid out in a frame that starts ``phase`` (rows, cols) pixels before the scene,
+    on the map's pooling lattice (see ``lattice_phase``); pixels outside the scene are filled by
+    reflection and get no weight. ``emit(row_off, prob)`` receives float32 rows (scene width)
+    with NaN at nodata, top to bottom, in a writer thread. Memory holds one strip of window
+    rows, whatever the scene's height.
     """
     width, height = reader.width, reader.height
-    rows = window_offsets(height, window, overlap)
-    cols = window_offsets(width, window, overlap)
-    col_weights = {c: axis_weight(c, window, width, overlap) for c in cols}
-    # Accumulators hold one strip: the rows of the current row of windows, scene width.
-    acc = np.zeros((window, width), dtype=np.float32)
+    win_h, rows = axis_plan(height, phase[0], geometry)
+    win_w, cols = axis_plan(width, phase[1], geometry)
+    frame_w = cols[-1] + win_w  # the strip's width in the frame: the scene plus padding
+    pad_left, pad_right = phase[1], frame_w - phase[1] - width
+    overlap, margin = geometry.overlap, geometry.margin
+    col_weights = {c: axis_weight(c, win_w, frame_w, overlap, margin) for c in cols}
+    # A batch is capped in pixels: a few big windows already keep every core busy, and
+    # activations grow with the batch's pixels.
+    batch_size = max(1, min(batch_size, MAX_BATCH_PIXELS // (win_h * win_w)))
+    # Accumulators hold one strip: the rows of the current row of windows, frame width.
+    acc = np.zeros((win_h, frame_w), dtype=np.float32)
     wsum = np.zeros_like(acc)
-    predictor = _Predictor(bundle.model, batch_size, tta)
+    predictor = predictor or _Predictor(bundle.model, batch_size, tta)
     n_bands = len(bundle.bands)
+    emitted = 0  # scene rows handed to the writer so far
     with ThreadPoolExecutor(1, thread_name_prefix="read") as read_pool, \
             ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool:
-        next_strip: Future = read_pool.submit(reader.read, rows[0], window)
+        next_strip: Future = read_pool.submit(reader.read, rows[0] - phase[0], win_h)
         pending: Future | None = None
         for i, row in enumerate(rows):
             data, valid = next_strip.result()
             if i + 1 < len(rows):
-                next_strip = read_pool.submit(reader.read, rows[i + 1], window)
+                next_strip = read_pool.submit(reader.read, rows[i + 1] - phase[0], win_h)
             image = reshape_as_image(data)  # (rows, cols, bands) once, before Keras
-            row_weight = axis_weight(row, window, height, overlap)
+            if pad_left or pad_right:
+                image = np.pad(image, ((0, 0), (pad_left, pad_right), (0, 0)), mode="symmetric")
+                valid = np.pad(valid, ((0, 0), (pad_left, pad_right)), constant_values=False)
+            row_weight = axis_weight(row, win_h, rows[-1] + win_h, overlap, margin)
             # Windows without one valid pixel are not worth a forward pass (nodata borders).
-            live = [c for c in cols if valid[:, c:c + window].any()]
+            live = [c for c in cols if valid[:, c:c + win_w].any()]
             # One batch at a time, so memory holds batch_size windows, not a row of them.
             for start in range(0, len(live), batch_size):
                 chunk = live[start:start + batch_size]
-                batch = np.empty((len(chunk), window, window, n_bands), dtype=np.float32)
+                batch = np.empty((len(chunk), win_h, win_w, n_bands), dtype=np.float32)
                 for j, col in enumerate(chunk):
-                    batch[j] = bundle.prepare(_window_image(image, col, window))
+                    batch[j] = bundle.prepare(image[:, col:col + win_w])
                 probs = predictor(batch)
                 for col, prob in zip(chunk, probs, strict=True):
-                    inside = min(window, width - col)  # the part of the window on the scene
-                    weight = np.maximum(np.outer(row_weight, col_weights[col][:inside]), _EPS)
-                    weight *= valid[:, col:col + inside]  # nodata gets no say
-                    acc[:, col:col + inside] += np.clip(prob[:, :inside], 0.0, 1.0) * weight
-                    wsum[:, col:col + inside] += weight
+                    weight = np.maximum(np.outer(row_weight, col_weights[col]), _EPS)
+                    weight *= valid[:, col:col + win_w]  # nodata and padding get no say
+                    acc[:, col:col + win_w] += np.clip(prob, 0.0, 1.0) * weight
+                    wsum[:, col:col + win_w] += weight
             # Rows above the next window's top are final: flush them and slide the strip up.
-            done = min((rows[i + 1] if i + 1 < len(rows) else height), height) - row
-            for top in range(0, done, _FLUSH_ROWS):  # in slices, to keep temporaries small
-                part = slice(top, min(done, top + _FLUSH_ROWS))
+            done = (rows[i + 1] if i + 1 < len(rows) else rows[-1] + win_h) - row
+            # Frame rows [row, row + done) are scene rows [row - phase, ...), clipped to it.
+            first = max(0, phase[0] - row)
+            last = min(done, height + phase[0] - row)
+            for top in range(first, last, _FLUSH_ROWS):  # in slices: small temporaries
+                part = slice(top, min(last, top + _FLUSH_ROWS))
+                scene_cols = slice(pad_left, pad_left + width)
                 with np.errstate(invalid="ignore", divide="ignore"):
-                    out = np.where(wsum[part] > 0, acc[part] / wsum[part], np.float32(np.nan))
+                    out = np.where(wsum[part, scene_cols] > 0,
+                                   acc[part, scene_cols] / wsum[part, scene_cols],
+                                   np.float32(np.nan))
                 if pending is not None:
                     pending.result()
-                pending = write_pool.submit(emit, row + top, out)
-            keep = window - done
+                pending = write_pool.submit(emit, row + top - phase[0], out)
+                emitted += part.stop - part.start
+            keep = win_h - done
             if keep > 0:
                 acc[:keep] = acc[done:]
                 wsum[:keep] = wsum[done:]
@@ -301,6 +420,8 @@ def predict_grid(reader: _StripReader, bundle: Bundle, *, window: int, overlap: 
             wsum[max(keep, 0):] = 0.0
         if pending is not None:
             pending.result()
+    if emitted != height:  # a bookkeeping slip must never write a silently partial raster
+        raise RuntimeError(f"predicted {emitted} of {height} rows")
 
 
 # === Output ===
@@ -367,16 +488,29 @@ def _write_cogs(prob_tmp: Path, mask_tmp: Path, prob_out: Path, mask_out: Path,
 # === The stage ===
 
 def check_compatible(src, scene: Path, metadata: dict) -> None:
-    """Refuse a scene whose bands or dtype the model was not trained on."""
+    """Refuse a scene whose bands or dtype the model was not trained on; say which bands it uses.
+
+    Every band the model reads is checked (a VRT can mix dtypes), and a scene with more bands
+    than the model reads is predicted from the model's bands, with a warning naming the rest.
+    """
     bands = [int(b) for b in metadata["bands"]]
     if src.count < max(bands):
         raise InputError(f"{scene}: has {src.count} band(s) but the model reads bands {bands}")
     dtype = str(metadata["dtype"])
-    if src.dtypes[0] != dtype:
-        raise InputError(f"{scene}: pixels are {src.dtypes[0]} but the model was trained on "
-                         f"{dtype}; convert the scene (gdal_translate -ot) or retrain")
+    wrong = [(b, src.dtypes[b - 1]) for b in bands if src.dtypes[b - 1] != dtype]
+    if wrong:
+        listed = ", ".join(f"band {b} is {t}" for b, t in wrong)
+        raise InputError(f"{scene}: {listed} but the model was trained on {dtype}; convert the "
+                         f"scene (gdal_translate -ot) or retrain")
     if src.width < 1 or src.height < 1:
         raise InputError(f"{scene}: raster is empty")
+    alpha = {i + 1 for i, ci in enumerate(src.colorinterp) if ci == ColorInterp.alpha}
+    unused = [b for b in range(1, src.count + 1) if b not in bands and b not in alpha]
+    if unused:
+        log.warning("%s: has %d bands; the model reads bands %s and ignores band(s) %s",
+                    scene.name, src.count, bands, unused)
+    else:
+        log.info("%s: the model reads bands %s", scene.name, bands)
 
 
 def predict_scene(scene: Path, model_dir: Path, out_dir: Path, *,
@@ -392,20 +526,22 @@ def predict_scene(scene: Path, model_dir: Path, out_dir: Path, *,
     """
     scene, model_dir, out_dir = Path(scene), Path(model_dir), Path(out_dir)
     metadata = read_metadata(model_dir)
-    prob_out = out_dir / "probability" / f"{scene.stem}.tif"
-    mask_out = out_dir / "masks" / f"{scene.stem}.tif"
+    prob_out = out_dir / "probability" / f"{scene_name(scene)}.tif"
+    mask_out = out_dir / "masks" / f"{scene_name(scene)}.tif"
     with rasterio.Env(**_GDAL_ENV):
         src = open_scene(scene)
         try:
             check_compatible(src, scene, metadata)
-            bundle = get_bundle(model_dir)
-            window, overlap = window_geometry(cfg, bundle.metadata)
+            bundle = get_bundle(model_dir, cfg.precision, cfg.engine)
+            geometry = window_geometry(cfg, bundle.metadata, bundle.receptive_field)
             threshold = cfg.threshold if cfg.threshold is not None else bundle.threshold
             tags = {"model": str(Path(model_dir).resolve() / MODEL_FILE),
                     "data_fingerprint": str(bundle.metadata.get("data_fingerprint", "")),
-                    "threshold": f"{threshold:g}", "window": str(window),
-                    "overlap": str(overlap), "tta": str(cfg.tta),
-                    "prob_scale": str(PROB_SCALE)}
+                    "threshold": f"{threshold:g}", "window": str(geometry.window),
+                    "overlap": str(geometry.overlap), "margin": str(geometry.margin),
+                    "tta": str(cfg.tta), "prob_scale": str(PROB_SCALE),
+                    "precision": bundle.metadata["inference_precision"],
+                    "engine": bundle.metadata["inference_engine"]}
             out_dir.mkdir(parents=True, exist_ok=True)
             # Intermediates live beside the outputs (same disk, scene-sized), hidden from scene
             # listings, and go away even after a kill (the next run sweeps them).
@@ -414,25 +550,34 @@ def predict_scene(scene: Path, model_dir: Path, out_dir: Path, *,
                                          "uint8", NODATA)
                 writer = _PairWriter(tmp / "prob.tif", tmp / "mask.tif", profile, threshold)
                 try:
-                    _predict_into(src, scene, bundle, writer, tmp, window=window,
-                                  overlap=overlap, cfg=cfg)
+                    _predict_into(src, scene, bundle, writer, tmp, geometry=geometry, cfg=cfg)
                 finally:
                     writer.close()
                 _write_cogs(tmp / "prob.tif", tmp / "mask.tif", prob_out, mask_out, tags)
         finally:
             src.close()
+    # QGIS opens both styled: a probability ramp, the mask's cars in red (255 transparent).
+    write_qml(prob_out, probability_qml())
+    write_qml(mask_out, mask_qml())
     log.info("%s: wrote %s and %s", scene.name, prob_out, mask_out)
     return prob_out, mask_out
 
 
+def _has_mask(src) -> bool:
+    """Whether validity comes from an internal mask or alpha band rather than a nodata value."""
+    flags = src.mask_flag_enums[0] if src.count else ()
+    return MaskFlags.per_dataset in flags or MaskFlags.alpha in flags
+
+
 def _predict_into(src, scene: Path, bundle: Bundle, writer: _PairWriter, tmp: Path, *,
-                  window: int, overlap: int, cfg: PredictConfig) -> None:
+                  geometry: Geometry, cfg: PredictConfig) -> None:
     """Predict on the scene's grid, or on the model's GSD and bring the result back."""
-    opts = dict(window=window, overlap=overlap, batch_size=cfg.batch_size, tta=cfg.tta)
-    src_gsd = pixel_size(src.transform)
+    opts = dict(geometry=geometry, batch_size=cfg.batch_size, tta=cfg.tta)
+    src_gsd = gsd_m(src.transform, src.crs)  # metres, like the bundle's, in any CRS unit
     model_gsd = bundle.gsd
     if not model_gsd or abs(src_gsd - model_gsd) / model_gsd <= GSD_TOLERANCE:
-        predict_grid(_StripReader(src, scene, bundle.bands), bundle, emit=writer, **opts)
+        predict_grid(_StripReader(src, scene, bundle.bands), bundle, emit=writer,
+                     phase=lattice_phase(src.transform, geometry.multiple), **opts)
         return
 
     # === Another GSD: predict on a warped grid at the model's GSD, then reproject back ===
@@ -447,13 +592,17 @@ def _predict_into(src, scene: Path, bundle: Bundle, writer: _PairWriter, tmp: Pa
                     resampling=Resampling.bilinear)
     if src.nodata is not None:
         vrt_opts["nodata"] = src.nodata
+    elif _has_mask(src):
+        # The warper honours the scene's mask but writes plain zeros where it is off; an alpha
+        # band on the warped grid carries the mask through, so masked pixels stay nodata.
+        vrt_opts["add_alpha"] = True
     profile = _tiled_profile(width, height, src.crs, transform, "float32", float("nan"))
     with WarpedVRT(src, **vrt_opts) as vrt, rasterio.open(warped_path, "w", **profile) as dst:
         def emit_float(row: int, prob: np.ndarray) -> None:
             dst.write(prob, 1, window=Window(0, row, prob.shape[1], prob.shape[0]))
 
         predict_grid(_StripReader(vrt, scene, bundle.bands), bundle, emit=emit_float,
-                     **opts)
+                     phase=lattice_phase(transform, geometry.multiple), **opts)
 
     # Back to the scene's grid strip by strip; validity comes from the scene itself.
     reader = _StripReader(src, scene, bundle.bands)

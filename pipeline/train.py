@@ -187,6 +187,22 @@ class TimeBudget(_callback_base()):
 
 # === Devices ===
 
+def training_policy(setting: str) -> str | None:
+    """The Keras dtype policy for ``train.mixed_precision`` (None = float32).
+
+    'on' is float16 (GPUs); 'bf16' is bfloat16, which needs no loss scaling; 'auto' picks float16
+    on a GPU, bfloat16 on a CPU with bf16 instructions (AVX-512 BF16 / AMX, TensorFlow), else
+    float32. The sigmoid head computes in float32 in every case (``build_unet``).
+    """
+    from pipeline.model import resolve_precision
+
+    if setting == "on" or (setting == "auto" and gpu_visible()):
+        return "mixed_float16"
+    if setting == "bf16" or (setting == "auto" and resolve_precision("auto") == "bfloat16"):
+        return "mixed_bfloat16"
+    return None
+
+
 def gpu_visible() -> bool:
     """Whether the active Keras backend sees a GPU."""
     import keras
@@ -446,8 +462,9 @@ def train(chips_dir: Path, masks_dir: Path, model_dir: Path, *, cfg: Config) -> 
 
     keras.utils.set_random_seed(t.seed)
     previous_policy = keras.mixed_precision.global_policy().name
-    if t.mixed_precision == "on" or (t.mixed_precision == "auto" and gpu_visible()):
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    policy = training_policy(t.mixed_precision)
+    if policy:
+        keras.mixed_precision.set_global_policy(policy)
     try:
         return _run(chips_dir, model_dir, cfg, records, train_recs, val_recs, stats,
                     normalization, fingerprint, bands, save_bundle)

@@ -15,8 +15,24 @@ from rio_cogeo.cogeo import cog_validate
 
 from pipeline.config import PredictConfig
 from pipeline.io import InputError
-from pipeline.model import build_unet, save_bundle
-from pipeline.predict import axis_weight, encode, get_bundle, predict_scene, window_offsets
+from pipeline.model import (
+    build_unet,
+    cpu_bf16_flags,
+    receptive_field,
+    resolve_precision,
+    save_bundle,
+)
+from pipeline.predict import (
+    CONTEXT_SHARE,
+    Geometry,
+    axis_plan,
+    axis_weight,
+    encode,
+    get_bundle,
+    predict_scene,
+    window_geometry,
+    window_offsets,
+)
 from tests.conftest import GSD, TRANSFORM, UTM, write_scene
 
 keras = pytest.importorskip("keras")
@@ -302,3 +318,216 @@ def test_encode_quantises_and_marks_nodata():
     prob = np.array([[0.0, 0.5, 1.0, np.nan]], np.float32)
     q, m = encode(prob, 0.5)
     assert q.tolist() == [[0, 127, 254, 255]] and m.tolist() == [[0, 1, 1, 255]]
+
+
+# === Every input works exactly (issue 12, predict side) ===
+
+def test_masked_pixels_stay_out_of_a_resampled_scene(tmp_path, identity_model):
+    """A scene at another GSD with an internal mask: masked pixels never reach the result.
+
+    The warped grid used to drop the mask, so the garbage under it (250) was predicted as if
+    valid and bled into the valid pixels next to it when the probability was brought back.
+    """
+    data = np.full((3, 60, 80), 60, np.uint8)
+    data[:, 20:40, 30:50] = 250  # garbage under the mask
+    valid = np.full((60, 80), 255, np.uint8)
+    valid[20:40, 30:50] = 0
+    path = tmp_path / "masked.tif"
+    profile = dict(driver="GTiff", width=80, height=60, count=3, dtype="uint8", crs=UTM,
+                   transform=Affine(2 * GSD, 0, 500000, 0, -2 * GSD, 4000000), tiled=True,
+                   blockxsize=16, blockysize=16)
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+        dst.write_mask(valid)
+    prob_path, _ = predict_scene(path, identity_model, tmp_path / "out",
+                                 cfg=PredictConfig(window=32, overlap=8))
+    prob = _read(prob_path)[0]
+    assert (prob[valid == 0] == 255).all()
+    expected = round(60 / 255 * 254)
+    assert np.abs(prob[valid == 255].astype(int) - expected).max() <= 1
+
+
+def _mixed_dtype_vrt(tmp_path, rng) -> Path:
+    """A VRT whose band 2 is uint16 while bands 1 and 3 are uint8 (a GeoTIFF cannot mix them)."""
+    base = write_scene(tmp_path / "base.tif", _scene(rng, 20, 20), nodata=None)
+    with rasterio.open(base) as src:
+        gt = ", ".join(repr(v) for v in src.transform.to_gdal())
+        wkt = src.crs.to_wkt()
+    bands = "".join(
+        f'<VRTRasterBand dataType="{dtype}" band="{i}"><SimpleSource>'
+        f'<SourceFilename relativeToVRT="1">base.tif</SourceFilename>'
+        f'<SourceBand>{i}</SourceBand></SimpleSource></VRTRasterBand>'
+        for i, dtype in ((1, "Byte"), (2, "UInt16"), (3, "Byte")))
+    vrt = tmp_path / "mixed.vrt"
+    vrt.write_text(f'<VRTDataset rasterXSize="20" rasterYSize="20"><SRS>{wkt}</SRS>'
+                   f'<GeoTransform>{gt}</GeoTransform>{bands}</VRTDataset>')
+    return vrt
+
+
+def test_dtype_is_checked_on_every_band_the_model_reads(tmp_path, rng, identity_model):
+    vrt = _mixed_dtype_vrt(tmp_path, rng)
+    with rasterio.open(vrt) as ds:
+        assert ds.dtypes == ("uint8", "uint16", "uint8")
+    message, leftovers = _failure(tmp_path, vrt, identity_model, "band 2 is uint16.*uint8")
+    assert "\n" not in message and str(vrt) in message
+    assert leftovers == []
+
+
+def test_extra_bands_are_named_in_the_log(tmp_path, rng, identity_model, caplog):
+    """A 4-band scene given to a 3-band model says which bands are used and which are not."""
+    data = rng.integers(1, 255, size=(4, 40, 40)).astype(np.uint8)
+    scene = tmp_path / "rgbn.tif"  # red, green, blue and an undefined (near-infrared) band
+    with rasterio.open(scene, "w", driver="GTiff", width=40, height=40, count=4, dtype="uint8",
+                       crs=UTM, transform=TRANSFORM, photometric="RGB") as dst:
+        dst.write(data)
+    with caplog.at_level("INFO", logger="pipeline.predict"):
+        prob_path, _ = predict_scene(scene, identity_model, tmp_path / "out",
+                                     cfg=PredictConfig(window=32, overlap=8))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("rgbn.tif" in w and "bands [1, 2, 3]" in w and "band(s) [4]" in w
+               for w in warnings), warnings
+    np.testing.assert_array_equal(_read(prob_path)[0], np.rint(data[0] / 255 * 254))
+    # An alpha band is a mask, not an unused data band: no warning for RGBA.
+    caplog.clear()
+    rgba = tmp_path / "rgba.tif"
+    with rasterio.open(rgba, "w", driver="GTiff", width=40, height=40, count=4, dtype="uint8",
+                       crs=UTM, transform=TRANSFORM, photometric="RGB", alpha="YES") as dst:
+        dst.write(np.concatenate([data[:3], np.full((1, 40, 40), 255, np.uint8)]))
+    with caplog.at_level("INFO", logger="pipeline.predict"):
+        predict_scene(rgba, identity_model, tmp_path / "out2",
+                      cfg=PredictConfig(window=32, overlap=8))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert any("reads bands [1, 2, 3]" in r.getMessage() for r in caplog.records)
+
+
+# === Stitching that does not depend on where the windows fall (issue 14) ===
+
+@pytest.fixture(scope="module")
+def small_unet(tmp_path_factory) -> Path:
+    """A seeded 2-level U-Net (receptive field 44 px, pools on a 4 px lattice) as a bundle."""
+    keras.utils.set_random_seed(3)
+    model = build_unet(3, depth=2, base_filters=4)
+    model_dir = tmp_path_factory.mktemp("unet2")
+    save_bundle(model, _metadata(normalization={"mean": [127.0] * 3, "std": [50.0] * 3},
+                                 chip_size=64, size_multiple=4), model_dir)
+    return model_dir
+
+
+def test_receptive_field_of_the_unet():
+    # 3x3 convs add 2 px x jump, 2x2 pools 1 px x jump: depth 1 = 1 + 4 + 1 + 8 + 4.
+    assert receptive_field(build_unet(3, depth=1, base_filters=4)) == 18
+    assert receptive_field(build_unet(3, depth=4, base_filters=4)) == 200
+
+
+def test_overlap_comes_from_the_receptive_field():
+    meta = _metadata(size_multiple=16, chip_size=256)
+    geom = window_geometry(PredictConfig(), meta, 200)
+    assert geom.window == 1280  # not the 256 px training chip
+    assert geom.overlap % 16 == 0 and geom.window % 16 == 0
+    assert geom.margin >= 200 / 2 * CONTEXT_SHARE  # the dropped edge covers the context
+    assert window_geometry(PredictConfig(), meta, 100).overlap < geom.overlap
+    explicit = window_geometry(PredictConfig(window=100, overlap=40), meta, 200)
+    assert (explicit.window, explicit.overlap) == (112, 48)
+
+
+@settings(max_examples=40, deadline=None)
+@given(length=st.integers(1, 3000), phase=st.integers(0, 15), window=st.sampled_from([64, 256, 1024]))
+def test_windows_shrink_to_the_scene_and_stay_on_the_lattice(length, phase, window):
+    geom = Geometry(window=window, overlap=32, margin=12, multiple=16, receptive_field=None)
+    size, starts = axis_plan(length, phase, geom)
+    assert size % 16 == 0 and size <= window and all(s % 16 == 0 for s in starts)
+    assert starts[-1] + size >= phase + length  # covered
+    assert size - 16 < phase + length or len(starts) > 1  # no window all padding
+    assert len(starts) == 1 or starts[-1] < phase + length - geom.overlap
+
+
+@pytest.mark.parametrize("offset", [(37, 23), (64, 128)])
+def test_unaligned_crop_predicts_like_the_whole_scene(tmp_path, rng, small_unet, offset):
+    """A crop at any whole-pixel offset, windows falling elsewhere, equals the whole scene.
+
+    (37, 23) is not a multiple of the U-Net's 4 px pooling lattice: the crop's windows are
+    anchored to the map's lattice, so they still pool the same 2x2 blocks. With a margin of half
+    the receptive field (22 px) every kept pixel sees its whole context: equal up to rounding.
+    """
+    data = _scene(rng, 200, 260)
+    cfg = PredictConfig(window=96, overlap=56, precision="float32")
+    whole = write_scene(tmp_path / "whole.tif", data, nodata=None)
+    r0, c0 = offset
+    rows, cols = 200 - r0 - 10, 260 - c0 - 10
+    crop = write_scene(tmp_path / "crop.tif", data[:, r0:r0 + rows, c0:c0 + cols].copy(),
+                       transform=TRANSFORM @ Affine.translation(c0, r0), nodata=None)
+    p_whole = _read(predict_scene(whole, small_unet, tmp_path / "a", cfg=cfg)[0])[0]
+    p_crop = _read(predict_scene(crop, small_unet, tmp_path / "b", cfg=cfg)[0])[0]
+    edge = 22  # half the receptive field: closer to the crop's edge, the crop lacks context
+    a = p_whole[r0 + edge:r0 + rows - edge, c0 + edge:c0 + cols - edge].astype(int)
+    b = p_crop[edge:rows - edge, edge:cols - edge].astype(int)
+    assert np.abs(a - b).max() <= 1
+
+
+def test_bfloat16_keeps_weights_and_a_float32_head(small_unet, tmp_path, rng):
+    """bfloat16 inference: same float32 weights, float32 sigmoid head, probabilities close."""
+    exact = get_bundle(small_unet, "float32")
+    fast = get_bundle(small_unet, "bfloat16")
+    assert fast.metadata["inference_precision"] == "bfloat16"
+    assert fast.model.get_layer("car_prob").dtype_policy.name == "float32"
+    # The layer reading the image stays exact too (bf16 would merge neighbouring grey levels).
+    assert fast.model.get_layer("enc0_conv1").dtype_policy.name == "float32"
+    assert fast.model.get_layer("enc0_conv2").dtype_policy.name == "mixed_bfloat16"
+    for w_exact, w_fast in zip(exact.model.get_weights(), fast.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(w_exact, w_fast)
+    x = (rng.random((2, 64, 64, 3), dtype=np.float32) - 0.5) * 4
+    p_exact = np.asarray(exact.model.predict_on_batch(x))
+    p_fast = np.asarray(fast.model.predict_on_batch(x))
+    assert p_fast.dtype == np.float32
+    assert 0 < np.abs(p_exact - p_fast).max() < 0.05  # rounded, but not another model
+    scene = write_scene(tmp_path / "s.tif", _scene(rng, 40, 40), nodata=None)
+    prob_path, _ = predict_scene(scene, small_unet, tmp_path / "o",
+                                 cfg=PredictConfig(precision="bfloat16"))
+    assert _read(prob_path)[1]["tags"]["precision"] == "bfloat16"
+
+
+def test_auto_precision_follows_the_cpu():
+    expected = "bfloat16" if cpu_bf16_flags() else "float32"
+    assert resolve_precision("auto") == expected
+    assert resolve_precision("float32") == "float32"
+
+
+def test_training_policy_follows_the_setting_and_the_cpu():
+    from pipeline.train import gpu_visible, training_policy
+
+    assert training_policy("off") is None
+    assert training_policy("bf16") == "mixed_bfloat16"
+    assert training_policy("on") == "mixed_float16"
+    if gpu_visible():
+        assert training_policy("auto") == "mixed_float16"
+    else:
+        assert training_policy("auto") == ("mixed_bfloat16" if cpu_bf16_flags() else None)
+
+
+def test_engine_falls_back_to_keras_quietly(small_unet, tmp_path, rng):
+    """Asking for OpenVINO where it is not installed (or cannot export) still predicts."""
+    import importlib.util
+
+    bundle = get_bundle(small_unet, "float32", "openvino")
+    installed = importlib.util.find_spec("openvino") is not None
+    assert bundle.metadata["inference_engine"] == ("openvino" if installed else "keras")
+    assert bundle.receptive_field == 44  # measured on the Keras graph either way
+    scene = write_scene(tmp_path / "s.tif", _scene(rng, 40, 40), nodata=None)
+    prob_path, _ = predict_scene(scene, small_unet, tmp_path / "o",
+                                 cfg=PredictConfig(engine="openvino", precision="float32"))
+    tags = _read(prob_path)[1]["tags"]
+    assert tags["engine"] == bundle.metadata["inference_engine"]
+    exact = _read(predict_scene(scene, small_unet, tmp_path / "k",
+                                cfg=PredictConfig(engine="keras", precision="float32"))[0])[0]
+    assert np.abs(_read(prob_path)[0].astype(int) - exact).max() <= 1
+
+
+def test_openvino_export_is_cached_beside_the_model(small_unet, tmp_path, rng):
+    pytest.importorskip("openvino")
+    from pipeline.model import ENGINE_CACHE, MODEL_FILE, file_sha256
+
+    get_bundle(small_unet, "bfloat16", "openvino")
+    digest = file_sha256(small_unet / MODEL_FILE)[:16]
+    cached = small_unet / ENGINE_CACHE / f"openvino-{digest}"
+    assert (cached / "model.xml").exists() and (cached / "model.bin").exists()
+    assert not [p for p in (small_unet / ENGINE_CACHE).iterdir() if p.name.startswith(".")]

@@ -74,7 +74,7 @@ def test_chip_pixels_equal_source_window(tmp_path, rng):
                 chip.read(), data[:, row.row_off:row.row_off + 64, row.col_off:row.col_off + 64])
             assert chip.transform == rasterio.windows.transform(win, TRANSFORM)
             assert chip.crs == UTM and chip.dtypes[0] == "uint8"
-            assert chip.profile["compress"] == "deflate" and chip.block_shapes[0] == (64, 64)
+            assert chip.profile["compress"] == "zstd" and chip.block_shapes[0] == (64, 64)
             assert chip.dataset_mask().min() == 255
             assert chip.bounds == tuple(row.geometry.bounds[i] for i in (0, 1, 2, 3))
         assert row.chip == f"s_r{row.row_off:05d}_c{row.col_off:05d}"
