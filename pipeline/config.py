@@ -229,7 +229,8 @@ class Config(_Section):
         if self.tile.overlap >= self.tile.chip_size:
             raise ValueError(f"tile.overlap ({self.tile.overlap}) must be smaller than "
                              f"tile.chip_size ({self.tile.chip_size})")
-        if self.predict.window is not None and self.predict.overlap >= self.predict.window:
+        if (self.predict.window is not None and self.predict.overlap is not None
+                and self.predict.overlap >= self.predict.window):
             raise ValueError(f"predict.overlap ({self.predict.overlap}) must be smaller than "
                              f"predict.window ({self.predict.window})")
         if self.vectors.min_area_m2 >= self.vectors.max_area_m2:
