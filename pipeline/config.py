@@ -80,9 +80,17 @@ class AugmentConfig(_Section):
     """albumentations applied to chip, mask and weights together."""
 
     flips: bool = Field(True, description="Horizontal/vertical flips and 90 degree rotations.")
-    scale_rotate: bool = Field(True, description="Small scale and rotation jitter.")
+    scale_rotate: bool = Field(True, description="Scale (GSD) and any-angle rotation jitter.")
+    scale_limit: float = Field(
+        0.2, ge=0, lt=1, description="Scale jitter +-share (0.2 = GSD 0.12-0.18 m for 0.15 m).")
+    rotate_limit: float = Field(
+        180.0, ge=0, le=180, description="Rotation jitter +-degrees (fill is ignored, mask 255).")
     color: bool = Field(True, description="Brightness, contrast, hue jitter.")
-    blur_noise: bool = Field(True, description="Light blur and Gaussian noise.")
+    exposure: bool = Field(
+        True, description="Exposure, gamma and per-channel gains (white balance) of real flights.")
+    haze: bool = Field(True, description="Haze: a flat veil of light over the chip.")
+    shadows: bool = Field(True, description="Random soft shadow polygons (buildings, trees).")
+    blur_noise: bool = Field(True, description="Blur, sensor noise and JPEG compression.")
 
 
 class TrainConfig(_Section):
@@ -110,7 +118,24 @@ class TrainConfig(_Section):
     max_minutes: float | None = Field(
         None, gt=0, description="Wall-clock budget; training ends cleanly when it is spent."
     )
-    early_stopping_patience: int = Field(8, ge=1, description="Epochs without val IoU gain.")
+    early_stopping_patience: int | None = Field(
+        8, ge=1, description="Validations without a gain before stopping (None = never).")
+    warmup_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Share of the run (of max_minutes when set, else of the "
+        "steps) with a linear learning-rate warm-up; cosine decay over the rest.")
+    validations: int = Field(
+        12, ge=1, description="With max_minutes and no steps_per_epoch: epochs are sized so "
+        "validation runs about this many times within the budget.")
+    select_by: Literal["object_f1", "iou"] = Field(
+        "object_f1", description="Validation score that keeps the best weights: object F1 at "
+        "IoU 0.5 (threshold 0.5, vectors.min_area_m2) or pixel IoU.")
+    crop_size: int | None = Field(
+        None, ge=16, description="Train on random crops of this size from each chip "
+        "(None = whole chips); validation always sees whole chips.")
+    box_labels: Literal["auto", "on", "off"] = Field(
+        "auto", description="Car labels that are axis-aligned boxes: ignore (weight 0) a band "
+        "inside each box's corners so the model is not taught box corners. 'auto' = when most "
+        "car blobs in the masks are axis-aligned rectangles.")
     mixed_precision: Literal["auto", "on", "off"] = Field(
         "auto", description="'auto' = mixed_float16 on a GPU, float32 on a CPU."
     )
