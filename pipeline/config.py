@@ -31,6 +31,8 @@ class SampleConfig(_Section):
     width: int = Field(1200, ge=64, description="Scene width in pixels (one scene is made narrower).")
     height: int = Field(1000, ge=64, description="Scene height in pixels.")
     epsg: int = Field(32633, description="Projected CRS of the scenes (a UTM zone).")
+    style: Literal["default", "overcast", "evening", "faded"] = Field(
+        "default", description="Light and camera of the flight (generalisation tests).")
 
 
 class TileConfig(_Section):

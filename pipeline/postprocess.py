@@ -88,51 +88,64 @@ def find_objects(cars: np.ndarray, *, gsd: float, cfg: VectorConfig, valid: np.n
                    np.asarray(dont_care, bool))
 
 
-def match(pred: Objects, truth: Objects, keep: np.ndarray) -> tuple[int, int, int, np.ndarray]:
+def partners(pred: Objects, truth: Objects) -> tuple[np.ndarray, np.ndarray]:
+    """Each predicted car's truth partner at IoU >= 0.5 and each truth car's (-1 = none).
+
+    At IoU >= 0.5 a car overlaps at most one other car that well, so partners do not depend on
+    which other predicted cars are kept: they are found once and filtered by area afterwards.
+    """
+    n_p, n_t = len(pred.area_m2), len(truth.area_m2)
+    partner_t = np.full(n_p, -1)
+    partner_p = np.full(n_t, -1)
+    both = (pred.labels > 0) & (truth.labels > 0)
+    if not both.any():
+        return partner_t, partner_p
+    key = pred.labels[both].astype(np.int64) * (n_t + 1) + truth.labels[both]
+    pairs, inter = np.unique(key, return_counts=True)
+    p_ids, t_ids = pairs // (n_t + 1), pairs % (n_t + 1)
+    p_px = np.bincount(pred.labels.ravel(), minlength=n_p + 1)
+    t_px = np.bincount(truth.labels.ravel(), minlength=n_t + 1)
+    iou = inter / (p_px[p_ids] + t_px[t_ids] - inter)
+    for p, t, value in zip(p_ids, t_ids, iou, strict=True):
+        if value >= MATCH_IOU and partner_t[p - 1] < 0 and partner_p[t - 1] < 0:
+            partner_t[p - 1], partner_p[t - 1] = t - 1, p - 1
+    return partner_t, partner_p
+
+
+def count(pred: Objects, truth: Objects, keep: np.ndarray, found=None
+          ) -> tuple[int, int, int, np.ndarray]:
     """Object counts at IoU >= 0.5 of the kept predicted cars against the truth cars.
 
     Args:
         pred: predicted cars; ``keep`` (bool per car) says which survive the area filter.
         truth: truth cars.
+        found: ``partners(pred, truth)`` when already known.
 
     Returns:
-        ``(tp, fp, fn, matched)``: counts over cars that are not don't-care, and per kept
-        predicted car whether it matched (don't-care cars report False and count nowhere).
+        ``(tp, fp, fn, matched)``: counts over cars that are not don't-care, and per predicted
+        car whether it is kept and matched (don't-care cars report False and count nowhere).
     """
-    n_p, n_t = len(pred.area_m2), len(truth.area_m2)
-    kept_ids = np.flatnonzero(keep) + 1
-    matched = np.zeros(n_p, bool)
-    p_lab = np.where(np.isin(pred.labels, kept_ids), pred.labels, 0)
-    both = (p_lab > 0) & (truth.labels > 0)
-    partner_t = np.full(n_p, -1)
-    partner_p = np.full(n_t, -1)
-    if both.any():
-        pairs, inter = np.unique(
-            np.stack([p_lab[both], truth.labels[both]]), axis=1, return_counts=True)
-        p_px = np.bincount(p_lab.ravel(), minlength=n_p + 1)
-        t_px = np.bincount(truth.labels.ravel(), minlength=n_t + 1)
-        iou = inter / (p_px[pairs[0]] + t_px[pairs[1]] - inter)
-        for (p, t), value in zip(pairs.T, iou, strict=True):
-            if value >= MATCH_IOU and partner_t[p - 1] < 0 and partner_p[t - 1] < 0:
-                partner_t[p - 1], partner_p[t - 1] = t - 1, p - 1
-    tp = fp = fn = 0
-    for p in kept_ids - 1:
-        t = partner_t[p]
-        # A car matched to a don't-care truth car (or itself cut by the edge) counts nowhere.
-        if pred.dont_care[p] or (t >= 0 and truth.dont_care[t]):
-            continue
-        if t >= 0:
-            tp += 1
-            matched[p] = True
-        else:
-            fp += 1
-    for t in range(n_t):
-        p = partner_p[t]
-        if truth.dont_care[t] or p >= 0 and pred.dont_care[p]:
-            continue
-        if p < 0:
-            fn += 1
+    partner_t, partner_p = found if found is not None else partners(pred, truth)
+    has_t = partner_t >= 0
+    t_dc = np.zeros(len(partner_t), bool)
+    t_dc[has_t] = truth.dont_care[partner_t[has_t]]
+    scored = keep & ~pred.dont_care & ~t_dc
+    matched = scored & has_t
+    tp = int(matched.sum())
+    fp = int((scored & ~has_t).sum())
+    # A truth car is missed unless its partner is kept; a don't-care partner excuses it.
+    has_p = partner_p >= 0
+    p_kept = np.zeros(len(partner_p), bool)
+    p_dc = np.zeros(len(partner_p), bool)
+    p_kept[has_p] = keep[partner_p[has_p]]
+    p_dc[has_p] = pred.dont_care[partner_p[has_p]]
+    fn = int((~truth.dont_care & ~(has_p & p_dc) & ~(has_p & p_kept)).sum())
     return tp, fp, fn, matched
+
+
+def match(pred: Objects, truth: Objects, keep: np.ndarray) -> tuple[int, int, int, np.ndarray]:
+    """``count`` with partners found here (see there)."""
+    return count(pred, truth, keep)
 
 
 def f1_score(tp: int, fp: int, fn: int) -> float:
@@ -141,8 +154,13 @@ def f1_score(tp: int, fp: int, fn: int) -> float:
 
 
 def choose(chips, *, gsd: float, cfg: VectorConfig, thresholds=THRESHOLDS,
-           min_areas=MIN_AREAS_M2) -> dict:
+           min_areas=MIN_AREAS_M2, refine: bool = True, max_chips: int = 400) -> dict:
     """Pick the threshold and minimum area with the best object F1 on validation chips.
+
+    Thresholds are searched coarse to fine: every other candidate first, then the two beside
+    the best (turning a blob map into cars costs most of the time here). At most ``max_chips``
+    chips are used (all chips with cars first, then evenly spread empty ones), so the search
+    stays a small share of a training budget on large validation sets.
 
     Args:
         chips: iterable of ``(prob, mask)`` per chip: probability (rows, cols) in [0, 1] and the
@@ -150,60 +168,89 @@ def choose(chips, *, gsd: float, cfg: VectorConfig, thresholds=THRESHOLDS,
         gsd: pixel size in metres.
         cfg: vector settings (splitting and ``max_area_m2`` as predict's vectors will use them).
         thresholds, min_areas: the candidates.
+        refine: search thresholds coarse to fine (False = every candidate).
+        max_chips: cap on the chips used.
 
     Returns:
         ``{"threshold", "min_area_m2", "object_f1", "precision", "recall", "tp", "fp", "fn",
-        "table": [{threshold, min_area_m2, f1, tp, fp, fn}, ...], "validation_cars":
-        {"mean_prob": [...], "matched": [...]}}``. Ties go to the threshold nearest 0.5, then
-        to the smaller area (the least surprising choice).
+        "table": [{threshold, min_area_m2, f1, tp, fp, fn}, ...] (thresholds tried),
+        "validation_cars": {"mean_prob": [...], "matched": [...]}}``. Ties go to the threshold
+        nearest 0.5, then to the smaller area (the least surprising choice).
     """
-    chips = list(chips)
+    chips = _cap(list(chips), max_chips)
+    thresholds = sorted(float(t) for t in thresholds)
     # Split pieces smaller than the smallest candidate are never cars; larger ones are judged
     # by the area filter below, so splitting uses the smallest candidate.
     split_cfg = cfg.model_copy(update={"min_area_m2": float(min(min_areas))})
-    truths = []
-    for _prob, mask in chips:
-        valid = mask != IGNORE
-        truths.append(find_objects(mask == 1, gsd=gsd, cfg=split_cfg, valid=valid))
-    counts = np.zeros((len(thresholds), len(min_areas), 3), np.int64)
-    preds: dict[float, list[Objects]] = {}
-    for a, th in enumerate(thresholds):
+    truths = [find_objects(mask == 1, gsd=gsd, cfg=split_cfg, valid=mask != IGNORE)
+              for _prob, mask in chips]
+    counts: dict[float, np.ndarray] = {}
+    preds: dict[float, list] = {}
+
+    def run(th: float) -> None:
+        if th in counts:
+            return
+        counts[th] = np.zeros((len(min_areas), 3), np.int64)
         preds[th] = []
         for (prob, mask), truth in zip(chips, truths, strict=True):
             valid = mask != IGNORE
             pred = find_objects((prob >= th) & valid, gsd=gsd, cfg=split_cfg, valid=valid,
-                                prob=prob)
-            preds[th].append(pred)
+                                prob=prob.astype(np.float32))
+            found = partners(pred, truth)
+            preds[th].append((pred, found))
             for b, min_area in enumerate(min_areas):
                 keep = (pred.area_m2 >= min_area) & (pred.area_m2 <= cfg.max_area_m2)
-                counts[a, b] += match(pred, truth, keep)[:3]
-    f1 = np.array([[f1_score(*counts[a, b]) for b in range(len(min_areas))]
-                   for a in range(len(thresholds))])
-    order = sorted(((a, b) for a in range(len(thresholds)) for b in range(len(min_areas))),
-                   key=lambda ab: (-round(f1[ab], 6), abs(thresholds[ab[0]] - 0.5),
-                                   min_areas[ab[1]]))
-    a, b = order[0]
-    th, min_area = float(thresholds[a]), float(min_areas[b])
-    tp, fp, fn = (int(v) for v in counts[a, b])
+                counts[th][b] += count(pred, truth, keep, found)[:3]
+
+    def best() -> tuple[float, int]:
+        cells = [(th, b) for th in counts for b in range(len(min_areas))]
+        return min(cells, key=lambda c: (-round(f1_score(*counts[c[0]][c[1]]), 6),
+                                         abs(c[0] - 0.5), min_areas[c[1]]))
+
+    coarse = thresholds[::2] if refine and len(thresholds) > 3 else thresholds
+    for th in coarse:
+        run(th)
+    if refine:
+        k = thresholds.index(best()[0])
+        for j in (k - 1, k + 1):
+            if 0 <= j < len(thresholds):
+                run(thresholds[j])
+    th, b = best()
+    min_area = float(min_areas[b])
+    tp, fp, fn = (int(v) for v in counts[th][b])
     mean_prob, matched = [], []
-    for pred, truth in zip(preds[th], truths, strict=True):
+    for (pred, found), truth in zip(preds[th], truths, strict=True):
         keep = (pred.area_m2 >= min_area) & (pred.area_m2 <= cfg.max_area_m2)
-        hit = match(pred, truth, keep)[3]
+        hit = count(pred, truth, keep, found)[3]
         for k in np.flatnonzero(keep & ~pred.dont_care):
             mean_prob.append(round(float(pred.mean_prob[k]), 4))
             matched.append(bool(hit[k]))
-    table = [{"threshold": float(thresholds[i]), "min_area_m2": float(min_areas[j]),
-              "f1": round(float(f1[i, j]), 4), "tp": int(counts[i, j, 0]),
-              "fp": int(counts[i, j, 1]), "fn": int(counts[i, j, 2])}
-             for i in range(len(thresholds)) for j in range(len(min_areas))]
-    return {"threshold": th, "min_area_m2": min_area, "object_f1": float(f1[a, b]),
+    table = [{"threshold": t, "min_area_m2": float(min_areas[j]),
+              "f1": round(f1_score(*counts[t][j]), 4), "tp": int(counts[t][j][0]),
+              "fp": int(counts[t][j][1]), "fn": int(counts[t][j][2])}
+             for t in sorted(counts) for j in range(len(min_areas))]
+    return {"threshold": float(th), "min_area_m2": min_area,
+            "object_f1": f1_score(tp, fp, fn),
             "precision": tp / (tp + fp) if tp + fp else 1.0,
             "recall": tp / (tp + fn) if tp + fn else 1.0, "tp": tp, "fp": fp, "fn": fn,
             "table": table, "validation_cars": {"mean_prob": mean_prob, "matched": matched}}
+
+
+def _cap(chips: list, max_chips: int) -> list:
+    if len(chips) <= max_chips:
+        return chips
+    with_cars = [c for c in chips if (c[1] == 1).any()]
+    empty = [c for c in chips if not (c[1] == 1).any()]
+    if len(with_cars) >= max_chips:
+        step = len(with_cars) / max_chips
+        return [with_cars[int(i * step)] for i in range(max_chips)]
+    room = max_chips - len(with_cars)
+    step = len(empty) / room
+    return with_cars + [empty[int(i * step)] for i in range(room)]
 
 
 def object_f1(chips, *, gsd: float, cfg: VectorConfig, threshold: float = 0.5) -> float:
     """Object F1 at IoU 0.5 at one threshold and ``cfg.min_area_m2`` (the cheap per-validation
     score used to keep the best weights during training)."""
     return choose(chips, gsd=gsd, cfg=cfg, thresholds=(threshold,),
-                  min_areas=(cfg.min_area_m2,))["object_f1"]
+                  min_areas=(cfg.min_area_m2,), refine=False)["object_f1"]

@@ -46,6 +46,8 @@ RESUME_FREE = ("epochs", "max_minutes", "early_stopping_patience", "mixed_precis
 FINAL_LR_SHARE = 0.01
 # Without a measured step time, a training step is taken to cost this many forward passes.
 TRAIN_STEP_FORWARDS = 6.0
+# Thresholds the post-processing search scores (postprocess.choose: 7 coarse + 2 fine, + truth).
+SEARCH_PASSES = 10
 # Chips held in RAM only while they take less than this share of the machine's memory.
 CACHE_SHARE = 0.25
 
@@ -170,16 +172,26 @@ class ValidationCheckpoint(_callback_base()):
         self.vectors = vectors
         self.started = time.monotonic()
         self.elapsed0 = float(state.get("elapsed_s", 0.0))
+        # Seconds of the last validation's forward passes and object scoring at one threshold.
+        self.forward_s = self.objects_s = 0.0
+
+    def final_search_s(self) -> float:
+        """What choosing the post-processing after training will take, from the last
+        validation: one more pass of the chips, and object scoring at about 10 thresholds."""
+        return self.forward_s + SEARCH_PASSES * self.objects_s
 
     def on_epoch_end(self, epoch, logs=None):
         from pipeline.postprocess import object_f1
 
         logs = logs if logs is not None else {}
         chips: list | None = [] if self.gsd and self.vectors is not None else None
+        t0 = time.monotonic()
         counts, val_loss = evaluate(self.model, self.val, np.array([0.5]), chips)
         metrics = scores(*counts[0])
+        t1 = time.monotonic()
         if chips is not None:
             metrics["object_f1"] = object_f1(chips, gsd=self.gsd, cfg=self.vectors)
+        self.forward_s, self.objects_s = t1 - t0, time.monotonic() - t1
         logs["val_loss"] = val_loss
         for key, value in metrics.items():
             logs[f"val_{key}"] = value
@@ -247,12 +259,20 @@ class LearningRate(_callback_base()):
 
 
 class TimeBudget(_callback_base()):
-    """End training at the end of the step in progress once ``minutes`` have passed."""
+    """End training at the end of the step in progress once ``minutes`` have passed, less
+    ``reserve()`` seconds: the time that choosing the post-processing on the validation chips
+    will take after training, so the whole ``train`` stage keeps to the budget."""
 
-    def __init__(self, minutes: float):
+    def __init__(self, minutes: float, reserve=None):
         super().__init__()
-        self.deadline = time.monotonic() + minutes * 60
+        self.start = time.monotonic()
+        self.budget_s = minutes * 60
+        self.reserve = reserve or (lambda: 0.0)
         self.spent = False
+
+    @property
+    def deadline(self) -> float:
+        return self.start + self.budget_s - self.reserve()
 
     def on_train_batch_end(self, batch, logs=None):
         if time.monotonic() >= self.deadline:
@@ -613,8 +633,9 @@ def _run(chips_dir, model_dir, cfg, records, train_recs, val_recs, stats, normal
         _truncate_history(history, initial_epoch)
     elif history.exists():
         history.unlink()
-    callbacks = [ValidationCheckpoint(val_data, ckpt_dir, state, t.early_stopping_patience,
-                                      select_by=t.select_by, gsd=gsd, vectors=cfg.vectors),
+    checkpoint = ValidationCheckpoint(val_data, ckpt_dir, state, t.early_stopping_patience,
+                                      select_by=t.select_by, gsd=gsd, vectors=cfg.vectors)
+    callbacks = [checkpoint,
                  LearningRate(t.learning_rate, t.warmup_fraction,
                               total_steps=t.epochs * len(train_data),
                               first_step=initial_epoch * len(train_data),
@@ -622,7 +643,7 @@ def _run(chips_dir, model_dir, cfg, records, train_recs, val_recs, stats, normal
                               elapsed_s=float(state.get("elapsed_s", 0.0))),
                  keras.callbacks.CSVLogger(str(history), append=resumed)]
     if t.max_minutes:
-        callbacks.append(TimeBudget(t.max_minutes))
+        callbacks.append(TimeBudget(t.max_minutes, reserve=checkpoint.final_search_s))
     if _tensorboard_available():
         callbacks.append(keras.callbacks.TensorBoard(str(model_dir / "tensorboard"),
                                                      write_graph=False, profile_batch=0))
