@@ -48,6 +48,8 @@ FINAL_LR_SHARE = 0.01
 TRAIN_STEP_FORWARDS = 6.0
 # Thresholds the post-processing search scores (postprocess.choose: 7 coarse + 2 fine, + truth).
 SEARCH_PASSES = 10
+# Training runs at least 1 / VAL_SHARE_CAP times as long as validation between validations.
+VAL_SHARE_CAP = 0.25
 # Chips held in RAM only while they take less than this share of the machine's memory.
 CACHE_SHARE = 0.25
 
@@ -572,8 +574,11 @@ def _auto_steps(model, train_data: ChipDataset, val_batches: int, t) -> int | No
     start = time.perf_counter()
     model.predict_on_batch(x)
     forward_s = max(time.perf_counter() - start, 1e-4)
-    interval_s = t.max_minutes * 60 / t.validations - val_batches * forward_s
-    steps = int(interval_s / (TRAIN_STEP_FORWARDS * forward_s))
+    step_s, val_s = TRAIN_STEP_FORWARDS * forward_s, val_batches * forward_s
+    interval_s = t.max_minutes * 60 / t.validations - val_s
+    # Validation never takes more than 1 / (1 + VAL_SHARE_CAP^-1) of the time: on a slow
+    # machine with a large validation set, fewer validations rather than no training.
+    steps = max(interval_s, val_s / VAL_SHARE_CAP) / step_s
     return int(min(max(steps, 5), 100_000))
 
 
