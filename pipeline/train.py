@@ -574,7 +574,8 @@ def _auto_steps(model, train_data: ChipDataset, val_batches: int, t) -> int | No
     start = time.perf_counter()
     model.predict_on_batch(x)
     forward_s = max(time.perf_counter() - start, 1e-4)
-    step_s, val_s = TRAIN_STEP_FORWARDS * forward_s, val_batches * forward_s
+    # A validation is its forward passes plus about as long again scoring objects.
+    step_s, val_s = TRAIN_STEP_FORWARDS * forward_s, 2 * val_batches * forward_s
     interval_s = t.max_minutes * 60 / t.validations - val_s
     # Validation never takes more than 1 / (1 + VAL_SHARE_CAP^-1) of the time: on a slow
     # machine with a large validation set, fewer validations rather than no training.
