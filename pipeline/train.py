@@ -5,10 +5,21 @@ touching cars when ``train.use_gap_weights``), plus an optional soft Dice term. 
 packed in ``y_true`` (channel 1), so the loss is a plain ``loss(y_true, y_pred)`` in ``keras.ops``
 and runs unchanged on TensorFlow, JAX and PyTorch.
 
+A time budget (``train.max_minutes``) shapes the whole run, not just its end: the learning rate
+warms up and decays (cosine) to the end of the budget rather than of ``epochs``; an epoch is a
+validation interval sized from a measured step time so validation runs about
+``train.validations`` times; the best weights are kept by object F1 (``train.select_by``); and
+the budget keeps room for choosing the post-processing afterwards.
+
+After training, the threshold and the minimum car area are chosen on the validation chips by
+object F1 at IoU 0.5 (``pipeline.postprocess``) and stored in ``metadata.json``
+(``threshold``, ``postprocess``), with each validation car's mean probability and whether it
+matched a true car (``validation_cars``), for calibration.
+
 Resume: every epoch writes ``MODEL_DIR/checkpoint/`` (model with optimizer state, the best
-weights so far, epoch, best validation IoU, early-stopping counter, and a fingerprint of the
-settings and the data). Running ``train`` again with the same settings and data continues from
-there; a larger ``train.epochs`` extends a finished run.
+weights so far, epoch, best validation score, early-stopping counter, training time, epoch
+length, and a fingerprint of the settings and the data). Running ``train`` again with the same
+settings and data continues from there; a larger ``train.epochs`` extends a finished run.
 """
 
 from __future__ import annotations
