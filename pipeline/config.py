@@ -99,14 +99,16 @@ class TrainConfig(_Section):
     """The U-Net and its training run (``make train``)."""
 
     depth: int = Field(4, ge=1, le=6, description="Down-sampling levels of the U-Net.")
-    base_filters: int = Field(32, ge=4, description="Filters of the first level (doubling per level).")
+    base_filters: int = Field(
+        16, ge=4, description="Filters of the first level (doubling per level); 16 fits a CPU "
+        "budget, 32 suits a GPU.")
     batch_norm: bool = Field(True, description="Batch normalisation after each convolution.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout at the bottleneck.")
     epochs: int = Field(40, ge=1, description="Maximum epochs.")
     steps_per_epoch: int | None = Field(
         None, ge=1, description="Batches per epoch (None = one pass over the training chips)."
     )
-    batch_size: int = Field(16, ge=1, description="Chips per batch.")
+    batch_size: int = Field(8, ge=1, description="Chips per batch.")
     learning_rate: float = Field(1e-3, gt=0, description="Peak Adam learning rate (cosine decay).")
     dice_weight: float = Field(0.0, ge=0, description="Weight of the Dice loss added to BCE.")
     use_gap_weights: bool = Field(True, description="Multiply BCE by the gap weight maps.")

@@ -33,6 +33,10 @@ MATCH_IOU = 0.5
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(4, 18))  # 0.20 .. 0.85
 MIN_AREAS_M2 = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 7.0)
 _EIGHT = np.ones((3, 3), dtype=bool)
+# Blobs larger than this many largest cars are not split here (splitting is the costly part and
+# a poor model's sprawling blobs would make the search slow): they count as one blob that the
+# area filter drops, a false car, which is what such a threshold deserves.
+MAX_SPLIT_CARS = 8
 
 
 @dataclass
@@ -69,8 +73,11 @@ def find_objects(cars: np.ndarray, *, gsd: float, cfg: VectorConfig, valid: np.n
         if sl is None:
             continue
         comp = comps[sl] == i
-        pieces = split_component(comp, gsd=gsd, cfg=cfg,
-                                 prob=None if prob_u8 is None else prob_u8[sl])
+        if comp.sum() * gsd * gsd > MAX_SPLIT_CARS * cfg.max_car_area_m2:
+            pieces = comp.astype(np.int32)
+        else:
+            pieces = split_component(comp, gsd=gsd, cfg=cfg,
+                                     prob=None if prob_u8 is None else prob_u8[sl])
         for v in range(1, int(pieces.max()) + 1):
             piece = pieces == v
             if not piece.any():
