@@ -134,8 +134,9 @@ class TrainConfig(_Section):
         "object_f1", description="Validation score that keeps the best weights: object F1 at "
         "IoU 0.5 (threshold 0.5, vectors.min_area_m2) or pixel IoU.")
     crop_size: int | None = Field(
-        None, ge=16, description="Train on random crops of this size from each chip "
-        "(None = whole chips); validation always sees whole chips.")
+        128, ge=16, description="Train on random crops of this size from each chip "
+        "(None = whole chips; chips smaller than this are used whole); validation always sees "
+        "whole chips. 128 px crops cost a quarter of a 256 px chip per step on a CPU.")
     box_labels: Literal["auto", "on", "off"] = Field(
         "auto", description="Car labels that are axis-aligned boxes: ignore (weight 0) a band "
         "inside each box's corners so the model is not taught box corners. 'auto' = when most "

@@ -57,8 +57,9 @@ RESUME_FREE = ("epochs", "max_minutes", "early_stopping_patience", "mixed_precis
 FINAL_LR_SHARE = 0.01
 # Without a measured step time, a training step is taken to cost this many forward passes.
 TRAIN_STEP_FORWARDS = 6.0
-# Thresholds the post-processing search scores (postprocess.choose: 7 coarse + 2 fine, + truth).
-SEARCH_PASSES = 10
+# Post-processing search cost in unsplit scoring passes (postprocess.choose: 7 coarse unsplit
+# passes and 3 split ones at about 10 times the cost).
+SEARCH_PASSES = 40
 # Training runs at least 1 / VAL_SHARE_CAP times as long as validation between validations.
 VAL_SHARE_CAP = 0.25
 # Chips held in RAM only while they take less than this share of the machine's memory.
@@ -190,7 +191,7 @@ class ValidationCheckpoint(_callback_base()):
 
     def final_search_s(self) -> float:
         """What choosing the post-processing after training will take, from the last
-        validation: one more pass of the chips, and object scoring at about 10 thresholds."""
+        validation: one more pass of the chips, and object scoring (``SEARCH_PASSES``)."""
         return self.forward_s + SEARCH_PASSES * self.objects_s
 
     def on_epoch_end(self, epoch, logs=None):
