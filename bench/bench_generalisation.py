@@ -77,7 +77,7 @@ def _score(data: Path, model_dir: Path, out: Path, cfg, min_area: float) -> dict
 
 def run(workdir: Path, *, cfg=None, quick: bool = False, minutes: float | None = None,
         scene_size: int | None = None, train_scenes: int | None = None,
-        conditions: list | None = None) -> dict:
+        eval_size: int | None = None, conditions: list | None = None) -> dict:
     """Train once, score every condition; returns rows with each condition's gap to ``same``.
 
     Args:
@@ -87,6 +87,8 @@ def run(workdir: Path, *, cfg=None, quick: bool = False, minutes: float | None =
         minutes: ``train.max_minutes`` for the training run (None = the settings').
         scene_size: scene width and height in pixels (default 1000, quick 192).
         train_scenes: training scenes (default 4, quick 2).
+        eval_size: evaluation scene side in pixels at 0.15 m (default 600, quick 192); other
+            GSDs get the same ground extent.
         conditions: subset of ``CONDITIONS`` (default all).
     """
     from pipeline.config import Config, SampleConfig
@@ -104,6 +106,7 @@ def run(workdir: Path, *, cfg=None, quick: bool = False, minutes: float | None =
         cfg.train.max_minutes = minutes
     size = scene_size or (192 if quick else 1000)
     n_train = train_scenes or (2 if quick else 4)
+    eval_px = eval_size or (192 if quick else 600)
     started = time.perf_counter()
     train_data = workdir / "train_sample"
     make_sample(train_data, cfg=SampleConfig(seed=0, gsd=0.15, train_scenes=n_train,
@@ -122,7 +125,7 @@ def run(workdir: Path, *, cfg=None, quick: bool = False, minutes: float | None =
         else:
             data = workdir / f"eval_{name}"
             # Same ground extent whatever the GSD, so each condition holds about as many cars.
-            px = max(64, int(round(size * 0.15 / gsd)))
+            px = max(64, int(round(eval_px * 0.15 / gsd)))
             make_sample(data, cfg=SampleConfig(seed=seed, gsd=gsd, style=style, train_scenes=1,
                                                incoming_scenes=2, width=px, height=px))
         scores = _score(data, model_dir, workdir / f"out_{name}", cfg, min_area)
@@ -154,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--minutes", type=float)
     ap.add_argument("--scene-size", type=int)
+    ap.add_argument("--eval-size", type=int)
     ap.add_argument("--out", type=Path, default=Path("reports/bench/generalisation.json"))
     ap.add_argument("--workdir", type=Path, help="keep the scratch files here")
     args = ap.parse_args(argv)
@@ -161,11 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.workdir:
         result = run(args.workdir, cfg=cfg, quick=args.quick, minutes=args.minutes,
-                     scene_size=args.scene_size)
+                     scene_size=args.scene_size, eval_size=args.eval_size)
     else:
         with tempfile.TemporaryDirectory(prefix="bench-generalisation-") as tmp:
             result = run(Path(tmp), cfg=cfg, quick=args.quick, minutes=args.minutes,
-                         scene_size=args.scene_size)
+                         scene_size=args.scene_size, eval_size=args.eval_size)
     write_json(args.out, result)
     for r in result["conditions"]:
         print(f"{r['condition']:10s} object F1 {r['object_f1']:.3f} "
