@@ -1,9 +1,10 @@
-"""Post-processing chosen for objects: the car threshold and minimum car area, by object F1.
+"""Post-processing chosen for objects: threshold, minimum car area and mean probability, by F1.
 
 After training, the validation chips' probabilities are turned into cars the way ``vectorize``
 does it (threshold, 8-connected blobs, touching cars split with ``vectorize.split_component``,
-blobs outside ``[min_area_m2, max_area_m2]`` dropped) for every candidate threshold and minimum
-area, and the pair with the best object F1 at IoU 0.5 wins. Pixel IoU rewards fat masks and
+blobs outside ``[min_area_m2, max_area_m2]`` dropped, and cars whose mean probability is below
+``min_mean_prob``) for every candidate, and the combination with the best object F1 at IoU 0.5
+wins. Pixel IoU rewards fat masks and
 keeps small fragments; object F1 counts each fragment and sliver as a false car, which is what
 a user counting cars sees.
 
@@ -32,6 +33,9 @@ MATCH_IOU = 0.5
 # bit beyond, so a good model can still choose a low value.
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(4, 18))  # 0.20 .. 0.85
 MIN_AREAS_M2 = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 7.0)
+# A car's mean probability must reach this (0 = no filter): false blobs are often fainter than
+# cars even where their peak passes the threshold.
+MIN_MEAN_PROBS = (0.0, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
 _EIGHT = np.ones((3, 3), dtype=bool)
 # Blobs larger than this many largest cars are not split here (splitting is the costly part and
 # a poor model's sprawling blobs would make the search slow): they count as one blob that the
@@ -161,66 +165,118 @@ def f1_score(tp: int, fp: int, fn: int) -> float:
     return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
 
 
+def _take(values: np.ndarray, index: np.ndarray, fill) -> np.ndarray:
+    """``values[index]`` where ``index >= 0``, ``fill`` elsewhere."""
+    out = np.full(len(index), fill, dtype=np.asarray(values).dtype if len(values) else None)
+    ok = index >= 0
+    out[ok] = values[index[ok]]
+    return out
+
+
+@dataclass
+class _Scored:
+    """Every predicted and truth car of all chips at one threshold, as flat arrays."""
+
+    area: np.ndarray  # predicted cars
+    mean_prob: np.ndarray
+    dont_care: np.ndarray
+    has_truth: np.ndarray  # a truth partner at IoU >= 0.5
+    truth_dont_care: np.ndarray  # ... which is don't-care
+    t_dont_care: np.ndarray  # truth cars
+    t_has_pred: np.ndarray
+    t_pred_area: np.ndarray  # the partner's area, mean probability, don't-care
+    t_pred_prob: np.ndarray
+    t_pred_dont_care: np.ndarray
+
+    @classmethod
+    def gather(cls, pairs: list[tuple[Objects, Objects, tuple]]) -> _Scored:
+        parts: dict[str, list] = {k: [] for k in cls.__dataclass_fields__}
+        for pred, truth, (partner_t, partner_p) in pairs:
+            has_t, has_p = partner_t >= 0, partner_p >= 0
+            prob = np.nan_to_num(pred.mean_prob, nan=1.0)
+            parts["area"].append(pred.area_m2)
+            parts["mean_prob"].append(prob)
+            parts["dont_care"].append(pred.dont_care)
+            parts["has_truth"].append(has_t)
+            parts["truth_dont_care"].append(_take(truth.dont_care, partner_t, False))
+            parts["t_dont_care"].append(truth.dont_care)
+            parts["t_has_pred"].append(has_p)
+            parts["t_pred_area"].append(_take(pred.area_m2, partner_p, 0.0))
+            parts["t_pred_prob"].append(_take(prob, partner_p, 0.0))
+            parts["t_pred_dont_care"].append(_take(pred.dont_care, partner_p, False))
+        return cls(**{k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()})
+
+    def counts(self, min_area: float, max_area: float, min_prob: float) -> tuple[int, int, int]:
+        keep = (self.area >= min_area) & (self.area <= max_area) & (self.mean_prob >= min_prob)
+        scored = keep & ~self.dont_care & ~self.truth_dont_care
+        tp = int(np.sum(scored & self.has_truth))
+        fp = int(np.sum(scored & ~self.has_truth))
+        kept = (self.t_has_pred & (self.t_pred_area >= min_area)
+                & (self.t_pred_area <= max_area) & (self.t_pred_prob >= min_prob))
+        excused = self.t_has_pred & self.t_pred_dont_care
+        fn = int(np.sum(~self.t_dont_care & ~excused & ~kept))
+        return tp, fp, fn
+
+
 def choose(chips, *, gsd: float, cfg: VectorConfig, thresholds=THRESHOLDS,
-           min_areas=MIN_AREAS_M2, refine: bool = True, max_chips: int = 400,
-           split: bool = True) -> dict:
-    """Pick the threshold and minimum area with the best object F1 on validation chips.
+           min_areas=MIN_AREAS_M2, min_mean_probs=MIN_MEAN_PROBS, refine: bool = True,
+           max_chips: int = 400, split: bool = True) -> dict:
+    """Pick the threshold, minimum area and minimum mean probability with the best object F1.
 
     Thresholds are searched coarse to fine: every other candidate with blobs unsplit first,
     then the best of those and its two neighbours with touching cars split as ``vectorize``
-    splits them (splitting costs most of the time here); the choice is among the latter. At most ``max_chips``
-    chips are used (all chips with cars first, then evenly spread empty ones), so the search
-    stays a small share of a training budget on large validation sets.
+    splits them (splitting costs most of the time here); the choice is among the latter. At
+    most ``max_chips`` chips are used (all chips with cars first, then evenly spread empty
+    ones), so the search stays a small share of a training budget on large validation sets.
 
     Args:
         chips: iterable of ``(prob, mask)`` per chip: probability (rows, cols) in [0, 1] and the
             truth mask (0, 1, 255 = ignore). It is walked once and kept in memory.
         gsd: pixel size in metres.
         cfg: vector settings (splitting and ``max_area_m2`` as predict's vectors will use them).
-        thresholds, min_areas: the candidates.
+        thresholds, min_areas, min_mean_probs: the candidates (a car is kept when its area is
+            at least the minimum area and its mean probability at least the minimum).
         refine: search thresholds coarse to fine (False = every candidate).
         max_chips: cap on the chips used.
         split: split touching cars as vectorize does (False: a faster approximation).
 
     Returns:
-        ``{"threshold", "min_area_m2", "object_f1", "precision", "recall", "tp", "fp", "fn",
-        "table": [{threshold, min_area_m2, f1, tp, fp, fn}, ...] (thresholds tried),
-        "validation_cars": {"mean_prob": [...], "matched": [...]}}``. Ties go to the threshold
-        nearest 0.5, then to the smaller area (the least surprising choice).
+        ``{"threshold", "min_area_m2", "min_mean_prob", "object_f1", "precision", "recall",
+        "tp", "fp", "fn", "table": [{threshold, min_area_m2, min_mean_prob, f1, tp, fp, fn},
+        ...] (thresholds tried exactly), "validation_cars": {"mean_prob": [...],
+        "matched": [...]}}``. Ties go to the threshold nearest 0.5, then to the smaller area,
+        then to the smaller minimum probability (the least surprising choice).
     """
     chips = _cap(list(chips), max_chips)
     thresholds = sorted(float(t) for t in thresholds)
     # Split pieces smaller than the smallest candidate are never cars; larger ones are judged
     # by the area filter below, so splitting uses the smallest candidate.
     split_cfg = cfg.model_copy(update={"min_area_m2": float(min(min_areas))})
-    truths = [find_objects(mask == 1, gsd=gsd, cfg=split_cfg, valid=mask != IGNORE,
-                           split=split) for _prob, mask in chips]
-    counts: dict[float, np.ndarray] = {}
-    preds: dict[float, list] = {}
+    truths_for = {split: [find_objects(mask == 1, gsd=gsd, cfg=split_cfg, valid=mask != IGNORE,
+                                       split=split) for _prob, mask in chips]}
+    grid = [(a, m) for a in min_areas for m in min_mean_probs]
+    exact: dict[float, np.ndarray] = {}
+    kept: dict[float, list] = {}
 
-    def run(th: float, table: dict, keep_preds: bool, do_split: bool) -> None:
+    def run(th: float, table: dict, do_split: bool) -> None:
         if th in table:
             return
-        table[th] = np.zeros((len(min_areas), 3), np.int64)
-        found_all = []
+        pairs = []
         for (prob, mask), truth in zip(chips, truths_for[do_split], strict=True):
             valid = mask != IGNORE
             pred = find_objects((prob >= th) & valid, gsd=gsd, cfg=split_cfg, valid=valid,
                                 prob=prob.astype(np.float32), split=do_split)
-            found = partners(pred, truth)
-            found_all.append((pred, found))
-            for b, min_area in enumerate(min_areas):
-                keep = (pred.area_m2 >= min_area) & (pred.area_m2 <= cfg.max_area_m2)
-                table[th][b] += count(pred, truth, keep, found)[:3]
-        if keep_preds:
-            preds[th] = found_all
+            pairs.append((pred, truth, partners(pred, truth)))
+        scored = _Scored.gather(pairs)
+        table[th] = np.array([scored.counts(a, cfg.max_area_m2, m) for a, m in grid])
+        if table is exact:
+            kept[th] = pairs
 
     def best(table: dict) -> tuple[float, int]:
-        cells = [(th, b) for th in table for b in range(len(min_areas))]
+        cells = [(th, g) for th in table for g in range(len(grid))]
         return min(cells, key=lambda c: (-round(f1_score(*table[c[0]][c[1]]), 6),
-                                         abs(c[0] - 0.5), min_areas[c[1]]))
+                                         abs(c[0] - 0.5), grid[c[1]][0], grid[c[1]][1]))
 
-    truths_for = {split: truths}
     if refine and len(thresholds) > 3:
         # Coarse: every other threshold, blobs unsplit (several times cheaper); fine: the best
         # coarse threshold and its two neighbours, split exactly as vectorize will.
@@ -230,30 +286,30 @@ def choose(chips, *, gsd: float, cfg: VectorConfig, thresholds=THRESHOLDS,
                                  for _prob, mask in chips]
         coarse: dict[float, np.ndarray] = {}
         for th in thresholds[::2]:
-            run(th, coarse, False, False)
+            run(th, coarse, False)
         k = thresholds.index(best(coarse)[0])
         for j in (k - 1, k, k + 1):
             if 0 <= j < len(thresholds):
-                run(thresholds[j], counts, True, split)
+                run(thresholds[j], exact, split)
     else:
         for th in thresholds:
-            run(th, counts, True, split)
-
-    th, b = best(counts)
-    min_area = float(min_areas[b])
-    tp, fp, fn = (int(v) for v in counts[th][b])
+            run(th, exact, split)
+    th, g = best(exact)
+    min_area, min_prob = (float(v) for v in grid[g])
+    tp, fp, fn = (int(v) for v in exact[th][g])
     mean_prob, matched = [], []
-    for (pred, found), truth in zip(preds[th], truths, strict=True):
-        keep = (pred.area_m2 >= min_area) & (pred.area_m2 <= cfg.max_area_m2)
+    for pred, truth, found in kept[th]:
+        keep = ((pred.area_m2 >= min_area) & (pred.area_m2 <= cfg.max_area_m2)
+                & (np.nan_to_num(pred.mean_prob, nan=1.0) >= min_prob))
         hit = count(pred, truth, keep, found)[3]
         for k in np.flatnonzero(keep & ~pred.dont_care):
             mean_prob.append(round(float(pred.mean_prob[k]), 4))
             matched.append(bool(hit[k]))
-    table = [{"threshold": t, "min_area_m2": float(min_areas[j]),
-              "f1": round(f1_score(*counts[t][j]), 4), "tp": int(counts[t][j][0]),
-              "fp": int(counts[t][j][1]), "fn": int(counts[t][j][2])}
-             for t in sorted(counts) for j in range(len(min_areas))]
-    return {"threshold": float(th), "min_area_m2": min_area,
+    table = [{"threshold": t, "min_area_m2": float(a), "min_mean_prob": float(m),
+              "f1": round(f1_score(*exact[t][j]), 4), "tp": int(exact[t][j][0]),
+              "fp": int(exact[t][j][1]), "fn": int(exact[t][j][2])}
+             for t in sorted(exact) for j, (a, m) in enumerate(grid)]
+    return {"threshold": float(th), "min_area_m2": min_area, "min_mean_prob": min_prob,
             "object_f1": f1_score(tp, fp, fn),
             "precision": tp / (tp + fp) if tp + fp else 1.0,
             "recall": tp / (tp + fn) if tp + fn else 1.0, "tp": tp, "fp": fp, "fn": fn,
@@ -279,4 +335,5 @@ def object_f1(chips, *, gsd: float, cfg: VectorConfig, threshold: float = 0.5,
     the best weights during training. Touching cars are not split by default (splitting costs
     most of the time; the ranking of checkpoints hardly depends on it)."""
     return choose(chips, gsd=gsd, cfg=cfg, thresholds=(threshold,),
-                  min_areas=(cfg.min_area_m2,), refine=False, split=split)["object_f1"]
+                  min_areas=(cfg.min_area_m2,), min_mean_probs=(0.0,), refine=False,
+                  split=split)["object_f1"]

@@ -685,8 +685,9 @@ def _run(chips_dir, model_dir, cfg, records, train_recs, val_recs, stats, normal
     threshold = post["threshold"]
     k = int(np.argmin(np.abs(THRESHOLDS - threshold)))
     val_metrics = scores(*counts[k])
-    log.info("threshold %.2f, min area %.1f m2 (chosen by object F1 %.4f, P %.3f R %.3f): "
-             "val pixel IoU %.4f; %.0f s", threshold, post["min_area_m2"], post["object_f1"],
+    log.info("threshold %.2f, min area %.1f m2, min mean probability %.2f (chosen by object F1 "
+             "%.4f, P %.3f R %.3f): val pixel IoU %.4f; %.0f s", threshold, post["min_area_m2"],
+             post["min_mean_prob"], post["object_f1"],
              post["precision"], post["recall"], val_metrics["iou"],
              time.monotonic() - started)
     metadata = {
@@ -697,9 +698,10 @@ def _run(chips_dir, model_dir, cfg, records, train_recs, val_recs, stats, normal
         "chip_size": cfg.tile.chip_size,
         "size_multiple": 2 ** t.depth,
         "threshold": threshold,
-        # Post-processing chosen on the validation chips by object F1 at IoU 0.5; vectors use
-        # min_area_m2 unless vectors.min_area_m2 is set explicitly.
+        # Post-processing chosen on the validation chips by object F1 at IoU 0.5: vectors are
+        # meant to drop cars under min_area_m2 or with a mean probability under min_mean_prob.
         "postprocess": {"threshold": threshold, "min_area_m2": post["min_area_m2"],
+                        "min_mean_prob": post["min_mean_prob"],
                         "chosen_by": "object F1 at IoU 0.5 on the validation chips",
                         "object_f1": post["object_f1"], "precision": post["precision"],
                         "recall": post["recall"], "tp": post["tp"], "fp": post["fp"],
@@ -712,6 +714,7 @@ def _run(chips_dir, model_dir, cfg, records, train_recs, val_recs, stats, normal
                         "object_f1": post["object_f1"],
                         "object_precision": post["precision"],
                         "object_recall": post["recall"], "min_area_m2": post["min_area_m2"],
+                        "min_mean_prob": post["min_mean_prob"],
                         "best_epoch": int(state["best_epoch"]),
                         "epochs_run": int(state["epoch"]),
                         "train_minutes": round(float(state.get("elapsed_s", 0.0)) / 60, 2),

@@ -42,7 +42,8 @@ def test_threshold_and_min_area_come_from_object_f1():
     assert post["object_f1"] == pytest.approx(1.0)
     assert (post["tp"], post["fp"], post["fn"]) == (4, 0, 0)
     # The specks barely move pixel IoU; as objects they are three false cars.
-    row = {(r["threshold"], r["min_area_m2"]): r for r in post["table"]}
+    row = {(r["threshold"], r["min_area_m2"]): r for r in post["table"]
+           if r["min_mean_prob"] == 0}
     assert row[(0.55, 3.0)]["fp"] == 3 and row[(0.55, 6.0)]["fn"] == 1
     assert row[(0.5, 3.5)]["tp"] == 0 and row[(0.6, 3.5)]["fn"] == 4
 
@@ -50,7 +51,7 @@ def test_threshold_and_min_area_come_from_object_f1():
 def test_validation_cars_record_probability_and_match():
     prob, mask = _chip()
     post = choose([(prob, mask)], gsd=GSD, cfg=VectorConfig(), thresholds=(0.55,),
-                  min_areas=(3.0,))
+                  min_areas=(3.0,), min_mean_probs=(0.0,))
     cars = post["validation_cars"]
     assert len(cars["mean_prob"]) == len(cars["matched"]) == 7
     by_prob = sorted(zip(cars["mean_prob"], cars["matched"], strict=True))
@@ -66,7 +67,7 @@ def test_cars_cut_by_the_chip_edge_count_nowhere():
     prob[40:52, 10:40] = 0.9  # a false car well inside
     prob[0:4, 20:50] = 0.9  # a sliver of the cut car
     post = choose([(prob, mask)], gsd=GSD, cfg=VectorConfig(), thresholds=(0.5,),
-                  min_areas=(0.5,))
+                  min_areas=(0.5,), min_mean_probs=(0.0,))
     assert (post["tp"], post["fp"], post["fn"]) == (0, 1, 0)
 
 
@@ -89,3 +90,21 @@ def test_coarse_to_fine_search_finds_the_same_answer():
     fast = choose([(prob, mask)], gsd=GSD, cfg=VectorConfig())
     assert (fast["threshold"], fast["min_area_m2"]) == (full["threshold"], full["min_area_m2"])
     assert len(fast["table"]) < len(full["table"])
+
+
+def test_faint_false_cars_are_dropped_by_mean_probability():
+    """Cars: a 0.9 core in a 3-px rim at 0.55 (mean 0.69); the rim is needed for IoU >= 0.5, so
+    the threshold must stay at or below 0.55. False cars of car size at a flat 0.6 pass that
+    threshold and any area filter; only a minimum mean probability in (0.6, 0.69] drops them."""
+    mask = np.zeros((120, 120), np.uint8)
+    prob = np.full((120, 120), 0.05, np.float32)
+    for r, c in ((10, 10), (10, 60), (60, 10)):
+        mask[r:r + 12, c:c + 30] = 1
+        prob[r:r + 12, c:c + 30] = 0.55
+        prob[r + 3:r + 9, c + 3:c + 27] = 0.9
+    for r, c in ((60, 60), (90, 60)):
+        prob[r:r + 12, c:c + 30] = 0.6
+    post = choose([(prob, mask)], gsd=GSD, cfg=VectorConfig(), refine=False)
+    assert (post["tp"], post["fp"], post["fn"]) == (3, 0, 0)
+    assert post["threshold"] == pytest.approx(0.5)
+    assert post["min_mean_prob"] == pytest.approx(0.65)
