@@ -55,17 +55,27 @@ def _prepare(data: Path, work: Path, cfg) -> tuple[Path, Path]:
     return chips, masks
 
 
-def _score(data: Path, model_dir: Path, out: Path, cfg, min_area: float) -> dict:
-    """Predict, vectorize and evaluate a sample's incoming scenes; the overall metrics."""
+def _score(data: Path, model_dir: Path, out: Path, cfg, min_area: float,
+           min_mean_prob: float = 0.0) -> dict:
+    """Predict, vectorize and evaluate a sample's incoming scenes; the overall metrics.
+
+    Cars under ``min_mean_prob`` are dropped from each car layer before evaluation (what
+    ``vectors`` will do once it reads the bundle's choice).
+    """
     from pipeline.evaluate import evaluate
-    from pipeline.io import list_scenes
+    from pipeline.io import list_scenes, read_vector, write_vector
     from pipeline.predict import predict_scene
     from pipeline.vectorize import vectorize_scene
 
     vectors = cfg.vectors.model_copy(update={"min_area_m2": min_area})
     for scene in list_scenes(data / "incoming"):
         _, mask = predict_scene(scene, model_dir, out, cfg=cfg.predict)
-        vectorize_scene(mask, out, cfg=vectors)
+        cars_file = vectorize_scene(mask, out, cfg=vectors)
+        if min_mean_prob > 0:
+            cars = read_vector(cars_file)
+            kept = cars[~(cars["mean_prob"] < min_mean_prob)]
+            if 0 < len(kept) < len(cars):
+                write_vector(kept, cars_file, layer="cars")
     metrics = json.loads(evaluate(out, data / "truth" / "cars.gpkg",
                                   cfg=cfg.evaluate).read_text())
     overall = metrics["overall"]
@@ -117,7 +127,9 @@ def run(workdir: Path, *, cfg=None, quick: bool = False, minutes: float | None =
     train(chips, masks, model_dir, cfg=cfg)
     train_s = time.perf_counter() - t0
     meta = read_metadata(model_dir)
-    min_area = float(meta.get("postprocess", {}).get("min_area_m2", cfg.vectors.min_area_m2))
+    post = meta.get("postprocess", {})
+    min_area = float(post.get("min_area_m2", cfg.vectors.min_area_m2))
+    min_prob = float(post.get("min_mean_prob", 0.0))
     rows = []
     for name, seed, gsd, style in conditions or CONDITIONS:
         if name == "same":
@@ -128,7 +140,7 @@ def run(workdir: Path, *, cfg=None, quick: bool = False, minutes: float | None =
             px = max(64, int(round(eval_px * 0.15 / gsd)))
             make_sample(data, cfg=SampleConfig(seed=seed, gsd=gsd, style=style, train_scenes=1,
                                                incoming_scenes=2, width=px, height=px))
-        scores = _score(data, model_dir, workdir / f"out_{name}", cfg, min_area)
+        scores = _score(data, model_dir, workdir / f"out_{name}", cfg, min_area, min_prob)
         rows.append({"condition": name, "seed": seed, "gsd": gsd, "style": style, **scores})
         log.info("%s: object F1 %.3f", name, scores["object_f1"])
     base = next((r["object_f1"] for r in rows if r["condition"] == "same"), None)
@@ -138,6 +150,7 @@ def run(workdir: Path, *, cfg=None, quick: bool = False, minutes: float | None =
     return {"quick": quick, "train_seconds": round(train_s, 1),
             "total_seconds": round(time.perf_counter() - started, 1),
             "model": {"threshold": meta["threshold"], "min_area_m2": min_area,
+                      "min_mean_prob": min_prob,
                       "val_metrics": meta.get("val_metrics", {}),
                       "train": {k: meta["train_config"]["train"][k] for k in
                                 ("depth", "base_filters", "batch_size", "max_minutes",
