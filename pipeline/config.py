@@ -137,10 +137,10 @@ class TrainConfig(_Section):
         128, ge=16, description="Train on random crops of this size from each chip "
         "(None = whole chips; chips smaller than this are used whole); validation always sees "
         "whole chips. 128 px crops cost a quarter of a 256 px chip per step on a CPU.")
-    box_labels: Literal["auto", "on", "off"] = Field(
-        "auto", description="Car labels that are axis-aligned boxes: ignore (weight 0) a band "
-        "inside each box's corners so the model is not taught box corners. 'auto' = when most "
-        "car blobs in the masks are axis-aligned rectangles.")
+    box_labels: bool | Literal["auto"] = Field(
+        "auto", description="Car labels are axis-aligned boxes: the loss ignores each box's "
+        "corners and edge band so the model is not taught boxes. 'auto' = when most car blobs "
+        "in the masks have only axis-aligned edges.")
     mixed_precision: Literal["auto", "on", "off"] = Field(
         "auto", description="'auto' = mixed_float16 on a GPU, float32 on a CPU."
     )

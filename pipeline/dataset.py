@@ -221,14 +221,29 @@ def build_augmenter(augment, bands: int, seed: int):
 
 # === Box labels ===
 
-# A blob filling this share of its bounding box, with straight sides, is an axis-aligned box.
-BOX_FILL = 0.97
-# 'auto' calls labels boxes when at least this share of the car blobs looked at are boxes.
+# A blob outline with at most this many corners per 100 px of boundary has axis-aligned edges
+# (a box, or overlapping boxes in a row); a rasterized rotated outline steps every few pixels.
+BOX_CORNERS_PER_100PX = 12.0
+# 'auto' calls labels boxes when at least this share of the car blobs looked at are boxy.
 BOX_SHARE = 0.8
+# Share of a box's short side, from its edge inward, that the loss ignores (the car's own edge
+# lies somewhere in there when the car is not axis-aligned).
+BOX_EDGE_BAND = 0.2
+
+
+def _boxy(blob: np.ndarray) -> bool:
+    """Whether a blob's outline has only long axis-aligned edges (boxes, not staircases)."""
+    from rasterio import features
+
+    rings = [g["coordinates"] for g, _ in features.shapes(blob.astype(np.uint8), mask=blob)]
+    corners = sum(len(ring) - 1 for poly in rings for ring in poly)
+    padded = np.pad(blob, 1)
+    perimeter = int(np.sum(padded[1:, :] != padded[:-1, :]) + np.sum(padded[:, 1:] != padded[:, :-1]))
+    return perimeter > 0 and corners * 100.0 / perimeter <= BOX_CORNERS_PER_100PX
 
 
 def box_blobs(mask: np.ndarray) -> list[tuple[slice, slice]]:
-    """Bounding slices of the car blobs in ``mask`` that are axis-aligned rectangles."""
+    """Bounding slices of the car blobs in ``mask`` that are boxes (or rows of boxes)."""
     from scipy import ndimage
 
     comps, _ = ndimage.label(mask == 1)
@@ -237,20 +252,21 @@ def box_blobs(mask: np.ndarray) -> list[tuple[slice, slice]]:
         if sl is None:
             continue
         h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
-        if min(h, w) >= 4 and np.mean(comps[sl] == i) >= BOX_FILL:
+        if min(h, w) >= 4 and _boxy(comps[sl] == i):
             out.append(sl)
     return out
 
 
-def box_labels_wanted(records: list[ChipRecord], mode: str, *, sample: int = 40) -> bool:
-    """Whether to treat car labels as boxes: ``mode`` 'on'/'off', or 'auto' from the masks.
+def box_labels_wanted(records: list[ChipRecord], mode, *, sample: int = 40) -> bool:
+    """Whether to treat car labels as boxes: ``mode`` True/False, or 'auto' from the masks.
 
     'auto' looks at up to ``sample`` chips with cars: labels are boxes when most car blobs
-    (not touching a chip edge, where a rotated car's cut could look boxy) are axis-aligned
-    rectangles. Rotated car outlines at random headings almost never are.
+    (not touching a chip edge, where a cut could look boxy) have only long axis-aligned edges.
+    Rotated car outlines at random headings almost never do; boxes overlapping in a parking
+    row still do.
     """
     if mode != "auto":
-        return mode == "on"
+        return bool(mode)
     import rasterio
     from scipy import ndimage
 
@@ -272,19 +288,28 @@ def box_labels_wanted(records: list[ChipRecord], mode: str, *, sample: int = 40)
 
 
 def box_corner_weights(mask: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """Zero the weight in each box label's corners, outside the ellipse inscribed in the box.
+    """Zero the weight where a box label says "car" but a car at another heading would not be.
 
     A car at any heading inside its axis-aligned box covers the box's middle but rarely its
-    corners; teaching "car" there would teach boxes. The corners are neither car nor background
-    to the loss, so the model keeps drawing car shapes, and the ellipse's core stays a car.
+    corners or the whole of its edges; teaching "car" there would teach boxes. The loss ignores
+    (weight 0) the pixels of each boxy blob within ``BOX_EDGE_BAND`` of the short side from its
+    edge, and for a single box also its corners outside the inscribed ellipse; the core stays a
+    car and everything outside the boxes stays background.
     """
+    from scipy import ndimage
+
     weight = weight.copy()
     for sl in box_blobs(mask):
-        h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
-        yy = (np.arange(h) + 0.5 - h / 2) / (h / 2)
-        xx = (np.arange(w) + 0.5 - w / 2) / (w / 2)
-        outside = (yy[:, None] ** 2 + xx[None, :] ** 2) > 1.0
-        weight[sl][outside] = 0.0
+        blob = mask[sl] == 1
+        h, w = blob.shape
+        depth = ndimage.distance_transform_edt(np.pad(blob, 1))[1:-1, 1:-1]
+        band = blob & (depth <= max(1.0, BOX_EDGE_BAND * min(h, w)))
+        if blob.all():  # one box: its corners too
+            yy = (np.arange(h) + 0.5 - h / 2) / (h / 2)
+            xx = (np.arange(w) + 0.5 - w / 2) / (w / 2)
+            band |= (yy[:, None] ** 2 + xx[None, :] ** 2) > 1.0
+        view = weight[sl]
+        view[band] = 0.0
     return weight
 
 
