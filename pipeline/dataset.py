@@ -26,9 +26,6 @@ log = logging.getLogger(__name__)
 INDEX_COLUMNS = ("chip", "scene", "row_off", "col_off", "width", "height", "valid_fraction",
                  "gsd", "car_pixels", "split")
 IGNORE = 255
-# Augmented colours are computed on z-scores mapped into [0, 1] over +-ZSPAN standard deviations:
-# albumentations' colour transforms expect [0, 1] floats, and 5 sigma keeps bright cars unclipped.
-ZSPAN = 5.0
 
 
 @dataclass(frozen=True)
@@ -146,12 +143,44 @@ def read_chip(record: ChipRecord, normalization: dict, *, use_weights: bool = Tr
     return normalize(image, normalization), mask, weight
 
 
+def _haze_class():
+    import albumentations as A
+
+    class Haze(A.ImageOnlyTransform):
+        """A flat veil of bright, slightly bluish light: ``(1 - a) * image + a * veil``."""
+
+        def __init__(self, strength: tuple[float, float] = (0.05, 0.3), p: float = 0.5):
+            super().__init__(p=p)
+            self.strength = strength
+
+        def get_params(self):
+            a = self.py_random.uniform(*self.strength)
+            veil = [self.py_random.uniform(0.75, 0.9) for _ in range(2)]
+            return {"a": a, "veil": veil + [min(veil[-1] + 0.05, 1.0)]}
+
+        def apply(self, img, a=0.0, veil=(0.8, 0.8, 0.85), **params):
+            bands = img.shape[-1]
+            colour = np.resize(np.asarray(veil, np.float32), bands)
+            return ((1 - a) * img + a * colour).astype(img.dtype)
+
+        def get_transform_init_args_names(self):
+            return ("strength",)
+
+    return Haze
+
+
 def build_augmenter(augment, bands: int, seed: int):
     """An albumentations pipeline for (image, mask, weight), groups switched by ``augment``.
 
-    Masks and weights move with the image through geometric transforms using nearest
-    interpolation; pixels brought in from outside the chip get mask 255 (ignored), and their
-    weight is zeroed afterwards in ``ChipDataset``. Returns None when every group is off.
+    Images arrive as radiometry in [0, 1] (see ``ChipDataset``), so exposure, white balance,
+    haze and JPEG act on the values a camera records, not on z-scores. Masks and weights move
+    with the image through geometric transforms using nearest interpolation; pixels brought in
+    from outside the chip get mask 255 (ignored), and their weight is zeroed afterwards in
+    ``ChipDataset``. Returns None when every group is off.
+
+    What real flights vary and the sample does not: exposure and gamma, white balance (per-band
+    gains), haze, the camera's blur, noise and JPEG, shadows of buildings and trees, and the GSD
+    (scale jitter of ``scale_limit``, +-20% by default: 0.12-0.18 m for 0.15 m chips).
     """
     import albumentations as A
 
@@ -159,19 +188,129 @@ def build_augmenter(augment, bands: int, seed: int):
     if augment.flips:
         ops += [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=0.5)]
     if augment.scale_rotate:
-        ops.append(A.Affine(scale=(0.9, 1.1), rotate=(-15, 15), interpolation=1,
-                            mask_interpolation=0, fill=0.5, fill_mask=IGNORE, p=0.5))
+        s, r = augment.scale_limit, augment.rotate_limit
+        ops.append(A.Affine(scale=(1 - s, 1 + s), rotate=(-r, r), interpolation=1,
+                            mask_interpolation=0, fill=0.0, fill_mask=IGNORE, p=0.7))
+    if augment.exposure:
+        ops.append(A.RandomGamma(gamma_limit=(70, 140), p=0.4))
+        # Per-band gains = white balance; one gain for the chip, not per pixel.
+        ops.append(A.MultiplicativeNoise(multiplier=(0.85, 1.15), per_channel=True,
+                                         elementwise=False, p=0.5))
     if augment.color:
-        ops.append(A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.15, p=0.5))
+        ops.append(A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.25,
+                                              p=0.6))
         if bands == 3:  # hue is only defined for RGB
-            ops.append(A.HueSaturationValue(hue_shift_limit=8, sat_shift_limit=10,
+            ops.append(A.HueSaturationValue(hue_shift_limit=8, sat_shift_limit=15,
                                             val_shift_limit=0, p=0.3))
+    if augment.haze:
+        ops.append(_haze_class()(strength=(0.05, 0.3), p=0.25))
+    if augment.shadows and bands == 3:
+        ops.append(A.RandomShadow(shadow_roi=(0, 0, 1, 1), num_shadows_limit=(1, 2),
+                                  shadow_dimension=5, shadow_intensity_range=(0.3, 0.6),
+                                  p=0.3))
     if augment.blur_noise:
-        ops.append(A.OneOf([A.GaussianBlur(blur_limit=(3, 3), p=1.0),
-                            A.GaussNoise(std_range=(0.005, 0.02), p=1.0)], p=0.3))
+        ops.append(A.OneOf([A.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.3, 1.2), p=1.0),
+                            A.Downscale(scale_range=(0.5, 0.8), p=1.0)], p=0.3))
+        ops.append(A.GaussNoise(std_range=(0.005, 0.03), p=0.3))
+        if bands == 3:
+            ops.append(A.ImageCompression(quality_range=(40, 90), p=0.3))
     if not ops:
         return None
     return A.Compose(ops, additional_targets={"weight": "mask"}, seed=seed)
+
+
+# === Box labels ===
+
+# A blob outline with at most this many corners per 100 px of boundary has axis-aligned edges
+# (a box, or overlapping boxes in a row); a rasterized rotated outline steps every few pixels.
+BOX_CORNERS_PER_100PX = 12.0
+# 'auto' calls labels boxes when at least this share of the car blobs looked at are boxy.
+BOX_SHARE = 0.8
+# Share of a box's short side, from its edge inward, that the loss ignores (the car's own edge
+# lies somewhere in there when the car is not axis-aligned).
+BOX_EDGE_BAND = 0.2
+
+
+def _boxy(blob: np.ndarray) -> bool:
+    """Whether a blob's outline has only long axis-aligned edges (boxes, not staircases)."""
+    from rasterio import features
+
+    rings = [g["coordinates"] for g, _ in features.shapes(blob.astype(np.uint8), mask=blob)]
+    corners = sum(len(ring) - 1 for poly in rings for ring in poly)
+    padded = np.pad(blob, 1)
+    perimeter = int(np.sum(padded[1:, :] != padded[:-1, :]) + np.sum(padded[:, 1:] != padded[:, :-1]))
+    return perimeter > 0 and corners * 100.0 / perimeter <= BOX_CORNERS_PER_100PX
+
+
+def box_blobs(mask: np.ndarray) -> list[tuple[slice, slice]]:
+    """Bounding slices of the car blobs in ``mask`` that are boxes (or rows of boxes)."""
+    from scipy import ndimage
+
+    comps, _ = ndimage.label(mask == 1)
+    out = []
+    for i, sl in enumerate(ndimage.find_objects(comps), start=1):
+        if sl is None:
+            continue
+        h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
+        if min(h, w) >= 4 and _boxy(comps[sl] == i):
+            out.append(sl)
+    return out
+
+
+def box_labels_wanted(records: list[ChipRecord], mode, *, sample: int = 40) -> bool:
+    """Whether to treat car labels as boxes: ``mode`` True/False, or 'auto' from the masks.
+
+    'auto' looks at up to ``sample`` chips with cars: labels are boxes when most car blobs
+    (not touching a chip edge, where a cut could look boxy) have only long axis-aligned edges.
+    Rotated car outlines at random headings almost never do; boxes overlapping in a parking
+    row still do.
+    """
+    if mode != "auto":
+        return bool(mode)
+    import rasterio
+    from scipy import ndimage
+
+    boxes = blobs = 0
+    for r in [r for r in records if r.car_pixels > 0][:sample]:
+        with rasterio.open(r.mask) as src:
+            mask = src.read(1)
+        comps, n = ndimage.label(mask == 1)
+        inner = [sl for sl in ndimage.find_objects(comps)
+                 if sl is not None and sl[0].start > 0 and sl[1].start > 0
+                 and sl[0].stop < mask.shape[0] and sl[1].stop < mask.shape[1]]
+        blobs += len(inner)
+        found = {(b[0].start, b[1].start) for b in box_blobs(mask)}
+        boxes += sum((sl[0].start, sl[1].start) in found for sl in inner)
+    wanted = blobs >= 5 and boxes >= BOX_SHARE * blobs
+    log.info("train.box_labels auto: %d of %d car blobs are axis-aligned boxes: %s", boxes,
+             blobs, "treating labels as boxes" if wanted else "outlines")
+    return wanted
+
+
+def box_corner_weights(mask: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Zero the weight where a box label says "car" but a car at another heading would not be.
+
+    A car at any heading inside its axis-aligned box covers the box's middle but rarely its
+    corners or the whole of its edges; teaching "car" there would teach boxes. The loss ignores
+    (weight 0) the pixels of each boxy blob within ``BOX_EDGE_BAND`` of the short side from its
+    edge, and for a single box also its corners outside the inscribed ellipse; the core stays a
+    car and everything outside the boxes stays background.
+    """
+    from scipy import ndimage
+
+    weight = weight.copy()
+    for sl in box_blobs(mask):
+        blob = mask[sl] == 1
+        h, w = blob.shape
+        depth = ndimage.distance_transform_edt(np.pad(blob, 1))[1:-1, 1:-1]
+        band = blob & (depth <= max(1.0, BOX_EDGE_BAND * min(h, w)))
+        if blob.all():  # one box: its corners too
+            yy = (np.arange(h) + 0.5 - h / 2) / (h / 2)
+            xx = (np.arange(w) + 0.5 - w / 2) / (w / 2)
+            band |= (yy[:, None] ** 2 + xx[None, :] ** 2) > 1.0
+        view = weight[sl]
+        view[band] = 0.0
+    return weight
 
 
 def _keras_pydataset():
@@ -194,7 +333,8 @@ class ChipDataset(_keras_pydataset()):
                  augment=None, positive_fraction: float | None = None,
                  steps: int | None = None, shuffle: bool = True, use_weights: bool = True,
                  cache: bool = True, seed: int = 0, pad_last: bool = False, workers: int = 1,
-                 use_multiprocessing: bool = False):
+                 use_multiprocessing: bool = False, crop_size: int | None = None,
+                 box_labels: bool = False, dtype: str = "uint8"):
         super().__init__(workers=workers, use_multiprocessing=use_multiprocessing)
         if not records:
             raise ValueError("ChipDataset needs at least one chip")
@@ -208,7 +348,15 @@ class ChipDataset(_keras_pydataset()):
         self.seed = seed
         self.pad_last = pad_last
         self.epoch = 0
+        self.crop_size = crop_size
+        self.box_labels = box_labels
         self.bands = len(normalization["mean"])
+        mean = np.asarray(normalization["mean"], np.float32)
+        std = np.asarray(normalization["std"], np.float32)
+        # Augmentation works on radiometry scaled to [0, 1]: the dtype's range for 8 bits, a
+        # range that holds nearly every value for other data.
+        full = 255.0 if dtype == "uint8" else float(np.max(mean + 5 * std))
+        self._mean, self._std, self._full = mean, std, max(full, 1e-6)
         self.augmenter = (build_augmenter(augment, self.bands, seed)
                           if augment is not None else None)
         self.steps = steps or math.ceil(len(self.records) / batch_size)
@@ -253,8 +401,12 @@ class ChipDataset(_keras_pydataset()):
             # which keeps resumed runs and worker threads reproducible.
             self.augmenter.set_random_seed(int(hash((self.seed, self.epoch, idx)) % 2**31))
         images, targets = [], []
-        for i in indices:
+        for j, i in enumerate(indices):
             image, mask, weight = self.chip(i)
+            if self.box_labels:
+                weight = box_corner_weights(mask, weight)
+            if self.crop_size and self.crop_size < min(mask.shape):
+                image, mask, weight = self._crop(image, mask, weight, idx, j)
             if self.augmenter is not None:
                 image, mask, weight = self._augment(image, mask, weight)
             target = (mask == 1).astype(np.float32)
@@ -269,11 +421,20 @@ class ChipDataset(_keras_pydataset()):
             targets += [np.zeros_like(targets[0])] * extra
         return np.stack(images).astype(np.float32), np.stack(targets)
 
+    def _crop(self, image, mask, weight, idx: int, j: int):
+        rng = np.random.default_rng([self.seed, self.epoch, idx, j, 7])
+        size = self.crop_size
+        r = int(rng.integers(0, mask.shape[0] - size + 1))
+        c = int(rng.integers(0, mask.shape[1] - size + 1))
+        return (image[r:r + size, c:c + size], mask[r:r + size, c:c + size],
+                weight[r:r + size, c:c + size])
+
     def _augment(self, image, mask, weight):
-        unit = np.clip((image + ZSPAN) / (2 * ZSPAN), 0.0, 1.0).astype(np.float32)
+        raw = (image * self._std + self._mean) / self._full
+        unit = np.clip(raw, 0.0, 1.0).astype(np.float32)
         out = self.augmenter(image=unit, mask=mask, weight=weight)
-        image = (out["image"].astype(np.float32) * (2 * ZSPAN) - ZSPAN).astype(np.float32)
-        return image, out["mask"], out["weight"]
+        image = (out["image"].astype(np.float32) * self._full - self._mean) / self._std
+        return image.astype(np.float32), out["mask"], out["weight"]
 
 
 def measure_throughput(dataset: ChipDataset, *, batches: int = 5, warmup: int = 1) -> float:

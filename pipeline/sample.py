@@ -70,6 +70,41 @@ CAR_KINDS = [
 ]
 
 
+@dataclass(frozen=True)
+class Style:
+    """Light and camera of a flight: ranges each scene draws from (same draws for every style).
+
+    ``default`` is the sample as it always was (byte-identical for a given seed); the others
+    exist to measure generalisation: train on one style, evaluate on another.
+    """
+
+    sun_elevation_deg: tuple[float, float] = (30, 62)
+    shadow_light: tuple[float, float] = (0.35, 0.55)  # light left in shadow
+    haze: tuple[float, float] = (0, 18)  # digital numbers of veil
+    gain: tuple[float, float] = (0.8, 1.2)
+    contrast: tuple[float, float] = (0.8, 1.2)
+    white_balance: tuple[float, float, float] = (1.0, 1.0, 1.0)  # mean per-band gain
+    gamma: tuple[float, float] = (0.85, 1.15)
+    noise: tuple[float, float] = (1.5, 3.5)  # sensor noise sigma, digital numbers
+    blur_px: float = 0.55  # optics blur sigma
+
+
+STYLES: dict[str, Style] = {
+    "default": Style(),
+    # Overcast: high diffuse light, weak short shadows, flat and bluish.
+    "overcast": Style(sun_elevation_deg=(55, 75), shadow_light=(0.7, 0.85), haze=(10, 30),
+                      gain=(0.85, 1.05), contrast=(0.7, 0.9), white_balance=(0.95, 1.0, 1.08),
+                      noise=(2.0, 4.0)),
+    # Evening: low sun, long dark shadows, warm light, darker exposure.
+    "evening": Style(sun_elevation_deg=(15, 28), shadow_light=(0.25, 0.4), haze=(5, 25),
+                     gain=(0.7, 0.95), contrast=(0.9, 1.2), white_balance=(1.12, 1.0, 0.82),
+                     gamma=(0.9, 1.2)),
+    # Faded: an older, softer camera with heavy haze and more noise.
+    "faded": Style(haze=(20, 40), contrast=(0.65, 0.85), white_balance=(1.03, 1.03, 0.95),
+                   noise=(3.0, 6.0), blur_px=0.9),
+}
+
+
 @dataclass
 class Car:
     """One car in pixel coordinates of its scene (x = column, y = row, continuous)."""
@@ -740,7 +775,8 @@ def _collar(rng, shape: tuple[int, int]) -> np.ndarray:
 
 
 def render_scene(rng: np.random.Generator, width: int, height: int, *, gsd: float,
-                 transform: Affine, crs: CRS, collar: bool = False) -> SceneRender:
+                 transform: Affine, crs: CRS, collar: bool = False,
+                 style: Style | str = "default") -> SceneRender:
     """Draw one scene; the result keeps the car raster it drew, for checks against labels.
 
     Args:
@@ -749,7 +785,9 @@ def render_scene(rng: np.random.Generator, width: int, height: int, *, gsd: floa
         gsd: pixel size in metres.
         transform, crs: the scene's grid.
         collar: give the scene an irregular nodata border.
+        style: light and camera (a name in ``STYLES`` or a ``Style``).
     """
+    st = STYLES[style] if isinstance(style, str) else style
     shape = (height, width)
     frame = _Frame(theta=rng.uniform(0, math.pi), cx=width / 2, cy=height / 2, gsd=gsd)
     half = 0.5 * math.hypot(width, height) * gsd + 6
@@ -758,11 +796,11 @@ def render_scene(rng: np.random.Generator, width: int, height: int, *, gsd: floa
 
     # One sun per scene: azimuth (from north, clockwise) and elevation set every shadow.
     azimuth = rng.uniform(0, 360)
-    elevation = math.radians(rng.uniform(30, 62))
+    elevation = math.radians(rng.uniform(*st.sun_elevation_deg))
     sun_px = (math.sin(math.radians(azimuth)), -math.cos(math.radians(azimuth)))
     shadow_dir = (-sun_px[0], -sun_px[1])
     per_m = 1 / math.tan(elevation) / gsd  # shadow pixels per metre of height
-    shadow_dark = rng.uniform(0.35, 0.55)  # light left in shadow
+    shadow_dark = rng.uniform(*st.shadow_light)  # light left in shadow
 
     img, heights = _ground(rng, lay, frame, shape, valid)
     building = heights > 0
@@ -819,7 +857,7 @@ def render_scene(rng: np.random.Generator, width: int, height: int, *, gsd: floa
 
     # Camera: optics blur, chroma at lower resolution than luma (as in JPEG-compressed
     # orthophoto deliveries), haze, per-scene exposure, contrast, white balance, sensor noise.
-    img = ndimage.gaussian_filter(img, (0, 0.55, 0.55))
+    img = ndimage.gaussian_filter(img, (0, st.blur_px, st.blur_px))
     luma = 0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2]
     chroma = ndimage.gaussian_filter(img - luma[None], (0, 1.0, 1.0))
     img = luma[None] + chroma
@@ -831,15 +869,16 @@ def render_scene(rng: np.random.Generator, width: int, height: int, *, gsd: floa
             (yy - height * rng.uniform(0.3, 0.7)) * math.sin(ang) > 0
         step = (rng.normal(1, 0.03) * rng.normal(1, 0.015, 3)).astype(np.float32)
         img = np.where(side[None], img * step[:, None, None], img)
-    haze = rng.uniform(0, 18)
+    haze = rng.uniform(*st.haze)
     img = img * (1 - haze / 255) + haze * np.array([0.9, 0.97, 1.1], np.float32)[:, None, None]
-    gain = rng.uniform(0.8, 1.2)
-    contrast = rng.uniform(0.8, 1.2)
-    wb = rng.normal(1, 0.03, 3).astype(np.float32)[:, None, None]
+    gain = rng.uniform(*st.gain)
+    contrast = rng.uniform(*st.contrast)
+    wb = rng.normal(1, 0.03, 3) * np.asarray(st.white_balance)
+    wb = wb.astype(np.float32)[:, None, None]
     mean = float(img.mean())
     img = ((img - mean) * contrast + mean) * gain * wb
-    img = 255 * np.clip(img / 255, 0, None) ** rng.uniform(0.85, 1.15)
-    img += rng.normal(0, rng.uniform(1.5, 3.5), img.shape).astype(np.float32)
+    img = 255 * np.clip(img / 255, 0, None) ** rng.uniform(*st.gamma)
+    img += rng.normal(0, rng.uniform(*st.noise), img.shape).astype(np.float32)
     out = np.clip(np.rint(img), 1, 255).astype(np.uint8)  # 0 is reserved for nodata
     out[:, ~valid] = 0
     return SceneRender(out, valid, cars, car_mask & valid, transform, crs, gsd, azimuth, boxes)
@@ -991,9 +1030,9 @@ def scene_specs(cfg: SampleConfig) -> list[tuple[str, str, int, int, bool]]:
 
 
 def _render_job(job: tuple) -> SceneRender:
-    seed, w, h, gsd, transform, epsg, collar = job
+    seed, w, h, gsd, transform, epsg, collar, style = job
     return render_scene(np.random.default_rng(seed), w, h, gsd=gsd, transform=transform,
-                        crs=CRS.from_epsg(epsg), collar=collar)
+                        crs=CRS.from_epsg(epsg), collar=collar, style=style)
 
 
 def generate(cfg: SampleConfig, *, workers: int | None = None) -> dict[str, SceneRender]:
@@ -1010,7 +1049,7 @@ def generate(cfg: SampleConfig, *, workers: int | None = None) -> dict[str, Scen
     for k, ((_rel, _name, w, h, collar), seed) in enumerate(zip(specs, seeds, strict=True)):
         # Scenes sit side by side 1 km apart, near 48 N in the configured UTM zone.
         transform = Affine(cfg.gsd, 0, 400000.0 + 1000.0 * k, 0, -cfg.gsd, 5320000.0)
-        jobs.append((seed, w, h, cfg.gsd, transform, cfg.epsg, collar))
+        jobs.append((seed, w, h, cfg.gsd, transform, cfg.epsg, collar, cfg.style))
     if workers is None:
         pixels = sum(w * h for _, _, w, h, _ in specs)
         workers = min(2, os.cpu_count() or 1, len(specs)) if pixels > 2_000_000 else 1

@@ -5,16 +5,28 @@ touching cars when ``train.use_gap_weights``), plus an optional soft Dice term. 
 packed in ``y_true`` (channel 1), so the loss is a plain ``loss(y_true, y_pred)`` in ``keras.ops``
 and runs unchanged on TensorFlow, JAX and PyTorch.
 
+A time budget (``train.max_minutes``) shapes the whole run, not just its end: the learning rate
+warms up and decays (cosine) to the end of the budget rather than of ``epochs``; an epoch is a
+validation interval sized from a measured step time so validation runs about
+``train.validations`` times; the best weights are kept by object F1 (``train.select_by``); and
+the budget keeps room for choosing the post-processing afterwards.
+
+After training, the threshold and the minimum car area are chosen on the validation chips by
+object F1 at IoU 0.5 (``pipeline.postprocess``) and stored in ``metadata.json``
+(``threshold``, ``postprocess``), with each validation car's mean probability and whether it
+matched a true car (``validation_cars``), for calibration.
+
 Resume: every epoch writes ``MODEL_DIR/checkpoint/`` (model with optimizer state, the best
-weights so far, epoch, best validation IoU, early-stopping counter, and a fingerprint of the
-settings and the data). Running ``train`` again with the same settings and data continues from
-there; a larger ``train.epochs`` extends a finished run.
+weights so far, epoch, best validation score, early-stopping counter, training time, epoch
+length, and a fingerprint of the settings and the data). Running ``train`` again with the same
+settings and data continues from there; a larger ``train.epochs`` extends a finished run.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 import sys
 import time
@@ -40,7 +52,16 @@ THRESHOLDS = np.round(np.arange(0.1, 0.91, 0.05), 2)
 # Settings that do not change what a resumed run would learn: they may differ between the
 # interrupted run and the one that continues it.
 RESUME_FREE = ("epochs", "max_minutes", "early_stopping_patience", "mixed_precision",
-               "cache_in_memory")
+               "cache_in_memory", "validations")
+# The learning rate decays to this share of its peak at the end of the run.
+FINAL_LR_SHARE = 0.01
+# Without a measured step time, a training step is taken to cost this many forward passes.
+TRAIN_STEP_FORWARDS = 6.0
+# Post-processing search cost in unsplit scoring passes (postprocess.choose: 7 coarse unsplit
+# passes and 3 split ones at about 10 times the cost).
+SEARCH_PASSES = 40
+# Training runs at least 1 / VAL_SHARE_CAP times as long as validation between validations.
+VAL_SHARE_CAP = 0.25
 # Chips held in RAM only while they take less than this share of the machine's memory.
 CACHE_SHARE = 0.25
 
@@ -96,10 +117,13 @@ def scores(tp: int, fp: int, fn: int) -> dict:
             "precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn)}
 
 
-def evaluate(model, data: ChipDataset, thresholds: np.ndarray) -> tuple[np.ndarray, float]:
+def evaluate(model, data: ChipDataset, thresholds: np.ndarray, chips: list | None = None
+             ) -> tuple[np.ndarray, float]:
     """Confusion counts per threshold and the weighted BCE over a validation dataset.
 
-    Pixels with mask 255 (weight 0) are left out of every count.
+    Pixels with mask 255 (weight 0) are left out of every count. When ``chips`` is a list, each
+    real (not padding) chip's ``(prob, mask)`` is appended to it for object scoring, with the
+    mask 255 where the chip is ignored.
     """
     counts = np.zeros((len(thresholds), 3), np.int64)
     loss_sum = weight_sum = 0.0
@@ -113,7 +137,22 @@ def evaluate(model, data: ChipDataset, thresholds: np.ndarray) -> tuple[np.ndarr
         bce = -(target * np.log(p) + (1 - target) * np.log(1 - p))
         loss_sum += float(np.sum(np.where(valid, weight * bce, 0.0)))
         weight_sum += float(np.sum(weight))
+        if chips is not None:
+            real = len(data.batch_indices(i))  # the padded tail of the last batch is no chip
+            for k in range(real):
+                mask = np.where(valid[k], target[k], 255).astype(np.uint8)
+                chips.append((prob[k].astype(np.float16), mask))
     return counts, loss_sum / max(weight_sum, 1e-6)
+
+
+def learning_rate_at(progress: float, peak: float, warmup: float) -> float:
+    """Linear warm-up over the first ``warmup`` of the run, then cosine decay to
+    ``FINAL_LR_SHARE * peak`` at ``progress`` 1 (progress is a share of the budget or steps)."""
+    progress = min(max(progress, 0.0), 1.0)
+    if warmup > 0 and progress < warmup:
+        return peak * max(progress / warmup, 0.01)
+    rest = (progress - warmup) / max(1.0 - warmup, 1e-9)
+    return peak * (FINAL_LR_SHARE + (1 - FINAL_LR_SHARE) * 0.5 * (1 + math.cos(math.pi * rest)))
 
 
 # === Callbacks ===
@@ -125,39 +164,70 @@ def _callback_base():
 
 
 class ValidationCheckpoint(_callback_base()):
-    """Each epoch: validation IoU/F1/precision/recall at 0.5, best weights, checkpoint, patience.
+    """Each epoch: validation scores, best weights, checkpoint, patience.
 
-    It writes ``val_*`` into the epoch logs (so CSVLogger and TensorBoard record them) and must
-    come first in the callback list. Early stopping is done here rather than with
-    ``keras.callbacks.EarlyStopping`` because its counter has to survive a resume.
+    Scores: pixel IoU/F1/precision/recall at 0.5 and object F1 at IoU 0.5 (threshold 0.5,
+    ``vectors.min_area_m2``); ``select_by`` says which keeps the best weights. It writes
+    ``val_*`` and ``minutes`` (training time so far) into the epoch logs (so CSVLogger and
+    TensorBoard record them) and must come first in the callback list. Early stopping is done
+    here rather than with ``keras.callbacks.EarlyStopping`` because its counter has to survive a
+    resume.
     """
 
-    def __init__(self, val: ChipDataset, ckpt_dir: Path, state: dict, patience: int):
+    def __init__(self, val: ChipDataset, ckpt_dir: Path, state: dict, patience: int | None,
+                 *, select_by: str = "iou", gsd: float | None = None, vectors=None):
         super().__init__()
         self.val = val
         self.ckpt_dir = ckpt_dir
         self.state = state
         self.patience = patience
+        self.select_by = select_by
+        self.gsd = gsd
+        self.vectors = vectors
+        self.started = time.monotonic()
+        self.elapsed0 = float(state.get("elapsed_s", 0.0))
+        # Seconds of the last validation's forward passes and object scoring at one threshold.
+        self.forward_s = self.objects_s = 0.0
+
+    def final_search_s(self) -> float:
+        """What choosing the post-processing after training will take, from the last
+        validation: one more pass of the chips, and object scoring (``SEARCH_PASSES``)."""
+        return self.forward_s + SEARCH_PASSES * self.objects_s
 
     def on_epoch_end(self, epoch, logs=None):
+        from pipeline.postprocess import object_f1
+
         logs = logs if logs is not None else {}
-        counts, val_loss = evaluate(self.model, self.val, np.array([0.5]))
+        chips: list | None = [] if self.gsd and self.vectors is not None else None
+        t0 = time.monotonic()
+        counts, val_loss = evaluate(self.model, self.val, np.array([0.5]), chips)
         metrics = scores(*counts[0])
+        t1 = time.monotonic()
+        if chips is not None:
+            metrics["object_f1"] = object_f1(chips, gsd=self.gsd, cfg=self.vectors)
+        self.forward_s, self.objects_s = t1 - t0, time.monotonic() - t1
         logs["val_loss"] = val_loss
         for key, value in metrics.items():
             logs[f"val_{key}"] = value
         state = self.state
         state["epoch"] = epoch + 1
-        if metrics["iou"] > state["best_iou"]:
-            state.update(best_iou=metrics["iou"], best_epoch=epoch, wait=0)
+        state["elapsed_s"] = self.elapsed0 + time.monotonic() - self.started
+        logs["minutes"] = state["elapsed_s"] / 60
+        key = self.select_by if self.select_by in metrics else "iou"
+        # Pixel IoU breaks ties (object F1 is often 1.0 or 0.0 on tiny validation sets).
+        score = [metrics[key], metrics["iou"]]
+        best = state.get("best_score", [state["best_iou"], state["best_iou"]])
+        if score > best:
+            state.update(best_score=score, best_iou=metrics["iou"], best_epoch=epoch, wait=0)
             # Keras insists on the `.weights.h5` ending, which atomic_path's name lacks.
             tmp = self.ckpt_dir / f".best.{os.getpid()}.tmp.weights.h5"
             self.model.save_weights(tmp)
             os.replace(tmp, self.ckpt_dir / "best.weights.h5")
         else:
             state["wait"] += 1
-        if state["wait"] >= self.patience:
-            log.info("early stop: validation IoU has not improved for %d epochs", state["wait"])
+        if self.patience and state["wait"] >= self.patience:
+            log.info("early stop: validation %s has not improved for %d epochs", key,
+                     state["wait"])
             state["stopped_early"] = True
             self.model.stop_training = True
         # The full model (with optimizer state) is written before the state file, so a state
@@ -165,17 +235,58 @@ class ValidationCheckpoint(_callback_base()):
         with atomic_path(self.ckpt_dir / "last.keras") as tmp:
             self.model.save(tmp)
         write_json(self.ckpt_dir / "state.json", state)
-        log.info("epoch %d: val IoU %.4f (best %.4f at epoch %d)", epoch, metrics["iou"],
-                 state["best_iou"], state["best_epoch"])
+        log.info("epoch %d (%.1f min): val IoU %.4f, object F1 %s (best epoch %d)", epoch,
+                 logs["minutes"], metrics["iou"],
+                 f"{metrics['object_f1']:.4f}" if "object_f1" in metrics else "-",
+                 state["best_epoch"])
+
+
+class LearningRate(_callback_base()):
+    """Set the learning rate before each step: warm-up, then cosine decay to the end of the
+    time budget (``budget_s``, training time carried over a resume included) or, without a
+    budget, to the end of ``total_steps``. A budget-driven run thus ends with a small learning
+    rate whenever the budget ends, instead of being cut in the middle of a step-based schedule.
+    """
+
+    def __init__(self, peak: float, warmup: float, *, total_steps: int, first_step: int,
+                 budget_s: float | None, elapsed_s: float):
+        super().__init__()
+        self.peak, self.warmup = peak, warmup
+        self.total_steps, self.step = max(total_steps, 1), first_step
+        self.budget_s, self.elapsed_s = budget_s, elapsed_s
+        self.started = time.monotonic()
+
+    def progress(self) -> float:
+        if self.budget_s:
+            return (self.elapsed_s + time.monotonic() - self.started) / self.budget_s
+        return self.step / self.total_steps
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.model.optimizer.learning_rate = learning_rate_at(self.progress(), self.peak,
+                                                              self.warmup)
+        self.step += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(learning_rate_at(self.progress(), self.peak,
+                                                           self.warmup))
 
 
 class TimeBudget(_callback_base()):
-    """End training at the end of the step in progress once ``minutes`` have passed."""
+    """End training at the end of the step in progress once ``minutes`` have passed, less
+    ``reserve()`` seconds: the time that choosing the post-processing on the validation chips
+    will take after training, so the whole ``train`` stage keeps to the budget."""
 
-    def __init__(self, minutes: float):
+    def __init__(self, minutes: float, reserve=None):
         super().__init__()
-        self.deadline = time.monotonic() + minutes * 60
+        self.start = time.monotonic()
+        self.budget_s = minutes * 60
+        self.reserve = reserve or (lambda: 0.0)
         self.spent = False
+
+    @property
+    def deadline(self) -> float:
+        return self.start + self.budget_s - self.reserve()
 
     def on_train_batch_end(self, batch, logs=None):
         if time.monotonic() >= self.deadline:
@@ -454,6 +565,9 @@ def train(chips_dir: Path, masks_dir: Path, model_dir: Path, *, cfg: Config) -> 
     if cfg.tile.chip_size % multiple:
         raise InputError(f"tile.chip_size {cfg.tile.chip_size} is not a multiple of "
                          f"2**train.depth = {multiple}")
+    if t.crop_size and t.crop_size % multiple:
+        raise InputError(f"train.crop_size {t.crop_size} is not a multiple of "
+                         f"2**train.depth = {multiple}")
     train_recs, val_recs = _split(records)
     normalization = {"mean": [float(m) for m in stats["mean"]],
                      "std": [float(s) for s in stats["std"]]}
@@ -472,26 +586,58 @@ def train(chips_dir: Path, masks_dir: Path, model_dir: Path, *, cfg: Config) -> 
         keras.mixed_precision.set_global_policy(previous_policy)
 
 
+def _auto_steps(model, train_data: ChipDataset, val_batches: int, t) -> int | None:
+    """Batches per epoch so that validation runs about ``t.validations`` times in the budget.
+
+    The step time is estimated from a timed forward pass of a training batch (on a CPU a
+    training step with augmentation costs about ``TRAIN_STEP_FORWARDS`` of them; measured on a
+    2-core machine), and each validation's own cost (``val_batches`` forward passes) is taken
+    out of its interval. Validation by steps rather than by epochs means the best weights are
+    caught however few passes over the chips the budget allows. None when there is no budget
+    or ``steps_per_epoch`` is set.
+    """
+    if not t.max_minutes or t.steps_per_epoch:
+        return None
+    x, _ = train_data[0]
+    model.predict_on_batch(x)  # traces the function; not timed
+    start = time.perf_counter()
+    model.predict_on_batch(x)
+    forward_s = max(time.perf_counter() - start, 1e-4)
+    # A validation is its forward passes plus about as long again scoring objects.
+    step_s, val_s = TRAIN_STEP_FORWARDS * forward_s, 2 * val_batches * forward_s
+    interval_s = t.max_minutes * 60 / t.validations - val_s
+    # Validation never takes more than 1 / (1 + VAL_SHARE_CAP^-1) of the time: on a slow
+    # machine with a large validation set, fewer validations rather than no training.
+    steps = max(interval_s, val_s / VAL_SHARE_CAP) / step_s
+    return int(min(max(steps, 5), 100_000))
+
+
 def _run(chips_dir, model_dir, cfg, records, train_recs, val_recs, stats, normalization,
          fingerprint, bands, save_bundle) -> Path:
     import keras
 
+    from pipeline.dataset import box_labels_wanted
+    from pipeline.postprocess import choose
+
     t = cfg.train
     cache = t.cache_in_memory and _fits_in_memory(records, bands)
+    boxes = box_labels_wanted(train_recs, t.box_labels)
     train_data = ChipDataset(train_recs, normalization, batch_size=t.batch_size,
                              augment=t.augment, positive_fraction=t.positive_fraction,
                              steps=t.steps_per_epoch, use_weights=t.use_gap_weights,
-                             cache=cache, seed=t.seed)
+                             cache=cache, seed=t.seed, crop_size=t.crop_size,
+                             box_labels=boxes, dtype=str(stats.get("dtype", "uint8")))
     # Validation scores the plain 0/1 target on valid pixels; gap weights play no part there.
     val_data = ChipDataset(val_recs, normalization, batch_size=t.batch_size, shuffle=False,
                            use_weights=False, cache=cache, seed=t.seed, pad_last=True)
+    gsd = stats.get("gsd") or cfg.tile.gsd or _chip_gsd(val_recs[0])
     ckpt_dir = model_dir / CHECKPOINT_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     state = _load_checkpoint(ckpt_dir, fingerprint)
     resumed = state is not None
     if not resumed:
         state = {"epoch": 0, "best_iou": -1.0, "best_epoch": -1, "wait": 0,
-                 "stopped_early": False, "fingerprint": fingerprint}
+                 "stopped_early": False, "fingerprint": fingerprint, "elapsed_s": 0.0}
     initial_epoch = int(state["epoch"])
     # Sampling and augmentation draw from (seed, epoch, batch): a resumed run goes on with the
     # epochs it had not seen rather than repeating epoch 0's batches.
@@ -499,27 +645,40 @@ def _run(chips_dir, model_dir, cfg, records, train_recs, val_recs, stats, normal
 
     with distribution_scope():
         model = build_model(bands, cfg)
-        total_steps = max(1, t.epochs * len(train_data))
-        schedule = keras.optimizers.schedules.CosineDecay(
-            t.learning_rate, decay_steps=total_steps, alpha=0.01)
-        model.compile(optimizer=keras.optimizers.Adam(schedule), loss=make_loss(t.dice_weight))
+        # A plain float: the LearningRate callback sets it before every step.
+        model.compile(optimizer=keras.optimizers.Adam(t.learning_rate),
+                      loss=make_loss(t.dice_weight))
         if resumed:
-            # Weights and optimizer state (its step counter drives the schedule) from the
-            # last checkpoint; the optimizer's variables must exist before they can be filled.
+            # Weights and optimizer state from the last checkpoint; the optimizer's variables
+            # must exist before they can be filled.
             model.optimizer.build(model.trainable_variables)
             model.load_weights(ckpt_dir / "last.keras")
             log.info("resuming from epoch %d (best val IoU %.4f)", initial_epoch,
                      state["best_iou"])
+    steps = state.get("steps_per_epoch") or _auto_steps(model, train_data,
+                                                           len(val_data), t)
+    if steps:
+        # Kept in the state so a resumed run walks the same epochs.
+        train_data.steps = state["steps_per_epoch"] = int(steps)
+        log.info("time budget %.1f min: %d steps per epoch (validation about %d times)",
+                 t.max_minutes or 0, steps, t.validations)
 
     history = model_dir / HISTORY_FILE
     if resumed:
         _truncate_history(history, initial_epoch)
     elif history.exists():
         history.unlink()
-    callbacks = [ValidationCheckpoint(val_data, ckpt_dir, state, t.early_stopping_patience),
+    checkpoint = ValidationCheckpoint(val_data, ckpt_dir, state, t.early_stopping_patience,
+                                      select_by=t.select_by, gsd=gsd, vectors=cfg.vectors)
+    callbacks = [checkpoint,
+                 LearningRate(t.learning_rate, t.warmup_fraction,
+                              total_steps=t.epochs * len(train_data),
+                              first_step=initial_epoch * len(train_data),
+                              budget_s=t.max_minutes * 60 if t.max_minutes else None,
+                              elapsed_s=float(state.get("elapsed_s", 0.0))),
                  keras.callbacks.CSVLogger(str(history), append=resumed)]
     if t.max_minutes:
-        callbacks.append(TimeBudget(t.max_minutes))
+        callbacks.append(TimeBudget(t.max_minutes, reserve=checkpoint.final_search_s))
     if _tensorboard_available():
         callbacks.append(keras.callbacks.TensorBoard(str(model_dir / "tensorboard"),
                                                      write_graph=False, profile_batch=0))
@@ -536,13 +695,18 @@ def _run(chips_dir, model_dir, cfg, records, train_recs, val_recs, stats, normal
     best = ckpt_dir / "best.weights.h5"
     if best.exists():
         model.load_weights(best)
-    counts, _ = evaluate(model, val_data, THRESHOLDS)
-    f1 = [scores(*c)["f1"] for c in counts]
-    k = int(np.argmax(f1))
-    threshold = float(THRESHOLDS[k])
+    started = time.monotonic()
+    val_chips: list = []
+    counts, _ = evaluate(model, val_data, THRESHOLDS, val_chips)
+    post = choose(val_chips, gsd=gsd, cfg=cfg.vectors)
+    threshold = post["threshold"]
+    k = int(np.argmin(np.abs(THRESHOLDS - threshold)))
     val_metrics = scores(*counts[k])
-    log.info("threshold %.2f: val IoU %.4f F1 %.4f", threshold, val_metrics["iou"],
-             val_metrics["f1"])
+    log.info("threshold %.2f, min area %.1f m2, min mean probability %.2f (chosen by object F1 "
+             "%.4f, P %.3f R %.3f): val pixel IoU %.4f; %.0f s", threshold, post["min_area_m2"],
+             post["min_mean_prob"], post["object_f1"],
+             post["precision"], post["recall"], val_metrics["iou"],
+             time.monotonic() - started)
     metadata = {
         "bands": list(cfg.tile.bands),
         "dtype": stats.get("dtype", "uint8"),
@@ -551,12 +715,27 @@ def _run(chips_dir, model_dir, cfg, records, train_recs, val_recs, stats, normal
         "chip_size": cfg.tile.chip_size,
         "size_multiple": 2 ** t.depth,
         "threshold": threshold,
+        # Post-processing chosen on the validation chips by object F1 at IoU 0.5: vectors are
+        # meant to drop cars under min_area_m2 or with a mean probability under min_mean_prob.
+        "postprocess": {"threshold": threshold, "min_area_m2": post["min_area_m2"],
+                        "min_mean_prob": post["min_mean_prob"],
+                        "chosen_by": "object F1 at IoU 0.5 on the validation chips",
+                        "object_f1": post["object_f1"], "precision": post["precision"],
+                        "recall": post["recall"], "tp": post["tp"], "fp": post["fp"],
+                        "fn": post["fn"], "table": post["table"]},
+        "validation_cars": post["validation_cars"],
         "train_config": {"train": t.model_dump(mode="json"),
                          "tile": cfg.tile.model_dump(mode="json"),
                          "labels": cfg.labels.model_dump(mode="json")},
         "val_metrics": {**val_metrics, "threshold": threshold,
+                        "object_f1": post["object_f1"],
+                        "object_precision": post["precision"],
+                        "object_recall": post["recall"], "min_area_m2": post["min_area_m2"],
+                        "min_mean_prob": post["min_mean_prob"],
                         "best_epoch": int(state["best_epoch"]),
                         "epochs_run": int(state["epoch"]),
+                        "train_minutes": round(float(state.get("elapsed_s", 0.0)) / 60, 2),
+                        "box_labels": bool(boxes),
                         "val_chips": len(val_recs), "train_chips": len(train_recs)},
         "versions": _versions(),
         "data_fingerprint": data_fingerprint(records),
@@ -564,6 +743,15 @@ def _run(chips_dir, model_dir, cfg, records, train_recs, val_recs, stats, normal
     }
     # The bundle model carries no optimizer or loss: safe-mode loading needs no custom objects.
     return save_bundle(_inference_model(model, bands, cfg), metadata, model_dir)
+
+
+def _chip_gsd(record: ChipRecord) -> float:
+    import rasterio
+
+    from pipeline.geo import pixel_size
+
+    with rasterio.open(record.image) as src:
+        return float(pixel_size(src.transform))
 
 
 def _inference_model(model, bands: int, cfg: Config):

@@ -16,6 +16,9 @@ from skimage.draw import polygon as draw_polygon
 from pipeline.config import AugmentConfig
 from pipeline.dataset import (
     ChipDataset,
+    ChipRecord,
+    box_corner_weights,
+    box_labels_wanted,
     data_fingerprint,
     measure_throughput,
     read_chip,
@@ -191,3 +194,123 @@ def test_throughput_is_measured(chips):
     data = ChipDataset(read_index(*chips), read_stats(chips[0]), batch_size=4,
                        augment=AugmentConfig(), steps=3)
     assert measure_throughput(data, batches=3) > 0
+
+
+OFF = dict(flips=False, scale_rotate=False, color=False, exposure=False, haze=False,
+           shadows=False, blur_noise=False)
+
+
+def test_rotation_and_scale_fill_is_ignored_and_masks_stay_labels(chips):
+    records = read_index(*chips)
+    stats = read_stats(chips[0])
+    aug = AugmentConfig(**{**OFF, "scale_rotate": True})
+    data = ChipDataset(records, stats, batch_size=8, augment=aug, positive_fraction=1.0,
+                       steps=6, seed=3, use_weights=False)
+    filled = 0
+    for b in range(6):
+        x, y = data[b]
+        target, weight = y[..., 0], y[..., 1]
+        assert set(np.unique(target)) <= {0.0, 1.0}
+        assert set(np.unique(weight)) <= {0.0, 1.0}  # nearest: no blended weights
+        # Pixels brought in from outside the chip carry no weight and no car.
+        outside = weight == 0
+        assert (target[outside] == 0).all()
+        filled += int(outside.sum())
+    assert filled > 0  # any-angle rotation and zoom-out bring in ignored corners
+
+
+def test_photometric_augmentations_leave_labels_alone(chips):
+    records = read_index(*chips)
+    stats = read_stats(chips[0])
+    plain = ChipDataset(records, stats, batch_size=8, augment=AugmentConfig(**OFF),
+                        positive_fraction=1.0, steps=2, seed=5)
+    photo = ChipDataset(records, stats, batch_size=8, positive_fraction=1.0, steps=2, seed=5,
+                        augment=AugmentConfig(**{**OFF, "color": True, "exposure": True,
+                                                 "haze": True, "shadows": True,
+                                                 "blur_noise": True}))
+    (x0, y0), (x1, y1) = plain[0], photo[0]
+    np.testing.assert_array_equal(y0, y1)
+    assert np.abs(x1 - x0).mean() > 0.05
+    assert np.isfinite(x1).all()
+
+
+def test_augmentation_round_trips_radiometry(chips):
+    # A horizontal flip through the [0, 1] radiometry round trip is an exact flip.
+    records = read_index(*chips)
+    stats = read_stats(chips[0])
+    data = ChipDataset(records, stats, batch_size=1, augment=AugmentConfig(**OFF), steps=1)
+    image, mask, weight = data.chip(1)
+    import albumentations as A
+
+    data.augmenter = A.Compose([A.HorizontalFlip(p=1.0)], additional_targets={"weight": "mask"})
+    out, out_mask, _ = data._augment(image, mask, weight)
+    np.testing.assert_allclose(out, image[:, ::-1], atol=1e-4)
+    np.testing.assert_array_equal(out_mask, mask[:, ::-1])
+
+
+def test_random_crops_for_training_whole_chips_for_validation(chips):
+    records = read_index(*chips)
+    stats = read_stats(chips[0])
+    train = ChipDataset(records, stats, batch_size=4, augment=AugmentConfig(), steps=2,
+                        crop_size=32)
+    x, y = train[0]
+    assert x.shape == (4, 32, 32, 3) and y.shape == (4, 32, 32, 2)
+    val = ChipDataset(records, stats, batch_size=4, shuffle=False)
+    assert val[0][0].shape == (4, 64, 64, 3)
+
+
+def _mask_records(root: Path, masks: list[np.ndarray]) -> list[ChipRecord]:
+    root.mkdir(parents=True, exist_ok=True)
+    records = []
+    for k, mask in enumerate(masks):
+        path = root / f"m{k}.tif"
+        with rasterio.open(path, "w", driver="GTiff", width=mask.shape[1], height=mask.shape[0],
+                           count=1, dtype="uint8", crs=f"EPSG:{EPSG}", nodata=255,
+                           transform=Affine(GSD, 0, 500000, 0, -GSD, 4000000)) as dst:
+            dst.write(mask, 1)
+        records.append(ChipRecord(chip=f"m{k}", scene="s", image=path, mask=path, weight=None,
+                                  car_pixels=int((mask == 1).sum()), split="train"))
+    return records
+
+
+def test_box_labels_are_detected_and_their_corners_ignored(tmp_path):
+    rng = np.random.default_rng(0)
+    boxes, outlines = [], []
+    for _ in range(4):
+        m = np.zeros((64, 64), np.uint8)
+        for r, c in ((5, 5), (5, 35), (35, 5), (35, 35)):
+            h, w = rng.integers(10, 14), rng.integers(16, 24)
+            m[r:r + h, c:c + w] = 1
+        boxes.append(m)
+        o = np.zeros((64, 64), np.uint8)
+        for _ in range(3):
+            rr, cc = _car(rng, 64)
+            o[rr, cc] = 1
+        outlines.append(o)
+    assert box_labels_wanted(_mask_records(tmp_path / "b", boxes), "auto")
+    assert not box_labels_wanted(_mask_records(tmp_path / "o", outlines), "auto")
+    assert box_labels_wanted([], True) and not box_labels_wanted([], False)
+
+    mask = np.zeros((40, 60), np.uint8)
+    mask[10:22, 10:40] = 1  # a 12 x 30 px box
+    weight = box_corner_weights(mask, np.ones(mask.shape, np.float32))
+    assert weight[10, 10] == 0 and weight[21, 39] == 0  # corners: neither car nor background
+    assert weight[10, 25] == 0 and weight[16, 10] == 0  # the edge band too
+    assert weight[16, 25] == 1 and weight[15, 20] == 1  # the core stays a car
+    assert (weight[mask == 0] == 1).all()
+    assert 0.3 < np.mean(weight[10:22, 10:40] == 0) < 0.6
+
+
+def test_overlapping_boxes_in_a_row_are_still_boxes():
+    from pipeline.dataset import box_blobs
+
+    row = np.zeros((64, 64), np.uint8)
+    row[10:24, 5:35] = 1
+    row[18:32, 30:60] = 1  # two boxes overlapping: one blob, still only axis-aligned edges
+    assert len(box_blobs(row)) == 1
+    weight = box_corner_weights(row, np.ones(row.shape, np.float32))
+    assert weight[17, 20] == 1 and weight[10, 20] == 0
+    rotated = np.zeros((64, 64), np.uint8)
+    rr, cc = _car(np.random.default_rng(1), 64)
+    rotated[rr, cc] = 1
+    assert box_blobs(rotated) == []

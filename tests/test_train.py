@@ -21,13 +21,21 @@ from pipeline.config import Config
 from pipeline.dataset import ChipDataset, read_index, read_stats
 from pipeline.io import InputError
 from pipeline.model import build_unet, load_bundle
-from pipeline.train import _resume_settings, build_pretrained_unet, make_loss, train
+from pipeline.train import (
+    FINAL_LR_SHARE,
+    LearningRate,
+    _resume_settings,
+    build_pretrained_unet,
+    learning_rate_at,
+    make_loss,
+    train,
+)
 
 TINY = {"depth": 2, "base_filters": 4, "batch_size": 4, "steps_per_epoch": 2, "dropout": 0.0,
         "learning_rate": 3e-3}
 METADATA_KEYS = {"bands", "dtype", "normalization", "gsd", "chip_size", "size_multiple",
                  "threshold", "train_config", "val_metrics", "versions", "data_fingerprint",
-                 "keras_backend"}
+                 "keras_backend", "postprocess", "validation_cars"}
 
 
 def tiny_cfg(**train) -> Config:
@@ -128,7 +136,16 @@ def test_train_writes_a_bundle_that_reloads(chips, trained):
     assert set(meta["val_metrics"]) >= {"iou", "f1", "precision", "recall"}
     assert meta["train_config"]["train"]["depth"] == 2
     assert [int(r["epoch"]) for r in history(model_dir)] == [0, 1]
-    assert "val_iou" in history(model_dir)[0]
+    assert {"val_iou", "val_object_f1", "minutes"} <= set(history(model_dir)[0])
+    # Post-processing chosen by object F1 on the validation chips, and used as the threshold.
+    post = meta["postprocess"]
+    assert post["threshold"] == meta["threshold"] == meta["val_metrics"]["threshold"]
+    assert post["min_area_m2"] in {r["min_area_m2"] for r in post["table"]}
+    best = max(r["f1"] for r in post["table"])
+    assert post["object_f1"] == pytest.approx(best, abs=1e-4)
+    cars = meta["validation_cars"]
+    assert len(cars["mean_prob"]) == len(cars["matched"]) == post["tp"] + post["fp"]
+    assert sum(cars["matched"]) == post["tp"]
 
     # The bundle loads in safe mode without custom objects and predicts exactly as the best
     # checkpointed weights do.
@@ -210,3 +227,40 @@ def test_training_runs_on_jax(chips, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("ok")
+
+
+def test_learning_rate_warms_up_then_decays_to_the_end():
+    peak = 1e-3
+    assert learning_rate_at(0.0, peak, 0.1) == pytest.approx(0.01 * peak)
+    assert learning_rate_at(0.05, peak, 0.1) == pytest.approx(0.5 * peak)
+    assert learning_rate_at(0.1, peak, 0.1) == pytest.approx(peak)
+    mid = learning_rate_at(0.55, peak, 0.1)
+    assert mid == pytest.approx(peak * (FINAL_LR_SHARE + (1 - FINAL_LR_SHARE) * 0.5))
+    assert learning_rate_at(1.0, peak, 0.1) == pytest.approx(FINAL_LR_SHARE * peak)
+    assert learning_rate_at(3.0, peak, 0.1) == pytest.approx(FINAL_LR_SHARE * peak)
+    values = [learning_rate_at(p, peak, 0.1) for p in np.linspace(0.1, 1, 20)]
+    assert all(a > b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_budget_drives_the_schedule_not_the_epochs():
+    # Half the budget already spent before a resume: the schedule is half way, whatever the
+    # epoch count; without a budget, the step count decides.
+    timed = LearningRate(1e-3, 0.0, total_steps=10**6, first_step=0, budget_s=600.0,
+                         elapsed_s=300.0)
+    assert timed.progress() == pytest.approx(0.5, abs=0.01)
+    stepped = LearningRate(1e-3, 0.0, total_steps=200, first_step=50, budget_s=None,
+                           elapsed_s=300.0)
+    assert stepped.progress() == pytest.approx(0.25)
+
+
+def test_validation_runs_by_steps_within_a_budget(chips, tmp_path):
+    model_dir = tmp_path / "model"
+    train(*chips, model_dir, cfg=tiny_cfg(epochs=3, steps_per_epoch=None, max_minutes=0.5,
+                                          validations=20))
+    state = json.loads((model_dir / "checkpoint" / "state.json").read_text())
+    # Epochs were sized from the measured step time so that validation runs ~20 times in the
+    # budget: with chips this tiny that is the floor of 5 steps, well under a pass of the chips.
+    assert state["steps_per_epoch"] >= 5
+    rows = history(model_dir)
+    lrs = [float(r["learning_rate"]) for r in rows]
+    assert len(rows) == 3 and all(0 < lr <= 3e-3 for lr in lrs)
