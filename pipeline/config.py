@@ -174,13 +174,21 @@ class PredictConfig(_Section):
         "or AMX (TensorFlow backend, no GPU), else float32.")
 
 
+DEFAULT_MIN_AREA_M2 = 3.0  # vectors.min_area_m2 for a model that recorded no choice
+
+
 class VectorConfig(_Section):
     """Car polygons from the stitched mask (``make vectors``)."""
 
     window: int = Field(2048, ge=64, description="Vectorizing window size in pixels.")
     halo: int = Field(64, ge=8, description="Extra pixels read around each window.")
-    min_area_m2: float = Field(
-        3.0, ge=0, description="Smaller blobs are dropped (the smallest cars cover ~4.5 m2).")
+    min_area_m2: float | None = Field(
+        None, ge=0, description="Smaller blobs are dropped (the smallest cars cover ~4.5 m2). "
+        "None = the model's choice (made on validation by object F1, recorded in the mask's "
+        f"tags by predict), else {DEFAULT_MIN_AREA_M2} m2.")
+    min_mean_prob: float | None = Field(
+        None, ge=0, le=1, description="Cars with a lower mean probability are dropped. None = "
+        "the model's choice (as min_area_m2), else 0.")
     max_area_m2: float = Field(40.0, gt=0, description="Larger blobs are dropped.")
     split_touching: bool = Field(True, description="Split touching cars (watershed).")
     min_car_width_m: float = Field(1.4, gt=0, description="Smallest car width the splitter keeps.")
@@ -193,6 +201,16 @@ class VectorConfig(_Section):
         "than this is dropped: a sliver of a car that lies mostly outside the scene, which "
         "people counting cars leave out (0 keeps every sliver).")
     format: Literal["gpkg", "geojson", "parquet"] = Field("gpkg", description="Output format.")
+
+    def resolve(self, chosen: dict | None = None) -> VectorConfig:
+        """These settings with ``min_area_m2``/``min_mean_prob`` filled in where left unset:
+        from ``chosen`` (the model's post-processing, as predict records it), else defaults."""
+        chosen = chosen or {}
+        area = self.min_area_m2 if self.min_area_m2 is not None else float(
+            chosen.get("min_area_m2", DEFAULT_MIN_AREA_M2))
+        prob = self.min_mean_prob if self.min_mean_prob is not None else float(
+            chosen.get("min_mean_prob", 0.0))
+        return self.model_copy(update={"min_area_m2": area, "min_mean_prob": prob})
 
 
 class BatchConfig(_Section):
@@ -264,7 +282,8 @@ class Config(_Section):
                 and self.predict.overlap >= self.predict.window):
             raise ValueError(f"predict.overlap ({self.predict.overlap}) must be smaller than "
                              f"predict.window ({self.predict.window})")
-        if self.vectors.min_area_m2 >= self.vectors.max_area_m2:
+        if (self.vectors.min_area_m2 is not None
+                and self.vectors.min_area_m2 >= self.vectors.max_area_m2):
             raise ValueError(f"vectors.min_area_m2 ({self.vectors.min_area_m2}) must be smaller "
                              f"than vectors.max_area_m2 ({self.vectors.max_area_m2})")
         if len(set(self.tile.bands)) != len(self.tile.bands) or min(self.tile.bands) < 1:

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.io import INDEX_FILE, STATS_FILE, InputError, read_json
+from pipeline.geo import NODATA
+from pipeline.io import INDEX_FILE, STATS_FILE, InputError, gdal_safe_name, read_json
 
 log = logging.getLogger(__name__)
 
 INDEX_COLUMNS = ("chip", "scene", "row_off", "col_off", "width", "height", "valid_fraction",
                  "gsd", "car_pixels", "split")
-IGNORE = 255
+IGNORE = NODATA  # mask pixels with no loss: nodata, padding, fill brought in by rotation
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ def read_index(chips_dir: Path | str, masks_dir: Path | str) -> list[ChipRecord]
     if not path.exists():
         raise InputError(f"{path}: chip index not found; run `make masks` first")
     try:
-        table = pyogrio.read_dataframe(path, read_geometry=False)
+        with gdal_safe_name(path) as safe:  # any folder name (";" is OGR syntax)
+            table = pyogrio.read_dataframe(safe, read_geometry=False)
     except Exception as exc:  # pyogrio raises several types for a broken file
         raise InputError(f"{path}: not a readable GeoPackage ({exc.__class__.__name__})") from None
     missing = [c for c in INDEX_COLUMNS if c not in table.columns]

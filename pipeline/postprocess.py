@@ -25,8 +25,9 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.config import VectorConfig
+from pipeline.geo import NODATA
 
-IGNORE = 255
+IGNORE = NODATA  # mask pixels counted nowhere
 MATCH_IOU = 0.5
 # Candidates searched on validation. Thresholds span the useful range of a sigmoid output; areas
 # run from below the smallest car (~4.5 m2) up to where the issue's real data peaked (6 m2) and a
@@ -247,6 +248,7 @@ def choose(chips, *, gsd: float, cfg: VectorConfig, thresholds=THRESHOLDS,
         "matched": [...]}}``. Ties go to the threshold nearest 0.5, then to the smaller area,
         then to the smaller minimum probability (the least surprising choice).
     """
+    cfg = cfg.resolve()  # min_area_m2 left to "the model's choice" is not chosen yet
     chips = _cap(list(chips), max_chips)
     thresholds = sorted(float(t) for t in thresholds)
     # Split pieces smaller than the smallest candidate are never cars; larger ones are judged
@@ -334,6 +336,7 @@ def object_f1(chips, *, gsd: float, cfg: VectorConfig, threshold: float = 0.5,
     """Object F1 at IoU 0.5 at one threshold and ``cfg.min_area_m2``: the cheap score that keeps
     the best weights during training. Touching cars are not split by default (splitting costs
     most of the time; the ranking of checkpoints hardly depends on it)."""
+    cfg = cfg.resolve()
     return choose(chips, gsd=gsd, cfg=cfg, thresholds=(threshold,),
                   min_areas=(cfg.min_area_m2,), min_mean_probs=(0.0,), refine=False,
                   split=split)["object_f1"]

@@ -20,8 +20,6 @@ import hashlib
 import logging
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +33,14 @@ from rasterio.windows import Window
 from scipy import ndimage
 
 from pipeline.config import SampleConfig
-from pipeline.io import InputError, atomic_path, read_vector, write_json, write_vector
+from pipeline.io import (
+    InputError,
+    atomic_path,
+    read_vector,
+    temp_dir,
+    write_json,
+    write_vector,
+)
 
 log = logging.getLogger(__name__)
 
@@ -1080,8 +1085,8 @@ def make_sample(data_dir: Path, *, cfg: SampleConfig, force: bool = False) -> Pa
     data_dir.mkdir(parents=True, exist_ok=True)
     scenes = generate(cfg)
     specs = scene_specs(cfg)
-    stage = Path(tempfile.mkdtemp(prefix=".sample-staging.", dir=data_dir))
-    try:
+    # Staged in the swept scratch folder: a killed run leaves nothing behind for long.
+    with temp_dir(data_dir) as stage:
         files: list[str] = []
         for rel, name, *_ in specs:
             _write_scene(stage / rel, scenes[name])
@@ -1126,8 +1131,6 @@ def make_sample(data_dir: Path, *, cfg: SampleConfig, force: bool = False) -> Pa
         for rel in files:
             (data_dir / rel).parent.mkdir(parents=True, exist_ok=True)
             os.replace(stage / rel, data_dir / rel)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     log.info("sample: %d scenes, %d cars, in %s", len(scenes),
              sum(len(s.cars) for s in scenes.values()), data_dir)
     return data_dir / "sample-manifest.json"

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.calibration import fit_calibration
 from pipeline.config import Config, settings_digest
 from pipeline.dataset import (
     ChipDataset,
@@ -724,6 +725,10 @@ def _run(chips_dir, model_dir, cfg, records, train_recs, val_recs, stats, normal
                         "recall": post["recall"], "tp": post["tp"], "fp": post["fp"],
                         "fn": post["fn"], "table": post["table"]},
         "validation_cars": post["validation_cars"],
+        # Calibrated per-car probabilities give the batch's counts an honest interval.
+        "calibration": fit_calibration(post["validation_cars"]["mean_prob"],
+                                       post["validation_cars"]["matched"],
+                                       n_true=post["tp"] + post["fn"]),
         "train_config": {"train": t.model_dump(mode="json"),
                          "tile": cfg.tile.model_dump(mode="json"),
                          "labels": cfg.labels.model_dump(mode="json")},

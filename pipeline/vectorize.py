@@ -462,6 +462,9 @@ def _component_cars(comp: np.ndarray, crop_prob: np.ndarray | None, origin: tupl
         if crop_prob is not None:
             values = crop_prob[piece].astype(np.float64) / PROB_SCALE
             mean_prob, max_prob = float(values.mean()), float(values.max())
+            if mean_prob < cfg.min_mean_prob:
+                stats["faint"] += 1
+                continue
         else:
             mean_prob = max_prob = float("nan")
         records.append({"piece": piece, "origin": origin, "mean_prob": mean_prob,
@@ -524,9 +527,11 @@ def vectorize_scene(mask_tif: Path, out_dir: Path, *, cfg: VectorConfig) -> Path
                 raise InputError(f"{prob_tif}: not on the grid of {mask_tif}")
         else:
             log.warning("%s: no probability raster; mean_prob/max_prob will be empty", prob_tif)
+        # Unset minimum area / mean probability: the model's choice, recorded by predict.
+        cfg = cfg.resolve(mask_src.tags())
         gsd = gsd_m(mask_src.transform, mask_src.crs)  # metres, whatever the CRS's unit
         crs = mask_src.crs
-        stats = {"too_small": 0, "too_large": 0, "split": 0, "slivers": 0}
+        stats = {"too_small": 0, "too_large": 0, "split": 0, "slivers": 0, "faint": 0}
         found = []
         try:
             for core in _core_windows(mask_src.width, mask_src.height, cfg.window):
@@ -554,8 +559,8 @@ def vectorize_scene(mask_tif: Path, out_dir: Path, *, cfg: VectorConfig) -> Path
         gdf = empty_cars(crs)
     write_cars(gdf, target)
     log.info("%s: %d cars (%d blobs split, %d dropped as too small, %d as too large, %d as "
-             "slivers cut by the scene edge)", scene, len(gdf), stats["split"],
-             stats["too_small"], stats["too_large"], stats["slivers"])
+             "slivers cut by the scene edge, %d as faint)", scene, len(gdf), stats["split"],
+             stats["too_small"], stats["too_large"], stats["slivers"], stats["faint"])
     return target
 
 
