@@ -40,6 +40,7 @@ from pipeline.io import (
     scene_name,
     write_json,
 )
+from pipeline.scores import prf
 
 log = logging.getLogger(__name__)
 
@@ -110,16 +111,7 @@ def match_objects(truth: list, pred: list, *, cfg: EvaluateConfig
     return sorted(matches), best_iou
 
 
-def _prf(tp: float, fp: float, fn: float) -> dict:
-    precision = tp / (tp + fp) if tp + fp else float("nan")
-    recall = tp / (tp + fn) if tp + fn else float("nan")
-    if tp:
-        f1 = 2 * precision * recall / (precision + recall)
-    else:
-        f1 = 0.0 if fp + fn else float("nan")
-    iou = tp / (tp + fp + fn) if tp + fp + fn else float("nan")
-    return {"tp": int(tp), "fp": int(fp), "fn": int(fn), "precision": precision,
-            "recall": recall, "f1": f1, "iou": iou}
+_prf = prf  # the one rule (pipeline.scores)
 
 
 # === Per scene ===

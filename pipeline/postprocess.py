@@ -25,7 +25,8 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.config import VectorConfig
-from pipeline.geo import NODATA
+from pipeline.geo import NODATA, PROB_SCALE
+from pipeline.scores import f1, for_ranking, prf
 
 IGNORE = NODATA  # mask pixels counted nowhere
 MATCH_IOU = 0.5
@@ -66,7 +67,10 @@ def find_objects(cars: np.ndarray, *, gsd: float, cfg: VectorConfig, valid: np.n
         prob: car probability in [0, 1], used to split touching cars and for ``mean_prob``.
         split: split touching cars (False: blobs as they are, several times faster).
     """
-    from pipeline.vectorize import PROB_SCALE, split_component
+    from pipeline.vectorize import split_component
+
+    if cfg.min_area_m2 is None:
+        cfg = cfg.resolve()
 
     comps, n = ndimage.label(cars, structure=_EIGHT)
     labels = np.zeros(cars.shape, np.int32)
@@ -162,8 +166,8 @@ def match(pred: Objects, truth: Objects, keep: np.ndarray) -> tuple[int, int, in
 
 
 def f1_score(tp: int, fp: int, fn: int) -> float:
-    """Object F1 (1.0 when there was nothing to find and nothing was found)."""
-    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+    """Object F1 for ranking candidates (1.0 when there was nothing to find and none found)."""
+    return for_ranking(f1(tp, fp, fn))
 
 
 def _take(values: np.ndarray, index: np.ndarray, fill) -> np.ndarray:
@@ -313,8 +317,8 @@ def choose(chips, *, gsd: float, cfg: VectorConfig, thresholds=THRESHOLDS,
              for t in sorted(exact) for j, (a, m) in enumerate(grid)]
     return {"threshold": float(th), "min_area_m2": min_area, "min_mean_prob": min_prob,
             "object_f1": f1_score(tp, fp, fn),
-            "precision": tp / (tp + fp) if tp + fp else 1.0,
-            "recall": tp / (tp + fn) if tp + fn else 1.0, "tp": tp, "fp": fp, "fn": fn,
+            "precision": prf(tp, fp, fn)["precision"],
+            "recall": prf(tp, fp, fn)["recall"], "tp": tp, "fp": fp, "fn": fn,
             "table": table, "validation_cars": {"mean_prob": mean_prob, "matched": matched}}
 
 

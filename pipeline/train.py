@@ -43,7 +43,8 @@ from pipeline.dataset import (
     read_index,
     read_stats,
 )
-from pipeline.io import InputError, atomic_path, write_json
+from pipeline.io import InputError, atomic_path, temp_dir, write_json
+from pipeline.scores import for_ranking, prf
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +111,8 @@ def confusion(prob: np.ndarray, target: np.ndarray, valid: np.ndarray,
 
 
 def scores(tp: int, fp: int, fn: int) -> dict:
-    """IoU, F1, precision and recall from pixel counts (1.0 when there is nothing to find)."""
-    def ratio(a, b):
-        return float(a / b) if b else 1.0
-
-    return {"iou": ratio(tp, tp + fp + fn), "f1": ratio(2 * tp, 2 * tp + fp + fn),
-            "precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn)}
+    """IoU, F1, precision and recall from pixel counts (pipeline.scores: NaN where undefined)."""
+    return {k: v for k, v in prf(tp, fp, fn).items() if k in ("iou", "f1", "precision", "recall")}
 
 
 def evaluate(model, data: ChipDataset, thresholds: np.ndarray, chips: list | None = None
@@ -216,14 +213,15 @@ class ValidationCheckpoint(_callback_base()):
         logs["minutes"] = state["elapsed_s"] / 60
         key = self.select_by if self.select_by in metrics else "iou"
         # Pixel IoU breaks ties (object F1 is often 1.0 or 0.0 on tiny validation sets).
-        score = [metrics[key], metrics["iou"]]
+        score = [for_ranking(metrics[key]), for_ranking(metrics["iou"])]
         best = state.get("best_score", [state["best_iou"], state["best_iou"]])
         if score > best:
             state.update(best_score=score, best_iou=metrics["iou"], best_epoch=epoch, wait=0)
-            # Keras insists on the `.weights.h5` ending, which atomic_path's name lacks.
-            tmp = self.ckpt_dir / f".best.{os.getpid()}.tmp.weights.h5"
-            self.model.save_weights(tmp)
-            os.replace(tmp, self.ckpt_dir / "best.weights.h5")
+            # Keras insists on the `.weights.h5` ending: a scratch file of that name, swept
+            # after a kill like every temporary.
+            with temp_dir(self.ckpt_dir) as scratch:
+                self.model.save_weights(scratch / "best.weights.h5")
+                os.replace(scratch / "best.weights.h5", self.ckpt_dir / "best.weights.h5")
         else:
             state["wait"] += 1
         if self.patience and state["wait"] >= self.patience:

@@ -364,3 +364,17 @@ def test_scene_in_us_feet_gives_sizes_in_metres(tmp_path):
     assert row.width_m == pytest.approx(1.9, abs=0.3)
     # 60 px of 0.1524 m to the top and bottom edges, less half the car's 4.5 m: 6.9 m.
     assert row.edge_dist_m == pytest.approx(60 * 0.5 * ft - 4.5 / 2, abs=0.3)
+
+
+def test_the_models_chosen_minimum_area_and_probability_apply_unless_set(tmp_path):
+    # Predict records the model's post-processing (chosen on validation) in the mask's tags.
+    small = car(40, 40, length_m=2.5, width_m=1.8)  # 4.5 m2
+    faint = car(80, 80)  # a whole car, but its probability is low
+    mask = burn((120, 120), [small, faint])
+    prob = np.where(burn((120, 120), [faint]) == 1, 100, mask.astype(np.uint16) * 230)
+    write_pred(tmp_path, "s", mask, prob.astype(np.uint8))
+    assert len(run(tmp_path, "s")) == 2  # no choice recorded: 3 m2, no probability floor
+    with rasterio.open(tmp_path / "masks" / "s.tif", "r+") as dst:
+        dst.update_tags(min_area_m2="6", min_mean_prob="0.5")
+    assert len(run(tmp_path, "s")) == 0  # 4.5 m2 < 6; mean probability 100/254 < 0.5
+    assert len(run(tmp_path, "s", min_area_m2=4.0, min_mean_prob=0.0)) == 2  # the user's say
