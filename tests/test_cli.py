@@ -42,3 +42,23 @@ def test_module_entry_point_runs():
     assert proc.returncode == 0
     for stage in STAGES:
         assert stage in proc.stdout
+
+
+def test_labels_outside_every_scene_are_refused_before_training(tmp_path, capsys):
+    import geopandas as gpd
+    import numpy as np
+    from conftest import UTM, write_scene
+    from shapely.geometry import box
+
+    write_scene(tmp_path / "images" / "s.tif", np.full((3, 64, 64), 90, np.uint8))
+    labels = tmp_path / "labels" / "cars.gpkg"
+    labels.parent.mkdir()
+    # Right CRS, wrong place: 10 km away from the scene.
+    gpd.GeoDataFrame(geometry=[box(510000, 4000000, 510004, 4000002)], crs=UTM).to_file(labels)
+    set_chips = ["--set", "tile.chip_size=32", "--set", "tile.overlap=0", "--workers", "1"]
+    assert main(["tile", str(tmp_path / "images"), str(tmp_path / "chips"), *set_chips]) == 0
+    code = main(["masks", str(tmp_path / "chips"), str(tmp_path / "labels"),
+                 str(tmp_path / "masks"), "--images", str(tmp_path / "images"), *set_chips])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith(f"error: {tmp_path / 'labels'}: no chip holds a car")
