@@ -25,6 +25,7 @@ from pipeline.io import (
     InputError,
     first_line,
     is_fresh,
+    progress_bar,
     scene_name,
     stage_log,
     write_json,
@@ -176,11 +177,7 @@ def run_batch(func: Callable, items: Sequence[Any], *, args: tuple = (), kwargs:
 
 
 def _progress(total: int, desc: str):
-    """A scenes-done bar with an ETA on a terminal; silent in logs, CI and make -s output."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="scene", leave=False,
-                disable=total < 2 or not sys.stderr.isatty())
+    return progress_bar(total, desc, "scene")
 
 
 def _record(result: BatchResult, key: str, outcome: Any) -> None:

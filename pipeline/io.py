@@ -451,6 +451,16 @@ def check_georeferenced(src, path: Path | str, *, allow_geographic: bool = False
             "projected CRS in metres (e.g. its UTM zone) first")
 
 
+def progress_bar(total: int, desc: str, unit: str):
+    """A bar with an ETA for a long loop on a terminal; silent in logs, CI and make output."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=False,
+                disable=total < 2 or not sys.stderr.isatty())
+
+
 def first_line(exc: BaseException) -> str:
     """The most telling line of an error: GDAL's own reason rather than rasterio's wrapper.
 

@@ -38,7 +38,15 @@ from rasterio.windows import transform as window_transform
 
 from pipeline.config import PredictConfig
 from pipeline.geo import NODATA, PROB_SCALE, gsd_m, valid_mask
-from pipeline.io import InputError, atomic_path, first_line, open_scene, scene_name, temp_dir
+from pipeline.io import (
+    InputError,
+    atomic_path,
+    first_line,
+    open_scene,
+    progress_bar,
+    scene_name,
+    temp_dir,
+)
 from pipeline.model import (
     METADATA_FILE,
     MODEL_FILE,
@@ -373,6 +381,7 @@ def predict_grid(reader: _StripReader, bundle: Bundle, *, geometry: Geometry,
             ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool:
         next_strip: Future = read_pool.submit(reader.read, rows[0] - phase[0], win_h)
         pending: Future | None = None
+        bar = progress_bar(len(rows) * len(cols), "windows", "window")
         for i, row in enumerate(rows):
             data, valid = next_strip.result()
             if i + 1 < len(rows):
@@ -418,6 +427,8 @@ def predict_grid(reader: _StripReader, bundle: Bundle, *, geometry: Geometry,
                 wsum[:keep] = wsum[done:]
             acc[max(keep, 0):] = 0.0
             wsum[max(keep, 0):] = 0.0
+            bar.update(len(cols))
+        bar.close()
         if pending is not None:
             pending.result()
     if emitted != height:  # a bookkeeping slip must never write a silently partial raster
