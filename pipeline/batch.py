@@ -54,6 +54,7 @@ from pipeline.io import (
     is_fresh,
     list_scenes,
     read_json,
+    read_json_if_any,
     read_vector,
     temp_dir,
     write_json,
@@ -749,12 +750,7 @@ def build_batch(images: Path, out_dir: Path, *, model_dir: Path, cfg: Config,
     names = [s for s, _ in scenes]
     signature = _signature(names, zones, cfg)
     manifest_path = batch_dir / MANIFEST
-    previous = None
-    if manifest_path.exists():
-        try:
-            previous = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            previous = None
+    previous = read_json_if_any(manifest_path)
     inputs = [model_dir / MODEL_FILE, model_dir / METADATA_FILE]
     for scene, image in scenes:
         inputs += [image, out_dir / "probability" / f"{scene}.tif",

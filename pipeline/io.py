@@ -198,6 +198,19 @@ def read_json(path: Path | str, *, missing: str) -> Any:
         raise InputError(f"{path}: not valid JSON") from None
 
 
+def read_json_if_any(path: Path | str, default: Any = None) -> Any:
+    """Read a JSON file the pipeline wrote where its absence is normal (a first run, no
+    evaluation yet): ``default`` when it is absent or unreadable (a warning says which)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return default
+    except (OSError, json.JSONDecodeError):
+        log.warning("%s: unreadable; taken as absent", path)
+        return default
+
+
 def write_if_changed(path: Path | str, data: Any) -> bool:
     """Write JSON only when its content differs, so Make sees a new mtime only on real change."""
     path = Path(path)

@@ -22,7 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import ReportConfig
-from pipeline.io import atomic_path, find_cars_file, list_scenes, list_vectors, read_vector
+from pipeline.io import (
+    atomic_path,
+    find_cars_file,
+    list_scenes,
+    list_vectors,
+    read_json_if_any,
+    read_vector,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +49,7 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+_read_json = read_json_if_any
 
 
 def _num(value) -> float:

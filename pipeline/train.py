@@ -43,7 +43,7 @@ from pipeline.dataset import (
     read_index,
     read_stats,
 )
-from pipeline.io import InputError, atomic_path, temp_dir, write_json
+from pipeline.io import InputError, atomic_path, read_json_if_any, temp_dir, write_json
 from pipeline.scores import for_ranking, prf
 
 log = logging.getLogger(__name__)
@@ -503,14 +503,12 @@ def _truncate_history(path: Path, epochs: int) -> None:
 
 
 def _load_checkpoint(ckpt_dir: Path, fingerprint: str) -> dict | None:
-    import json
 
     state_file = ckpt_dir / "state.json"
     if not state_file.exists() or not (ckpt_dir / "last.keras").exists():
         return None
-    try:
-        state = json.loads(state_file.read_text())
-    except json.JSONDecodeError:
+    state = read_json_if_any(state_file)
+    if not isinstance(state, dict):
         return None
     if state.get("fingerprint") != fingerprint:
         log.info("checkpoint in %s is for other settings or data: starting afresh", ckpt_dir)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 from pathlib import Path
@@ -46,6 +45,7 @@ from pipeline.io import (
     find_cars_file,
     list_scenes,
     open_scene,
+    read_json_if_any,
     read_vector,
     scene_name,
     stage_log,
@@ -567,12 +567,8 @@ def vectorize_scene(mask_tif: Path, out_dir: Path, *, cfg: VectorConfig) -> Path
 # === Summary ===
 
 def _read_log(path: Path) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {"status": "failed", "error": f"{path}: unreadable log"}
+    unreadable = {"status": "failed", "error": f"{path}: unreadable log"}
+    return read_json_if_any(path, unreadable) if path.exists() else None
 
 
 def write_summary(out_dir: Path, scenes: list[str] | None = None) -> Path:
