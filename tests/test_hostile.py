@@ -289,10 +289,12 @@ def test_sample_killed_leaves_no_staging_folder(tmp_path):
     cfg.write_text("sample: {train_scenes: 2, incoming_scenes: 2, width: 320, height: 256, "
                    "seed: 3}\n")
     proc = _popen("sample", str(data), "--config", str(cfg))
-    assert _kill_when(proc, lambda: any(data.glob(".sample-staging.*/raw/images/*.tif")))
+    # The staging folder is the swept scratch (.carseg-tmp); kill once scenes are staged there.
+    assert _kill_when(proc, lambda: any(data.glob(".carseg-tmp/*/raw/images/*.tif")))
     r = cli("sample", str(data), "--config", str(cfg))
     assert r.returncode == 0, r.stderr
-    assert not list(data.glob(".sample-staging.*")), "the killed run's staging folder remains"
+    strays = [*data.glob(".sample-staging.*"), *data.glob(".carseg-tmp")]
+    assert not strays, f"the killed run's staging folder remains: {strays}"
 
 
 @pytest.mark.slow
