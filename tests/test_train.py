@@ -146,6 +146,13 @@ def test_train_writes_a_bundle_that_reloads(chips, trained):
     cars = meta["validation_cars"]
     assert len(cars["mean_prob"]) == len(cars["matched"]) == post["tp"] + post["fp"]
     assert sum(cars["matched"]) == post["tp"]
+    # ... and calibrated on them for the batch's count intervals (pipeline.calibration).
+    from pipeline.calibration import apply_calibration
+
+    calibration = meta["calibration"]
+    assert calibration["n"] == len(cars["mean_prob"])
+    probs = apply_calibration([0.2, 0.5, 0.9], calibration)
+    assert all(0 <= p <= 1 for p in probs) and list(probs) == sorted(probs)
 
     # The bundle loads in safe mode without custom objects and predicts exactly as the best
     # checkpointed weights do.
