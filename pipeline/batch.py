@@ -348,23 +348,31 @@ def vrt_xml(sources: list[SceneInfo], paths: list[Path], target: Path, crs: CRS)
     return "\n".join(parts) + "\n"
 
 
+def _by_crs(infos: list[SceneInfo], main_crs: CRS) -> list[tuple[str, CRS, list[SceneInfo]]]:
+    """Scenes grouped by CRS as (file-name suffix, CRS, scenes): no suffix for the batch's CRS
+    (or the most common one), ``_EPSG_xxxx`` for the others."""
+    groups: dict[str, list[SceneInfo]] = {}
+    for info in infos:
+        groups.setdefault(info.crs.to_wkt(), []).append(info)
+    main_wkt = main_crs.to_wkt()
+    if main_wkt not in groups and groups:
+        main_wkt = max(groups, key=lambda k: len(groups[k]))
+    return [("" if wkt == main_wkt else f"_{_crs_tag(members[0].crs)}", members[0].crs, members)
+            for wkt, members in groups.items()]
+
+
 def write_mosaics(infos: list[SceneInfo], batch_dir: Path, main_crs: CRS) -> list[Path]:
     """``probability.vrt`` and ``masks.vrt`` per CRS (``*_EPSG_xxxx.vrt`` for the others)."""
-    groups: dict[str, list[SceneInfo]] = {}
+    north_up = []
     for info in infos:
         t = info.transform
         if t.b or t.d:
             log.warning("%s: rotated grid; left out of the mosaics (VRT sources are north-up)",
                         info.mask)
             continue
-        groups.setdefault(info.crs.to_wkt(), []).append(info)
-    main_wkt = main_crs.to_wkt()
-    if main_wkt not in groups and groups:
-        main_wkt = max(groups, key=lambda k: len(groups[k]))
+        north_up.append(info)
     written = []
-    for wkt, members in groups.items():
-        crs = members[0].crs
-        suffix = "" if wkt == main_wkt else f"_{_crs_tag(crs)}"
+    for suffix, crs, members in _by_crs(north_up, main_crs):
         for kind, attr, qml in (("probability", "prob", probability_qml()),
                                 ("masks", "mask", mask_qml())):
             target = batch_dir / f"{kind}{suffix}.vrt"
@@ -470,16 +478,8 @@ def write_densities(cars, infos: list[SceneInfo], batch_dir: Path, main_crs: CRS
                     cell: float) -> list[Path]:
     """``density.tif`` per CRS of the batch (``density_EPSG_xxxx.tif`` for the others), like the
     mosaics: each on a grid in its scenes' own CRS."""
-    groups: dict[str, list[SceneInfo]] = {}
-    for info in infos:
-        groups.setdefault(info.crs.to_wkt(), []).append(info)
-    main_wkt = main_crs.to_wkt()
-    if main_wkt not in groups and groups:
-        main_wkt = max(groups, key=lambda k: len(groups[k]))
     written = []
-    for wkt, members in groups.items():
-        crs = members[0].crs
-        suffix = "" if wkt == main_wkt else f"_{_crs_tag(crs)}"
+    for suffix, crs, members in _by_crs(infos, main_crs):
         footprint = shapely.union_all([m.footprint for m in members])
         unit = metres_per_unit(crs)
         west, south, east, north = footprint.bounds
