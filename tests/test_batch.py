@@ -591,3 +591,20 @@ def test_car_layers_without_edge_attributes_are_measured(flight, tmp_path):
     assert sorted(merged["car_id"]) == sorted(expected["car_id"])
     np.testing.assert_allclose(np.sort(merged["edge_dist_m"]), np.sort(expected["edge_dist_m"]),
                                atol=1e-6)
+
+
+def test_density_scratch_is_the_swept_temporary(tmp_path):
+    # A kill during the density COG write used to leave OUT/batch/tmpXXXX/ for good; its
+    # scratch is now io.temp_dir's, which the next writer into the folder sweeps.
+    import numpy as np
+    from affine import Affine
+    from rasterio.crs import CRS
+
+    from pipeline.batch import write_density
+    from pipeline.io import TEMP_DIR
+
+    target = write_density(np.ones((4, 4), np.float32), Affine(50, 0, 500000, 0, -50, 4000000),
+                           CRS.from_epsg(32633), tmp_path / "density.tif")
+    assert target.exists()
+    assert not (tmp_path / TEMP_DIR).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["density.qml", "density.tif"]

@@ -297,33 +297,6 @@ def test_sample_killed_leaves_no_staging_folder(tmp_path):
     assert not strays, f"the killed run's staging folder remains: {strays}"
 
 
-@pytest.mark.slow
-def test_batch_killed_during_density_leaves_no_tmp_folder(tmp_path, bright_model):
-    """write_density uses tempfile.TemporaryDirectory(dir=OUT/batch): a kill -9 leaves a
-    visible OUT/batch/tmpXXXXXXXX/density.tif that no later run removes."""
-    images, out = tmp_path / "images", tmp_path / "out"
-    car_scene(images / "a.tif")
-    # 60 km apart: a density grid big enough to catch the write.
-    car_scene(images / "b.tif", transform=Affine(0.15, 0, 560000, 0, -0.15, 3940000))
-    predict, vectors, _ = run_batch_chain(images, out, bright_model)
-    assert predict.returncode == 0 and vectors.returncode == 0
-    batch_dir = out / "batch"
-    stray = lambda: [p for p in batch_dir.glob("tmp*") if p.is_dir()]  # noqa: E731
-    for _ in range(5):
-        for p in batch_dir.glob("*.json"):
-            p.unlink()  # redo the batch
-        proc = _popen("batch", "--images", str(images), "--out", str(out), "--model-dir",
-                      str(bright_model), "--workers", "1", "--force")
-        if _kill_when(proc, lambda: bool(stray())):
-            break
-    else:
-        pytest.skip("never caught the density write")
-    r = cli("batch", "--images", str(images), "--out", str(out), "--model-dir",
-            str(bright_model), "--workers", "1", "--force")
-    assert r.returncode == 0, r.stderr
-    assert not stray(), f"stray temporaries after kill and rerun: {stray()}"
-
-
 # === (c) disk full ===
 
 @pytest.fixture
