@@ -60,7 +60,7 @@ from pipeline.io import (
     write_json,
     write_vector,
 )
-from pipeline.model import METADATA_FILE, MODEL_FILE, read_metadata
+from pipeline.model import METADATA_FILE, MODEL_FILE, file_sha256, read_metadata
 from pipeline.styles import (
     density_qml,
     mask_qml,
@@ -526,13 +526,10 @@ def sha256_file(path: Path, cache: dict | None = None) -> str:
     key = str(path.resolve())
     if cache and key in cache and cache[key][:2] == [stat.st_size, stat.st_mtime_ns]:
         return cache[key][2]
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
+    digest = file_sha256(path)
     if cache is not None:
-        cache[key] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
-    return digest.hexdigest()
+        cache[key] = [stat.st_size, stat.st_mtime_ns, digest]
+    return digest
 
 
 def package_versions() -> dict:
