@@ -29,6 +29,7 @@ from pipeline.io import (
     list_vectors,
     read_json_if_any,
     read_vector,
+    stage_log,
 )
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,6 @@ def _read_csv(path: Path) -> list[dict]:
         return []
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
-
-
-_read_json = read_json_if_any
 
 
 def _num(value) -> float:
@@ -166,7 +164,7 @@ def plot_cars(summary: list[dict], dst_dir: Path) -> str | None:
 
 def scene_path(scene: str, out_dir: Path, data_dir: Path | None) -> Path | None:
     """The RGB scene a prediction came from (see the module docstring for the lookup order)."""
-    entry = dict(_read_json(out_dir / "logs" / f"{scene}.predict.json") or {})
+    entry = dict(read_json_if_any(stage_log(out_dir / "logs", scene, "predict")) or {})
     prob_tif = out_dir / "probability" / f"{scene}.tif"
     if prob_tif.exists():
         import rasterio
@@ -367,8 +365,8 @@ def build_report(dst_dir: Path, *, model_dir: Path, out_dir: Path, data_dir: Pat
     dst_dir, model_dir, out_dir = Path(dst_dir), Path(model_dir), Path(out_dir)
     data_dir = Path(data_dir) if data_dir is not None else None
     dst_dir.mkdir(parents=True, exist_ok=True)
-    metadata = _read_json(model_dir / "metadata.json")
-    metrics = _read_json(out_dir / "evaluation" / "metrics.json")
+    metadata = read_json_if_any(model_dir / "metadata.json")
+    metrics = read_json_if_any(out_dir / "evaluation" / "metrics.json")
     summary = _read_csv(out_dir / "cars" / "summary.csv")
     parts = [f"<h1>Car detection report: {html.escape(dst_dir.name)}</h1>",
              f"<p>Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. Model "
@@ -489,8 +487,8 @@ def plot_batch_map(out_dir: Path, dst_dir: Path) -> str | None:
     from pipeline.styles import quiet_style_table
 
     batch = out_dir / "batch"
-    catalog = _read_json(batch / "catalog.json")
-    manifest = _read_json(batch / "batch.json") or {}
+    catalog = read_json_if_any(batch / "catalog.json")
+    manifest = read_json_if_any(batch / "batch.json") or {}
     if catalog is None or not manifest.get("crs"):
         return None
     crs = manifest["crs"]
@@ -498,7 +496,7 @@ def plot_batch_map(out_dir: Path, dst_dir: Path) -> str | None:
     for link in catalog.get("links", []):
         if link.get("rel") != "item":
             continue
-        item = _read_json((batch / link["href"]).resolve())
+        item = read_json_if_any((batch / link["href"]).resolve())
         if item is None:
             continue
         footprints.append(item["geometry"])
@@ -541,7 +539,7 @@ def _batch_section(out_dir: Path, dst_dir: Path) -> str:
     from pipeline.styles import quiet_style_table
 
     batch = out_dir / "batch"
-    manifest = _read_json(batch / "batch.json") or {}
+    manifest = read_json_if_any(batch / "batch.json") or {}
     summary = [{"scenes": len(manifest.get("per_scene", {})), "crs": manifest.get("crs"),
                 "detections": manifest.get("detections"), "cars": manifest.get("cars"),
                 "merged_across_scenes": manifest.get("merged"),
