@@ -765,6 +765,17 @@ def build_batch(images: Path, out_dir: Path, *, model_dir: Path, cfg: Config,
     # Per-scene reading: one pass over each mask for its valid-data footprint.
     infos = _map(_scene_info, [(s, img, out_dir, cfg.vectors.window) for s, img in scenes],
                  cfg.distributed)
+    # A scene without a valid pixel was not looked at: it is no scene with zero cars, so it
+    # stays out of every product (cars, mosaics, counts, density, catalog); vectors warned.
+    empty = [i.scene for i in infos if i.footprint.is_empty]
+    infos = [i for i in infos if not i.footprint.is_empty]
+    if not infos:
+        raise InputError(f"{images}: no scene has a valid pixel (every pixel is nodata or "
+                         "masked); check the scenes' nodata value and mask")
+    if empty:
+        log.info("batch: left out %d scenes without valid pixels: %s", len(empty),
+                 ", ".join(empty))
+    names = [i.scene for i in infos]
     crs = _batch_crs(infos, cfg.batch.crs)
     log.info("batch: %d scenes, CRS %s", len(infos), crs.to_string())
     footprints = {i.scene: _to_crs(i.footprint, i.crs, crs) for i in infos}
@@ -835,7 +846,7 @@ def build_batch(images: Path, out_dir: Path, *, model_dir: Path, cfg: Config,
                                "merged": int((dropped_by >= 0).sum()),
                                "overruled": n_overruled,
                                "calibrated": calibration is not None,
-                               "per_scene": per_scene})
+                               "per_scene": per_scene, "empty": empty})
     return catalog
 
 

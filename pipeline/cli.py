@@ -339,9 +339,30 @@ def cmd_vectors(args) -> int:
         extra_inputs=_stamp(args, cfg, "vectors"),
         args=(args.out,), kwargs={"cfg": cfg.vectors}, cfg=cfg.distributed,
         force=args.force, log_dir=args.out / "logs")
-    write_summary(args.out, [scene_name(s) for s in list_scenes(args.images)]
-                  if args.images is not None else None)
+    summary = write_summary(args.out, [scene_name(s) for s in list_scenes(args.images)]
+                            if args.images is not None else None)
+    _warn_empty(summary, args.images)
     return status
+
+
+def _warn_empty(summary: Path, images: Path | None) -> None:
+    """One warning per scene without a valid pixel, naming its file.
+
+    Such a scene is no failure (a tile of a delivery grid outside the flown area is normal, and
+    failing the batch for it would make users prune their archive), so the stage still exits 0;
+    but it is not a scene with zero cars either, and the user must hear that it was not looked at.
+    """
+    import csv
+
+    from pipeline.io import EMPTY_REASON, EMPTY_STATUS
+
+    files = {scene_name(p): p for p in list_scenes(images)} if images is not None else {}
+    with open(summary, newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row["status"] == EMPTY_STATUS:
+                path = files.get(row["scene"]) or summary.parents[1] / "masks" / f"{row['scene']}.tif"
+                log.warning("%s: %s; listed as %s in %s, and left out of car counts and batch "
+                            "products", path, EMPTY_REASON, EMPTY_STATUS, summary)
 
 
 def cmd_batch(args) -> int:

@@ -426,6 +426,27 @@ def find_cars_file(out_dir: Path | str, scene: str) -> Path | None:
     return None
 
 
+# Summary status of a scene whose raster holds no valid pixel (all nodata, or masked out): it is
+# neither a failure nor a scene with zero cars (nothing was looked at), so counts leave it out.
+EMPTY_STATUS = "empty"
+EMPTY_REASON = "no valid pixels (every pixel is nodata or masked)"
+
+
+def has_valid_pixels(path: Path | str) -> bool:
+    """Whether a raster holds at least one valid pixel (by its nodata value or mask band).
+
+    Reads block by block and stops at the first valid one, so a normal scene costs one block;
+    only a scene that really is empty is read to the end.
+    """
+    import rasterio
+
+    with rasterio.open(path) as src:
+        for _, window in src.block_windows(1):
+            if src.dataset_mask(window=window).any():
+                return True
+    return False
+
+
 def open_scene(path: Path | str, *, allow_geographic: bool = False):
     """Open a GeoTIFF scene for reading and check that it is georeferenced.
 

@@ -576,8 +576,11 @@ def write_summary(out_dir: Path, scenes: list[str] | None = None) -> Path:
 
     Scenes are ``scenes`` (the batch's, from its image folder), else those of the predicted
     masks and the per-scene logs; a scene that failed in predict or vectors is listed with
-    status ``failed`` and its error.
+    status ``failed`` and its error, and one without a valid pixel with status ``empty``
+    and no car count.
     """
+    from pipeline.io import EMPTY_REASON, EMPTY_STATUS, has_valid_pixels
+
     out_dir = Path(out_dir)
     logs = out_dir / "logs"
     if scenes is None:
@@ -612,10 +615,15 @@ def write_summary(out_dir: Path, scenes: list[str] | None = None) -> Path:
                 cars = len(gdf)
             except InputError as exc:
                 errors.append(f"vectors: {exc}")
-        rows.append({"scene": scene, "cars": cars if not errors else "",
-                     "car_area_m2": round(area, 3) if not errors else "",
-                     "seconds": round(seconds, 3), "status": "failed" if errors else "ok",
-                     "error": "; ".join(errors)})
+        mask = out_dir / "masks" / f"{scene}.tif"
+        # A scene with no valid pixel was not looked at: no car count, and not "ok, 0 cars".
+        empty = not errors and mask.exists() and not has_valid_pixels(mask)
+        counted = not errors and not empty
+        rows.append({"scene": scene, "cars": cars if counted else "",
+                     "car_area_m2": round(area, 3) if counted else "",
+                     "seconds": round(seconds, 3),
+                     "status": "failed" if errors else EMPTY_STATUS if empty else "ok",
+                     "error": "; ".join(errors) if errors else EMPTY_REASON if empty else ""})
     target = out_dir / "cars" / "summary.csv"
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=["scene", "cars", "car_area_m2", "seconds",

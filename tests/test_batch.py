@@ -608,3 +608,50 @@ def test_density_scratch_is_the_swept_temporary(tmp_path):
     assert target.exists()
     assert not (tmp_path / TEMP_DIR).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["density.qml", "density.tif"]
+
+
+def test_scene_without_valid_pixels_is_empty_not_zero_cars(tmp_path):
+    """An all-nodata scene (a delivery-grid tile outside the flight) is reported as empty, with
+    one warning naming its file, and stays out of every count; the stages still exit 0."""
+    import subprocess
+    import sys
+
+    import pystac
+
+    rng = np.random.default_rng(7)
+    truth = burn(flight_cars(rng), (HEIGHT, WIDTH), FLIGHT)
+    write_identity_scene(tmp_path, "a", truth, 0)
+    write_identity_scene(tmp_path, "void", truth, STEP, collar=SCENE_W)  # every pixel nodata
+    write_model(tmp_path / "model")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    vectors = subprocess.run([sys.executable, "-m", "pipeline", "vectors", "--out", str(out),
+                              "--images", str(tmp_path / "images"), "--force"],
+                             capture_output=True, text=True, env=env)
+    assert vectors.returncode == 0, vectors.stderr
+    warnings = [line for line in vectors.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1
+    assert str(tmp_path / "images" / "void.tif") in warnings[0] and "no valid pixels" in \
+        warnings[0]
+    with open(out / "cars" / "summary.csv") as fh:
+        rows = {r["scene"]: r for r in csv.DictReader(fh)}
+    assert rows["void"]["status"] == "empty" and rows["void"]["cars"] == ""
+    assert "no valid pixels" in rows["void"]["error"]
+    assert rows["a"]["status"] == "ok" and int(rows["a"]["cars"]) > 0
+
+    batch = subprocess.run([sys.executable, "-m", "pipeline", "batch", "--images",
+                            str(tmp_path / "images"), "--out", str(out), "--model-dir",
+                            str(tmp_path / "model")], capture_output=True, text=True, env=env)
+    assert batch.returncode == 0, batch.stderr
+    manifest = json.loads((out / "batch" / "batch.json").read_text())
+    assert sorted(manifest["per_scene"]) == ["a"] and manifest["empty"] == ["void"]
+    collection = pystac.read_file(str(out / "batch" / "catalog.json"))
+    assert [i.id for i in collection.get_items()] == ["a"]
+    assert "void" not in (out / "batch" / "probability.vrt").read_text()
+    assert set(read_vector(out / "batch" / "cars.gpkg")["scene"]) == {"a"}
+
+    # A batch of nothing but empty scenes is refused with one line, not "0 cars".
+    (tmp_path / "images" / "a.tif").unlink()
+    with pytest.raises(InputError, match="no scene has a valid pixel"):
+        build_batch(tmp_path / "images", out, model_dir=tmp_path / "model", cfg=Config(),
+                    force=True)
