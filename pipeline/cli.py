@@ -247,7 +247,8 @@ def cmd_index(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from pipeline.model import MODEL_FILE
+    from pipeline.io import json_differs
+    from pipeline.model import MODEL_FILE, train_lock
 
     cfg = _cfg(args)
     model = args.model_dir / MODEL_FILE
@@ -260,18 +261,28 @@ def cmd_train(args) -> int:
                          f"{args.model_dir}")
     inputs = {"the chip index": args.chips / INDEX_FILE, "the band statistics":
               args.chips / STATS_FILE}
-    stamp = _stamp(args, cfg, "train")
-    if stamp:
-        inputs["the training settings"] = stamp[0]
-    reason = _train_reason(model, inputs)
-    if reason is None and not args.force:
+    if args.settings:
+        inputs["the training settings"] = args.settings
+    # Looked at first without the lock (and without stamping), so a rerun with nothing to do
+    # neither waits for another run nor touches MODEL_DIR.
+    if (not args.force and _train_reason(model, inputs) is None
+            and not (args.settings and json_differs(args.settings,
+                                                     stage_settings(cfg, "train")))):
         log.info("train: %s is up to date", model)
         return 0
-    log.info("train: %s", reason or "--force")
-    _import_keras_quietly(args.debug)
-    from pipeline.train import train
+    # One training per MODEL_DIR: a second run waits here for the first, then looks again
+    # (the settings stamp too is written under the lock, so it always matches the model).
+    with train_lock(args.model_dir):
+        _stamp(args, cfg, "train")
+        reason = _train_reason(model, inputs)
+        if reason is None and not args.force:
+            log.info("train: %s is up to date", model)
+            return 0
+        log.info("train: %s", reason or "--force")
+        _import_keras_quietly(args.debug)
+        from pipeline.train import train
 
-    path = train(args.chips, args.masks, args.model_dir, cfg=cfg)
+        path = train(args.chips, args.masks, args.model_dir, cfg=cfg)
     log.info("model: %s", path)
     return 0
 

@@ -211,14 +211,22 @@ def read_json_if_any(path: Path | str, default: Any = None) -> Any:
         return default
 
 
+def _json_text(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+
+
+def json_differs(path: Path | str, data: Any) -> bool:
+    """Whether :func:`write_if_changed` would write ``data`` to ``path`` (absent or other)."""
+    path = Path(path)
+    return not path.exists() or path.read_text() != _json_text(data)
+
+
 def write_if_changed(path: Path | str, data: Any) -> bool:
     """Write JSON only when its content differs, so Make sees a new mtime only on real change."""
-    path = Path(path)
-    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
-    if path.exists() and path.read_text() == text:
+    if not json_differs(path, data):
         return False
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(_json_text(data))
     return True
 
 

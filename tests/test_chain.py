@@ -5,35 +5,15 @@ from __future__ import annotations
 
 import csv
 import os
-import subprocess
+import shutil
 import time
 from pathlib import Path
 
 import geopandas as gpd
 import pytest
 import rasterio
+from conftest import copy_run, make
 from rio_cogeo.cogeo import cog_validate
-
-ROOT = Path(__file__).resolve().parents[1]
-
-TINY = """
-sample: {train_scenes: 2, incoming_scenes: 2, width: 320, height: 256, seed: 3}
-tile: {chip_size: 64, overlap: 8}
-train: {depth: 2, base_filters: 4, batch_size: 4, epochs: 2, steps_per_epoch: 3,
-        max_minutes: 2, augment: {scale_rotate: false, blur_noise: false}}
-predict: {overlap: 16, batch_size: 4}
-vectors: {window: 128, halo: 48}
-report: {crops: 1, crop_size: 64}
-"""
-
-
-def make(*targets: str, env_vars: dict[str, str], status: int = 0) -> subprocess.CompletedProcess:
-    args = ["make", "--no-print-directory", "-C", str(ROOT), *targets,
-            *(f"{k}={v}" for k, v in env_vars.items())]
-    proc = subprocess.run(args, capture_output=True, text=True, check=False)
-    assert proc.returncode == status, (f"make {' '.join(targets)} exited {proc.returncode}:\n"
-                                       f"{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def snapshot(*folders: Path) -> dict[Path, int]:
@@ -41,17 +21,12 @@ def snapshot(*folders: Path) -> dict[Path, int]:
 
 
 @pytest.mark.slow
-def test_make_all_is_real_and_incremental(tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY)
-    data, model, reports = tmp_path / "data", tmp_path / "model", tmp_path / "reports"
-    env = {"DATA": str(data), "CONFIG": str(config), "MODEL_DIR": str(model),
-           "REPORTS": str(reports), "RUN": "tiny", "WORKERS": "1"}
-
-    make("sample", env_vars=env)
-    proc = make("all", env_vars=env)
+def test_make_all_is_real_and_incremental(tiny_run, tmp_path):
+    root, env, proc = tiny_run  # `make sample` then `make all`, from nothing
     assert "report" in proc.stdout
+    assert "train: no model in" in proc.stderr  # `all` says why it trains
 
+    data, model, reports = root / "data", root / "model", root / "reports"
     out = data / "processed"
     scenes = sorted(p.stem for p in (data / "incoming").glob("*.tif"))
     assert len(scenes) == 2
@@ -74,6 +49,12 @@ def test_make_all_is_real_and_incremental(tmp_path):
     assert (reports / "tiny" / "index.html").exists()
     assert (data / "interim" / "chips" / "index.gpkg").exists()
     assert (model / "model.keras").exists() and (model / "metadata.json").exists()
+
+    # The rest changes the run: on a copy, so other tests keep the shared one.
+    root = tmp_path / "run"
+    env = copy_run(tiny_run[0], root)
+    data, model, reports = root / "data", root / "model", root / "reports"
+    out = data / "processed"
 
     # Nothing changed: nothing is rewritten.
     before = snapshot(data, model, reports)
@@ -103,13 +84,15 @@ def test_make_all_is_real_and_incremental(tmp_path):
     assert (model / "model.keras").stat().st_mtime_ns == after[model / "model.keras"]
 
     # Predicting never trains, even when the training settings changed or their stamp is newer
-    # than the model (a bundle copied from a colleague, or made with another CONFIG).
+    # than the model (a bundle copied from a colleague, or made with another CONFIG). One make
+    # runs the four targets' recipes in turn (each its own chain of stages).
     model_mtime = (model / "model.keras").stat().st_mtime_ns
     time.sleep(1.1)
     (model / "settings.json").touch()
-    for target in ("predict", "vectors", "evaluate", "report"):
-        proc = make(target, env_vars={**env, "SET": "train.epochs=9"})
-        assert "train:" not in proc.stderr, target
+    proc = make("predict", "vectors", "evaluate", "report",
+                env_vars={**env, "SET": "train.epochs=9"})
+    assert "train:" not in proc.stderr
+    assert "report:" in proc.stderr  # make ran the recipes in turn, to the last
     assert (model / "model.keras").stat().st_mtime_ns == model_mtime
 
     # A train-only setting retrains without re-tiling, and `all` says why.
@@ -123,16 +106,22 @@ def test_make_all_is_real_and_incremental(tmp_path):
 
 
 @pytest.mark.slow
-def test_batch_with_odd_names_and_one_broken_scene(tmp_path):
+def test_batch_with_odd_names_and_one_broken_scene(tiny_run, tmp_path):
     """Any file name a GIS folder holds works through make; one broken scene does not stop the
     others, is listed as failed, and make exits non-zero at the end."""
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY)
+    # The shared run's data and model, in folders with spaces: `make train` finds them up to
+    # date through the quoted paths (its stages run, nothing is redone).
+    root, _, _ = tiny_run
     data, model = tmp_path / "da ta", tmp_path / "mo del"
-    env = {"DATA": str(data), "CONFIG": str(config), "MODEL_DIR": str(model),
+    shutil.copytree(root / "data", data, ignore=shutil.ignore_patterns("processed"))
+    shutil.copytree(root / "model", model)
+    shutil.copy2(root / "tiny.yaml", tmp_path / "tiny.yaml")
+    env = {"DATA": str(data), "CONFIG": str(tmp_path / "tiny.yaml"), "MODEL_DIR": str(model),
            "REPORTS": str(tmp_path / "reports"), "RUN": "tiny", "WORKERS": "1"}
-    make("sample", env_vars=env)
-    make("train", env_vars=env)
+    trained = (model / "model.keras").stat().st_mtime_ns
+    proc = make("train", env_vars=env)
+    assert "is up to date" in proc.stderr
+    assert (model / "model.keras").stat().st_mtime_ns == trained
     batch, out = tmp_path / "flight 0425", tmp_path / "out put"
     batch.mkdir()
     source = sorted((data / "incoming").glob("*.tif"))[0].read_bytes()

@@ -10,29 +10,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
+from conftest import ROOT
 
 from pipeline.io import TEMP_DIR
-from pipeline.model import check_bundle
-
-ROOT = Path(__file__).resolve().parents[1]
-
-TINY = """
-sample: {train_scenes: 2, incoming_scenes: 2, width: 320, height: 256, seed: 5}
-tile: {chip_size: 64, overlap: 8}
-train: {depth: 2, base_filters: 4, batch_size: 4, epochs: 3, steps_per_epoch: 4,
-        augment: {scale_rotate: false, blur_noise: false}}
-predict: {overlap: 16, batch_size: 4}
-vectors: {window: 128, halo: 48}
-distributed: {workers: 1}
-"""
-
-# Where in each stage's run the kills fall, as fractions of its uninterrupted duration.
-KILL_AT = (0.35, 0.8)
+from pipeline.model import TRAIN_LOCK, check_bundle
 
 
 def _cli(root: Path, stage: str, config: Path, model_dir: Path) -> list[str]:
@@ -49,20 +36,66 @@ def _cli(root: Path, stage: str, config: Path, model_dir: Path) -> list[str]:
             "-q"]
 
 
-def _run(cmd: list[str]) -> float:
-    start = time.perf_counter()
+def _run(cmd: list[str]) -> None:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, f"{cmd}: {proc.stderr}"
-    return time.perf_counter() - start
 
 
-def _kill_after(cmd: list[str], seconds: float) -> None:
+# Kill points by the stage's progress, not by the clock (a loaded machine shifts every clock):
+# a condition on (root, model_dir, pid) that becomes true at that moment of the run.
+Point = Callable[[Path, Path, int], bool]
+
+
+def _writing(*parts: str) -> Point:
+    """The process has a temporary of its own under one of these folders: mid-write."""
+    def point(root: Path, model_dir: Path, pid: int) -> bool:
+        for part in parts:
+            folder = (model_dir if part == "MODEL" else root / "data" / part) / TEMP_DIR
+            try:
+                if any(e.name.split("-")[1:2] == [str(pid)] for e in os.scandir(folder)):
+                    return True
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        return False
+    return point
+
+
+def _done(pattern: str, n: int = 1) -> Point:
+    """``n`` outputs matching ``pattern`` are complete: the next scene is under way."""
+    def point(root: Path, model_dir: Path, pid: int) -> bool:
+        base = model_dir if pattern.startswith("MODEL/") else root / "data"
+        return len(list(base.glob(pattern.removeprefix("MODEL/")))) >= n
+    return point
+
+
+# Each stage is killed at two moments of its progress, then rerun to the end.
+KILL_POINTS: dict[str, tuple[Point, ...]] = {
+    "tile": (_writing("interim/chips"), _done("interim/chips/*/chips.gpkg")),
+    "masks": (_writing("interim/masks"), _done("interim/masks/*/masks.json")),
+    "index": (),
+    # After the first epoch's checkpoint (the rerun resumes), then while the bundle is saved.
+    "train": (_done("MODEL/checkpoint/state.json"), _writing("MODEL")),
+    "predict": (_writing("processed", "processed/probability", "processed/masks"),
+                _done("processed/masks/*.tif")),
+    "vectors": (_writing("processed/cars"), _done("processed/cars/*.gpkg")),
+}
+
+
+def _kill_at(cmd: list[str], point: Point, root: Path, model_dir: Path) -> bool:
+    """Run ``cmd`` and kill -9 it when ``point`` is reached; False when it finished first."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        proc.wait(timeout=seconds)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        while proc.poll() is None:
+            if point(root, model_dir, proc.pid):
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return True
+            time.sleep(0.005)
+        return False
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _content(path: Path) -> str:
@@ -79,9 +112,15 @@ def _content(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+# What the killed stages write (the shared clean run also has batch, evaluation and report).
+COMPARED = ("interim/chips", "interim/masks", "processed/probability", "processed/masks",
+            "processed/cars")
+
+
 def _outputs(folder: Path) -> dict[str, str]:
     skip = ("logs", "settings")
-    return {str(p.relative_to(folder)): _content(p) for p in sorted(folder.rglob("*"))
+    return {str(p.relative_to(folder)): _content(p) for part in COMPARED
+            for p in sorted((folder / part).rglob("*"))
             if p.is_file() and not set(p.relative_to(folder).parts) & set(skip)
             and p.name != "summary.csv"}
 
@@ -93,27 +132,24 @@ def _strays(folder: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_kill_and_rerun_equals_uninterrupted(tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY)
-    clean, killed = tmp_path / "clean", tmp_path / "killed"
-    for root in (clean, killed):
-        subprocess.run([sys.executable, "-m", "pipeline", "sample", str(root / "data"),
-                        "--config", str(config), "-q"], cwd=ROOT, check=True)
+def test_kill_and_rerun_equals_uninterrupted(tiny_run, tmp_path):
+    clean = tiny_run[0]  # the uninterrupted run (`make all`), with the same settings
+    config = clean / "tiny.yaml"
+    killed = tmp_path / "killed"
+    for part in ("raw", "incoming"):
+        shutil.copytree(clean / "data" / part, killed / "data" / part)
 
-    # The uninterrupted run, timing each stage to place the kills.
-    durations = {}
-    for stage in ("tile", "masks", "index", "train", "predict", "vectors"):
-        durations[stage] = _run(_cli(clean, stage, config, clean / "model"))
-
-    for stage in ("tile", "masks", "index", "train", "predict", "vectors"):
+    hits = {}
+    for stage, points in KILL_POINTS.items():
         # Predict with the clean run's model, so its outputs can be compared byte for byte;
         # training itself is checked for a whole, consistent bundle.
         model_dir = killed / "model" if stage == "train" else clean / "model"
-        for fraction in KILL_AT:
-            _kill_after(_cli(killed, stage, config, model_dir), fraction * durations[stage])
-        _run(_cli(killed, stage, config, model_dir))
+        cmd = _cli(killed, stage, config, model_dir)
+        hits[stage] = [_kill_at(cmd, point, killed, model_dir) for point in points]
+        _run(cmd)
 
+    # Every stage was really killed mid-run at least once (not only after it had finished).
+    assert all(any(h) for s, h in hits.items() if s != "index"), hits
     assert _strays(killed) == []
     check_bundle(killed / "model")  # complete, and its weights match its metadata
     clean_out, killed_out = _outputs(clean / "data"), _outputs(killed / "data")
@@ -121,8 +157,84 @@ def test_kill_and_rerun_equals_uninterrupted(tmp_path):
     differ = [k for k in clean_out if clean_out[k] != killed_out[k]]
     assert differ == []
     # The stages really ran: chips, masks, predictions and cars are all there.
-    for part in ("interim/chips", "interim/masks", "processed/probability", "processed/cars"):
+    for part in COMPARED:
         assert any(k.startswith(part) for k in killed_out), part
     with rasterio.open(next((killed / "data/processed/probability").glob("*.tif"))) as src:
         assert np.any(src.read(1) != 255)
-    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _holder(model_dir: Path) -> str:
+    try:
+        return (model_dir / TRAIN_LOCK).read_text()
+    except FileNotFoundError:
+        return ""
+
+
+@pytest.mark.slow
+def test_two_trainings_into_one_model_dir_train_once(tiny_run, tmp_path):
+    """A training killed -9 leaves no stale lock; of two trainings started together on a fresh
+    MODEL_DIR, one trains and the other waits, names it, and finds the model up to date."""
+    data, config = tiny_run[0] / "data", tiny_run[0] / "tiny.yaml"
+    model_dir = tmp_path / "model"
+    cmd = [sys.executable, "-m", "pipeline", "train", str(data / "interim/chips"),
+           str(data / "interim/masks"), str(model_dir), "--settings",
+           str(model_dir / "settings.json"), "--config", str(config)]
+
+    dead = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while f"process {dead.pid} " not in _holder(model_dir):  # it holds the lock
+        assert dead.poll() is None, "the training ended before it could be killed"
+        time.sleep(0.01)
+    os.kill(dead.pid, signal.SIGKILL)
+    dead.wait()
+
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    errs = [p.communicate()[1] for p in procs]
+    results = [(p.pid, p.returncode, err) for p, err in zip(procs, errs, strict=True)]
+    assert [rc for _, rc, _ in results] == [0, 0], results
+    trainers = [r for r in results if "train: no model in" in r[2]]
+    waiters = [r for r in results if "waiting for it to finish" in r[2]]
+    assert len(trainers) == 1 and len(waiters) == 1, results
+    (trainer, _, trained), (_, _, waited) = trainers[0], waiters[0]
+    assert f"process {dead.pid} " not in trained + waited  # the dead lock holder is no one
+    assert "waiting" not in trained
+    line = next(ln for ln in waited.splitlines() if "waiting" in ln)
+    assert str(model_dir) in line and f"process {trainer} " in line
+    assert "is up to date" in waited
+    check_bundle(model_dir)
+    assert not (model_dir / "previous").exists()  # trained once: no bundle was replaced
+
+
+def test_train_lock_waits_for_its_holder_and_is_never_stale(tmp_path, caplog):
+    from pipeline.model import train_lock
+
+    hold = ("import sys, time\nfrom pipeline.model import train_lock\n"
+            "with train_lock(sys.argv[1]):\n    time.sleep(float(sys.argv[2]))\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def holder(seconds: float) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path), str(seconds)],
+                                env=env)
+        while f"process {proc.pid} " not in _holder(tmp_path):
+            assert proc.poll() is None
+            time.sleep(0.01)
+        return proc
+
+    # A holder killed -9 leaves the file with its name in it, but no lock: no wait.
+    dead = holder(60)
+    os.kill(dead.pid, signal.SIGKILL)
+    dead.wait()
+    caplog.set_level("WARNING")
+    with train_lock(tmp_path):
+        assert f"process {os.getpid()} " in _holder(tmp_path)
+    assert "waiting" not in caplog.text
+
+    # A live holder: the wait is announced with the folder and the process, then the lock
+    # is taken when the holder is done.
+    alive = holder(1.5)
+    start = time.monotonic()
+    with train_lock(tmp_path):
+        waited = time.monotonic() - start
+    alive.wait()
+    assert waited > 1.0  # the holder held it for 1.5 s after it had written its name
+    assert f"{tmp_path} is being trained into by process {alive.pid} " in caplog.text
