@@ -421,6 +421,24 @@ def cmd_report(args) -> int:
 
 # === Parser ===
 
+SETTINGS_HELP = "settings file this run depends on"
+
+
+def _finish(p: argparse.ArgumentParser, func, *, settings: str | None = SETTINGS_HELP,
+            force: str | None = None, batch: bool = False) -> None:
+    """The options the stage commands share, always in one order, and the command to run:
+    ``--settings`` (the stage's settings stamp), ``--force``, the common options, the batch
+    options (which bring their own ``--force``)."""
+    if settings:
+        p.add_argument("--settings", type=Path, help=settings)
+    if force:
+        p.add_argument("--force", action="store_true", help=force)
+    _common(p)
+    if batch:
+        _batch(p)
+    p.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
@@ -431,37 +449,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("settings", help="write a stage's settings file only if it changed")
     p.add_argument("stage", choices=sorted(STAGE_SECTIONS))
     p.add_argument("dst", type=Path)
-    _common(p)
-    p.set_defaults(func=cmd_settings)
+    _finish(p, cmd_settings, settings=None)
 
     p = sub.add_parser("scenes", help="list the scene names of a folder (the one scene list)")
     p.add_argument("folder", type=Path)
     p.add_argument("--any", action="store_true",
                    help="print nothing; exit 0 when the folder holds a scene, 1 when not")
-    _common(p)
-    p.set_defaults(func=cmd_scenes)
+    _finish(p, cmd_scenes, settings=None)
 
     p = sub.add_parser("paths", help="refuse output folders that would write over an input")
     for flag in ("--data", "--images", "--out", "--model-dir", "--report", "--truth",
                  "--zones"):
         p.add_argument(flag, type=Path, default=None)
-    _common(p)
-    p.set_defaults(func=cmd_paths)
+    _finish(p, cmd_paths, settings=None)
 
     p = sub.add_parser("sample", help="generate sample scenes, labels and truth into DATA")
     p.add_argument("data", type=Path, help="data root (raw/, incoming/, truth/ are written)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing sample")
-    p.add_argument("--settings", type=Path, help="settings file this run depends on")
-    _common(p)
-    p.set_defaults(func=cmd_sample)
+    _finish(p, cmd_sample, force="overwrite an existing sample")
 
     p = sub.add_parser("tile", help="cut every scene in IMAGES into chips")
     p.add_argument("images", type=Path, help="folder of GeoTIFF scenes")
     p.add_argument("chips", type=Path, help="chips folder (chips/<scene>/<chip>.tif)")
-    p.add_argument("--settings", type=Path, help="settings file this run depends on")
-    _common(p)
-    _batch(p)
-    p.set_defaults(func=cmd_tile)
+    _finish(p, cmd_tile, batch=True)
 
     p = sub.add_parser("masks", help="rasterize car labels into a mask per chip")
     p.add_argument("chips", type=Path, help="chips folder from `tile`")
@@ -469,18 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("masks", type=Path, help="masks folder (masks/<scene>/<chip>.tif)")
     p.add_argument("--images", type=Path, default=None,
                    help="the training scenes' folder (default: every scene in CHIPS)")
-    p.add_argument("--settings", type=Path, help="settings file this run depends on")
-    _common(p)
-    _batch(p)
-    p.set_defaults(func=cmd_masks)
+    _finish(p, cmd_masks, batch=True)
 
     p = sub.add_parser("index", help="chip index with split and band statistics")
     p.add_argument("chips", type=Path)
     p.add_argument("masks", type=Path)
-    p.add_argument("--settings", type=Path, help="the masks settings file this run depends on")
-    p.add_argument("--force", action="store_true", help="rebuild even when up to date")
-    _common(p)
-    p.set_defaults(func=cmd_index)
+    _finish(p, cmd_index, settings="the masks settings file this run depends on",
+            force="rebuild even when up to date")
 
     p = sub.add_parser("train", help="train the U-Net into MODEL_DIR")
     p.add_argument("chips", type=Path)
@@ -489,28 +493,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, default=None,
                    help="the training scenes' folder; without scenes there, an existing model "
                         "is used as it is")
-    p.add_argument("--settings", type=Path, help="settings file this run depends on")
-    p.add_argument("--force", action="store_true", help="train even when the model is fresh")
-    _common(p)
-    p.set_defaults(func=cmd_train)
+    _finish(p, cmd_train, force="train even when the model is fresh")
 
     p = sub.add_parser("predict", help="probability and mask COGs for every scene in IMAGES")
     p.add_argument("images", type=Path, help="folder of GeoTIFF scenes to predict")
     p.add_argument("--model-dir", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="output root (probability/, masks/)")
-    p.add_argument("--settings", type=Path, help="settings file this run depends on")
-    _common(p)
-    _batch(p)
-    p.set_defaults(func=cmd_predict)
+    _finish(p, cmd_predict, batch=True)
 
     p = sub.add_parser("vectors", help="one polygon per car for every predicted scene")
     p.add_argument("--out", type=Path, required=True, help="output root (reads masks/)")
     p.add_argument("--images", type=Path, default=None,
                    help="the batch's folder: vectorize its scenes (default: every mask in OUT)")
-    p.add_argument("--settings", type=Path, help="settings file this run depends on")
-    _common(p)
-    _batch(p)
-    p.set_defaults(func=cmd_vectors)
+    _finish(p, cmd_vectors, batch=True)
 
     p = sub.add_parser("batch", help="batch products: one car layer, mosaics, counts, STAC")
     p.add_argument("--images", type=Path, required=True, help="folder of the batch's GeoTIFFs")
@@ -519,28 +514,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", type=Path, required=True)
     p.add_argument("--zones", type=Path, default=None,
                    help="polygons to count cars in (any vector format and CRS)")
-    p.add_argument("--settings", type=Path, help="settings file this run depends on")
-    _common(p)
-    _batch(p)
-    p.set_defaults(func=cmd_batch)
+    _finish(p, cmd_batch, batch=True)
 
     p = sub.add_parser("evaluate", help="pixel and object metrics against ground truth")
     p.add_argument("--out", type=Path, required=True, help="output root of predictions")
     p.add_argument("--truth", type=Path, required=True, help="ground-truth car footprints")
-    p.add_argument("--settings", type=Path, help="settings file this run depends on")
-    p.add_argument("--force", action="store_true", help="evaluate even when up to date")
-    _common(p)
-    p.set_defaults(func=cmd_evaluate)
+    _finish(p, cmd_evaluate, force="evaluate even when up to date")
 
     p = sub.add_parser("report", help="HTML report with plots and overlays")
     p.add_argument("dst", type=Path, help="report folder (index.html is written there)")
     p.add_argument("--model-dir", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--data", type=Path, default=None, help="data root, for sample overlays")
-    p.add_argument("--settings", type=Path, help="settings file this run depends on")
-    p.add_argument("--force", action="store_true", help="rebuild even when up to date")
-    _common(p)
-    p.set_defaults(func=cmd_report)
+    _finish(p, cmd_report, force="rebuild even when up to date")
     return parser
 
 
