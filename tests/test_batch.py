@@ -626,7 +626,7 @@ def test_scene_without_valid_pixels_is_empty_not_zero_cars(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     vectors = subprocess.run([sys.executable, "-m", "pipeline", "vectors", "--out", str(out),
-                              "--images", str(tmp_path / "images"), "--force"],
+                              "--images", str(tmp_path / "images"), "--workers", "1"],
                              capture_output=True, text=True, env=env)
     assert vectors.returncode == 0, vectors.stderr
     warnings = [line for line in vectors.stderr.splitlines() if line.startswith("WARNING")]
@@ -641,7 +641,8 @@ def test_scene_without_valid_pixels_is_empty_not_zero_cars(tmp_path):
 
     batch = subprocess.run([sys.executable, "-m", "pipeline", "batch", "--images",
                             str(tmp_path / "images"), "--out", str(out), "--model-dir",
-                            str(tmp_path / "model")], capture_output=True, text=True, env=env)
+                            str(tmp_path / "model"), "--workers", "1"], capture_output=True,
+                           text=True, env=env)
     assert batch.returncode == 0, batch.stderr
     manifest = json.loads((out / "batch" / "batch.json").read_text())
     assert sorted(manifest["per_scene"]) == ["a"] and manifest["empty"] == ["void"]
