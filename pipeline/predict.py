@@ -37,7 +37,7 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from pipeline.config import PredictConfig
-from pipeline.geo import NODATA, PROB_SCALE, gsd_m, valid_mask
+from pipeline.geo import NODATA, PROB_SCALE, axis_windows, gsd_m, valid_mask
 from pipeline.io import (
     InputError,
     atomic_path,
@@ -208,27 +208,16 @@ def lattice_phase(transform: Affine, multiple: int) -> tuple[int, int]:
     return int(row), int(col)
 
 
-def axis_plan(length: int, phase: int, geometry: Geometry) -> tuple[int, list[int]]:
-    """Window size and starts along one axis, in coordinates that start ``phase`` px early.
+def _frame_axis(length: int, phase: int, geometry: Geometry) -> tuple[int, list[int]]:
+    """Window side and starts along one axis, in frame coordinates (the scene starts at phase).
 
-    The fewest windows of at most ``geometry.window`` px that cover ``phase + length`` px are
-    taken, then shrunk to the smallest multiple of the model's multiple that still covers: a
-    700 px scene is one 704 px window, not a 1024 px one mostly made of padding.
+    The layout is ``geo.axis_windows``' ``past`` rule: windows on the pooling lattice, the
+    fewest of at most ``geometry.window`` px, shrunk to the smallest lattice multiple that covers
+    (a 700 px scene is one 704 px window, not a 1280 px one mostly made of padding).
     """
-    total = phase + length
-    big, overlap, multiple = geometry.window, geometry.overlap, geometry.multiple
-    count = 1 + max(0, math.ceil((total - big) / (big - overlap)))
-    size = min(big, _round_up((total + (count - 1) * overlap) / count, multiple))
-    return size, [i * (size - overlap) for i in range(count)]
-
-
-def window_offsets(length: int, window: int, overlap: int) -> list[int]:
-    """Window starts along one axis: every multiple of the stride until the axis is covered."""
-    stride = window - overlap
-    if stride <= 0:
-        raise ValueError(f"window size {window} must exceed overlap {overlap}")
-    count = 1 + max(0, math.ceil((length - window) / stride))
-    return [i * stride for i in range(count)]
+    layout = axis_windows(length, geometry.window, geometry.overlap, edge="past", phase=phase,
+                          multiple=geometry.multiple)
+    return layout.size, [s + phase for s in layout.starts]
 
 
 def edge_ramp(size: int, overlap: int, margin: int | None = None) -> np.ndarray:
@@ -362,8 +351,8 @@ def predict_grid(reader: _StripReader, bundle: Bundle, *, geometry: Geometry,
     rows, whatever the scene's height.
     """
     width, height = reader.width, reader.height
-    win_h, rows = axis_plan(height, phase[0], geometry)
-    win_w, cols = axis_plan(width, phase[1], geometry)
+    win_h, rows = _frame_axis(height, phase[0], geometry)
+    win_w, cols = _frame_axis(width, phase[1], geometry)
     frame_w = cols[-1] + win_w  # the strip's width in the frame: the scene plus padding
     pad_left, pad_right = phase[1], frame_w - phase[1] - width
     overlap, margin = geometry.overlap, geometry.margin
