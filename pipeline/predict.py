@@ -294,6 +294,16 @@ class _StripReader:
 
 # === Inference ===
 
+def normalize_into(image: np.ndarray, mean: np.ndarray, std: np.ndarray, out: np.ndarray) -> None:
+    """``bundle.prepare(image)`` (``(float32(image) - mean) / std``) written into ``out``.
+
+    The same operations in the same float32 order, so the values are identical, without the
+    three window-sized temporaries: on a 1280 px window they cost as much time as the blending.
+    """
+    np.subtract(image, mean, out=out, dtype=np.float32)
+    np.divide(out, std, out=out)
+
+
 def _batch_shapes(batch_size: int) -> list[int]:
     """Batch sizes the model is called with: ``batch_size`` and the powers of two below it.
 
@@ -365,6 +375,8 @@ def predict_grid(reader: _StripReader, bundle: Bundle, *, geometry: Geometry,
     wsum = np.zeros_like(acc)
     predictor = predictor or _Predictor(bundle.model, batch_size, tta)
     n_bands = len(bundle.bands)
+    mean, std = (np.asarray(bundle.metadata["normalization"][k], dtype=np.float32)
+                 for k in ("mean", "std"))
     emitted = 0  # scene rows handed to the writer so far
     with ThreadPoolExecutor(1, thread_name_prefix="read") as read_pool, \
             ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool:
@@ -387,7 +399,7 @@ def predict_grid(reader: _StripReader, bundle: Bundle, *, geometry: Geometry,
                 chunk = live[start:start + batch_size]
                 batch = np.empty((len(chunk), win_h, win_w, n_bands), dtype=np.float32)
                 for j, col in enumerate(chunk):
-                    batch[j] = bundle.prepare(image[:, col:col + win_w])
+                    normalize_into(image[:, col:col + win_w], mean, std, batch[j])
                 probs = predictor(batch)
                 for col, prob in zip(chunk, probs, strict=True):
                     weight = np.maximum(np.outer(row_weight, col_weights[col]), _EPS)
@@ -475,14 +487,19 @@ def _write_cogs(prob_tmp: Path, mask_tmp: Path, prob_out: Path, mask_out: Path,
     profile = cog_profiles.get("deflate")
     # Inference is over by now, so compression may use every core.
     config = {"GDAL_NUM_THREADS": "ALL_CPUS", "GDAL_CACHEMAX": _GDAL_ENV["GDAL_CACHEMAX"]}
-    with atomic_path(prob_out) as tmp_prob, atomic_path(mask_out) as tmp_mask:
+    with atomic_path(prob_out) as tmp_prob, atomic_path(mask_out) as tmp_mask, \
+            ThreadPoolExecutor(2, thread_name_prefix="cog") as pool:
+        # The two COGs side by side: each is mostly GDAL's (GIL-free) reading, overview
+        # building and deflating, and one alone leaves a core idle between its steps.
         # Average overviews keep probability meaningful when zoomed out; a mask needs nearest.
-        cog_translate(prob_tmp, tmp_prob, profile, overview_resampling="average",
-                      in_memory=False, quiet=True, additional_cog_metadata=tags,
-                      config=config)
-        cog_translate(mask_tmp, tmp_mask, profile, overview_resampling="nearest",
-                      in_memory=False, quiet=True, additional_cog_metadata=tags,
-                      config=config)
+        jobs = [pool.submit(cog_translate, source, target, dict(profile),
+                            overview_resampling=resampling,
+                            in_memory=False, quiet=True, additional_cog_metadata=tags,
+                            config=config)
+                for source, target, resampling in ((prob_tmp, tmp_prob, "average"),
+                                                   (mask_tmp, tmp_mask, "nearest"))]
+        for job in jobs:
+            job.result()
 
 
 # === The stage ===

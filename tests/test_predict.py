@@ -519,3 +519,16 @@ def test_openvino_export_is_cached_beside_the_model(small_unet, tmp_path, rng):
     cached = small_unet / ENGINE_CACHE / f"openvino-{digest}"
     assert (cached / "model.xml").exists() and (cached / "model.bin").exists()
     assert not [p for p in (small_unet / ENGINE_CACHE).iterdir() if p.name.startswith(".")]
+
+
+def test_normalize_into_equals_the_bundle_normalisation(rng):
+    """Predict normalises windows in place; the values must be training's, bit for bit."""
+    from pipeline.model import normalize
+    from pipeline.predict import normalize_into
+
+    norm = {"mean": [90.5, 101.25, 77.0], "std": [40.1, 38.7, 52.3]}
+    strip = rng.integers(0, 256, (3, 40, 70), dtype=np.uint8)
+    image = strip.transpose(1, 2, 0)[:, 5:37]  # a window of a (bands, rows, cols) strip
+    out = np.full((40, 32, 3), np.nan, dtype=np.float32)
+    normalize_into(image, *(np.asarray(norm[k], dtype=np.float32) for k in ("mean", "std")), out)
+    np.testing.assert_array_equal(out, normalize(image, norm))
