@@ -45,7 +45,8 @@ BENCHMARKS: dict[str, tuple[str, dict]] = {
     "train": ("bench.bench_train",
               {"chip_size": 64, "batch_size": 4, "steps": 2, "depth": 2, "base_filters": 8,
                "chips": 8}),
-    "checks": ("bench.bench_checks", {"minutes": 0.2, "repeats": 1, "windows": (256,)}),
+    "checks": ("bench.bench_checks", {"minutes": 0.1, "repeats": 1, "windows": (256,),
+                                       "width": 400, "height": 352}),
 }
 
 

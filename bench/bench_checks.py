@@ -65,7 +65,7 @@ def trained_model(workdir: Path, *, minutes: float = 1.5, width: int = 640, heig
 
 
 def run(workdir: Path, *, minutes: float = 1.5, repeats: int = 3,
-        windows: tuple = (None, 256)) -> dict:
+        windows: tuple = (None, 256), width: int = 640, height: int = 512) -> dict:
     """Train the stand-in model, then run ``bench.seams`` and ``bench.precision`` on it.
 
     Args:
@@ -74,12 +74,13 @@ def run(workdir: Path, *, minutes: float = 1.5, repeats: int = 3,
         repeats: timed runs per precision variant (medians).
         windows: inference windows for the seams check (None = the default window; a small one
             puts several windows, and their seams, inside the crop).
+        width, height: size of the sample's scenes in pixels.
     """
     from bench import precision, seams
     from pipeline.config import PredictConfig
     from pipeline.io import list_scenes
 
-    made = trained_model(workdir, minutes=minutes)
+    made = trained_model(workdir, minutes=minutes, width=width, height=height)
     scene = list_scenes(made["incoming"])[0]
     result: dict = {"model": {"train_s": made["train_s"],
                               "val_object_f1": made["val_object_f1"], "minutes": minutes}}
