@@ -6,10 +6,12 @@ Each benchmark module has ``run(workdir, **sizes) -> dict``; its result is writt
 ``OUT/<name>.json`` together with the machine it was measured on. A benchmark that fails is
 recorded with its error and the others still run; the exit status is then 1.
 
-Two checks need a trained model and run on their own: ``python -m bench.seams MODEL SCENE``
-(a crop at an unaligned offset predicts like the whole scene) and ``python -m bench.precision
-MODEL IMAGES --truth TRUTH`` (bfloat16 / OpenVINO against Keras float32: probabilities, object
-F1 and speed).
+``checks`` trains a small stand-in model inside the bench (fixed seed, a 1.5-minute budget;
+``bench.bench_checks``) and runs the two checks that need a trained model on it: ``bench.seams``
+(a crop at an unaligned offset predicts like the whole scene) and ``bench.precision`` (bfloat16 /
+OpenVINO against Keras float32: probabilities, object F1 and speed). Both also run on their own
+against any model: ``python -m bench.seams MODEL SCENE``, ``python -m bench.precision MODEL
+IMAGES --truth TRUTH``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ BENCHMARKS: dict[str, tuple[str, dict]] = {
     "train": ("bench.bench_train",
               {"chip_size": 64, "batch_size": 4, "steps": 2, "depth": 2, "base_filters": 8,
                "chips": 8}),
+    "checks": ("bench.bench_checks", {"minutes": 0.1, "repeats": 1, "windows": (256,),
+                                       "width": 400, "height": 352}),
 }
 
 

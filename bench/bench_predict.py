@@ -83,22 +83,22 @@ def _one_pass_seconds(scene: Path, model_dir: Path, cfg, repeats: int = 1) -> tu
     import rasterio
     from rasterio.plot import reshape_as_image
 
+    from pipeline.geo import axis_windows
     from pipeline.predict import (
         MAX_BATCH_PIXELS,
-        Geometry,
         _Predictor,
-        axis_plan,
         get_bundle,
         window_geometry,
     )
 
     bundle = get_bundle(model_dir, cfg.precision, cfg.engine)
     geom = window_geometry(cfg, bundle.metadata, bundle.receptive_field)
-    tiles = Geometry(geom.window, 0, 0, geom.multiple, None)
     with rasterio.open(scene) as src:
         image = reshape_as_image(src.read(bundle.bands))
-    win_h, rows = axis_plan(image.shape[0], 0, tiles)
-    win_w, cols = axis_plan(image.shape[1], 0, tiles)
+    # No overlap: each pixel once, in lattice-sized windows as the real run uses.
+    lay_h, lay_w = (axis_windows(n, geom.window, 0, edge="past", multiple=geom.multiple)
+                    for n in image.shape[:2])
+    win_h, rows, win_w, cols = lay_h.size, lay_h.starts, lay_w.size, lay_w.starts
     batch = max(1, min(cfg.batch_size, MAX_BATCH_PIXELS // (win_h * win_w)))
     cells = []
     for row in rows:

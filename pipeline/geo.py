@@ -72,33 +72,94 @@ def pixel_size(transform: Affine) -> float:
     return float(math.sqrt(abs(transform.a * transform.e - transform.b * transform.d)))
 
 
-def axis_offsets(length: int, size: int, overlap: int) -> list[int]:
-    """Start offsets along one axis so windows of ``size`` cover ``[0, length)``.
+EDGE_RULES = ("fit", "past", "clip")
 
-    The stride is ``size - overlap``; the last window is shifted back to end exactly at the edge
-    rather than running past it, so no pixel is lost and no window is mostly padding. An axis
-    shorter than one window gets a single window at 0 (read boundless, padded with nodata).
+
+@dataclass(frozen=True)
+class AxisLayout:
+    """Windows along one axis: the one home of every stage's window layout.
+
+    Attributes:
+        size: the side of every window (``past`` may have shrunk it, see ``axis_windows``).
+        starts: window starts in axis pixels (``past`` may start before 0 by ``phase``).
+        length: the axis length the windows cover.
+        edge: the edge rule the layout was made with (``fit``, ``past`` or ``clip``).
     """
-    if size <= overlap:
-        raise ValueError(f"window size {size} must exceed overlap {overlap}")
-    if length <= size:
-        return [0]
+
+    size: int
+    starts: tuple[int, ...]
+    length: int
+    edge: str
+
+    def spans(self) -> list[tuple[int, int]]:
+        """(start, stop) of each window; ``clip`` windows stop at the axis end."""
+        if self.edge == "clip":
+            return [(s, min(s + self.size, self.length)) for s in self.starts]
+        return [(s, s + self.size) for s in self.starts]
+
+
+def axis_windows(length: int, size: int, overlap: int = 0, *, edge: str = "fit",
+                 phase: int = 0, multiple: int = 1) -> AxisLayout:
+    """Windows of ``size`` px, ``overlap`` px shared by neighbours, covering ``[0, length)``.
+
+    The stride is ``size - overlap`` and every pixel of the axis lies in at least one window.
+    What happens at the far edge is the explicit ``edge`` rule:
+
+    - ``fit`` (chips): windows start at 0 on the stride and the last one is shifted back to end
+      exactly at the edge, so no window runs past the axis and none is mostly padding; only an
+      axis shorter than one window gets one window at 0 that runs past (padded by the caller).
+    - ``past`` (inference): every window sits on a lattice of ``multiple`` px that starts
+      ``phase`` px before the axis (starts are ``-phase + i * stride``, so a model's pooling
+      grid falls on the same map pixels whatever the scene's origin). The fewest windows of at
+      most ``size`` are taken, then shrunk to the smallest multiple of ``multiple`` that still
+      covers, so the last window may run past the edge but never by a whole ``multiple``
+      beyond what the count needs. ``size`` and ``overlap`` must be multiples of ``multiple``.
+    - ``clip`` (blocks): windows start at 0 on the stride and the last is cut at the edge (its
+      span is shorter); nothing runs past.
+
+    Raises:
+        ValueError: ``size`` not larger than ``overlap``, an unknown rule, or a negative phase.
+    """
+    if edge not in EDGE_RULES:
+        raise ValueError(f"edge rule {edge!r} is not one of {EDGE_RULES}")
+    if size <= overlap or overlap < 0:
+        raise ValueError(f"window size {size} must exceed overlap {overlap} (>= 0)")
+    if phase < 0:
+        raise ValueError(f"phase {phase} must not be negative")
+    length = max(int(length), 0)
+    if edge == "fit":
+        if length <= size:
+            return AxisLayout(size, (0,), length, edge)
+        stride = size - overlap
+        starts = list(range(0, length - size + 1, stride))
+        if starts[-1] + size < length:
+            starts.append(length - size)
+        return AxisLayout(size, tuple(starts), length, edge)
+    if edge == "clip" and length == 0:
+        return AxisLayout(size, (), length, edge)
+    total = phase + length if edge == "past" else length
+    count = 1 + max(0, math.ceil((total - size) / (size - overlap)))
+    if edge == "past":
+        size = min(size, _round_up((total + (count - 1) * overlap) / count, multiple))
     stride = size - overlap
-    offsets = list(range(0, length - size + 1, stride))
-    if offsets[-1] + size < length:
-        offsets.append(length - size)
-    return offsets
+    origin = -phase if edge == "past" else 0
+    return AxisLayout(size, tuple(origin + i * stride for i in range(count)), length, edge)
 
 
-def grid_windows(width: int, height: int, size: int, overlap: int) -> list[Window]:
-    """Windows of ``size`` x ``size`` over a ``width`` x ``height`` grid, row-major order.
+def _round_up(value: float, multiple: int) -> int:
+    return max(multiple, math.ceil(value / multiple) * multiple)
 
-    Every pixel lies in at least one window; windows may run past the grid only when the grid is
-    smaller than one window.
+
+def grid_windows(width: int, height: int, size: int, overlap: int = 0, *,
+                 edge: str = "fit") -> list[Window]:
+    """Windows over a ``width`` x ``height`` grid, row-major, laid out by ``axis_windows``.
+
+    ``fit`` windows are all ``size`` x ``size`` (running past only an axis shorter than one);
+    ``clip`` windows are cut at the grid's right and bottom edges.
     """
-    return [Window(col, row, size, size)
-            for row in axis_offsets(height, size, overlap)
-            for col in axis_offsets(width, size, overlap)]
+    rows = axis_windows(height, size, overlap, edge=edge).spans()
+    cols = axis_windows(width, size, overlap, edge=edge).spans()
+    return [Window(c0, r0, c1 - c0, r1 - r0) for r0, r1 in rows for c0, c1 in cols]
 
 
 def gsd_m(transform: Affine, crs: CRS) -> float:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from rasterio.windows import transform as window_transform
 
 from pipeline.config import TileConfig
 from pipeline.geo import (
-    axis_offsets,
+    axis_windows,
     gsd_m,
     metres_per_unit,
     pixel_size,
@@ -209,7 +210,87 @@ def tile_scene(scene: Path, chips_dir: Path, *, cfg: TileConfig) -> Path:
 
 
 def _cut(grid, scene: Path, out: Path, cfg: TileConfig) -> list[dict]:
-    """Read the grid strip by strip, write the kept chips into ``out``, return their records."""
+    """Read the grid strip by strip, write the kept chips into ``out``, return their records.
+
+    A big scene's rows of chips are split into bands that worker processes cut side by side,
+    each opening the scene itself (a strip's Python work, the chips' slicing and statistics,
+    holds the GIL, so threads alone leave cores idle). Records come back in row-major order and
+    every chip is written by the same code, so the output does not depend on the split.
+    """
+    size, overlap = cfg.chip_size, cfg.overlap
+    rows = list(axis_windows(grid.height, size, overlap, edge="fit").starts)
+    cols = list(axis_windows(grid.width, size, overlap, edge="fit").starts)
+    processes = _processes(len(rows), len(cols))
+    if processes <= 1:
+        return _cut_rows(grid, scene, out, cfg, rows, cols)
+    import multiprocessing
+
+    # A few bands per process, so one slow band does not leave the others idle at the end.
+    n_bands = min(len(rows), processes * 4)
+    bands = [rows[i * len(rows) // n_bands:(i + 1) * len(rows) // n_bands]
+             for i in range(n_bands)]
+    # fork: a worker starts in milliseconds with this module loaded, and (unlike spawn) does
+    # not re-run the caller's script. No thread of this process is inside GDAL at this point:
+    # the scene is opened but idle, and the chip writers start later, in each worker.
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_worker_open,
+                             initargs=(str(scene), cfg.model_dump())) as pool:
+        parts = pool.map(_worker_cut, [str(out)] * n_bands, bands, [cols] * n_bands)
+        return [rec for part in parts for rec in part]
+
+
+# Processes that cut one scene: never more than the cores, and only when every process gets
+# enough chips to pay for its start (a fork, and opening the scene: tens of milliseconds).
+MAX_PROCESSES = 4
+MIN_CHIPS_PER_PROCESS = 64
+
+
+def _processes(n_rows: int, n_cols: int) -> int:
+    import multiprocessing
+
+    if multiprocessing.current_process().daemon or "fork" not in \
+            multiprocessing.get_all_start_methods():
+        return 1  # a Dask worker (daemonic) may not start processes; scenes run side by side
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    by_size = (n_rows * n_cols) // MIN_CHIPS_PER_PROCESS
+    return max(1, min(MAX_PROCESSES, cores or 1, by_size, n_rows))
+
+
+_WORKER: dict = {}
+
+
+def _worker_open(scene: str, cfg: dict) -> None:
+    """Open the scene (and its target grid) once per worker process."""
+    tile_cfg = TileConfig(**cfg)
+    env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+    env.__enter__()  # held for the process's life, as the scene is
+    src = open_scene(Path(scene), allow_geographic=True)
+    _WORKER.update(env=env, src=src, grid=_open_grid(src, Path(scene), tile_cfg),
+                   cfg=tile_cfg, scene=Path(scene))
+
+
+def _worker_cut(out: str, rows: list[int], cols: list[int]) -> list[dict]:
+    w = _WORKER
+    return _cut_rows(w["grid"], w["scene"], Path(out), w["cfg"], rows, cols)
+
+
+def _writer_env() -> None:
+    """Give a chip-writer thread its own GDAL environment for its whole life.
+
+    rasterio's environment is per thread: without one, every ``rasterio.open`` of a chip sets
+    up and tears down a fresh environment, which costs about as much as writing the chip.
+    """
+    env = rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True)
+    env.__enter__()
+    _THREAD.env = env  # held, with the thread, until the pool shuts down
+
+
+_THREAD = threading.local()
+
+
+def _cut_rows(grid, scene: Path, out: Path, cfg: TileConfig, rows: list[int],
+              cols: list[int]) -> list[dict]:
+    """Cut the chips whose windows start on ``rows`` x ``cols``; return their records."""
     size, overlap, bands = cfg.chip_size, cfg.overlap, cfg.bands
     width, height = grid.width, grid.height
     gsd = gsd_m(grid.transform, grid.crs)
@@ -217,15 +298,13 @@ def _cut(grid, scene: Path, out: Path, cfg: TileConfig) -> list[dict]:
     fill = nodata if nodata is not None else 0
     masked = _has_mask(grid, bands[0])
     profile = _chip_profile(grid, len(bands), size)
-    rows = axis_offsets(height, size, overlap)
-    cols = axis_offsets(width, size, overlap)
     # Chips of one strip are grouped so a strip is at most MAX_STRIP_WIDTH wide (or one chip).
     per_group = max(1, (MAX_STRIP_WIDTH - size) // (size - overlap) + 1)
     groups = [cols[i:i + per_group] for i in range(0, len(cols), per_group)]
     records: list[dict] = []
     workers = max(1, min(4, os.cpu_count() or 1))
     pending: deque[Future] = deque()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=workers, initializer=_writer_env) as pool:
         for row in rows:
             for group in groups:
                 col0 = group[0]

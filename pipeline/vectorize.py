@@ -37,7 +37,7 @@ from rasterio.windows import Window
 from scipy import ndimage
 
 from pipeline.config import VectorConfig
-from pipeline.geo import NODATA, PROB_SCALE, gsd_m, metres_per_unit
+from pipeline.geo import NODATA, PROB_SCALE, grid_windows, gsd_m, metres_per_unit
 from pipeline.io import (
     VECTOR_SUFFIX,
     InputError,
@@ -282,8 +282,8 @@ def edge_distances(geoms, footprint) -> np.ndarray:
 # === Window by window ===
 
 def _core_windows(width: int, height: int, size: int) -> list[Window]:
-    return [Window(c, r, min(size, width - c), min(size, height - r))
-            for r in range(0, height, size) for c in range(0, width, size)]
+    """Non-overlapping cores cut at the raster's edge (``geo.axis_windows``' ``clip`` rule)."""
+    return grid_windows(width, height, size, 0, edge="clip")
 
 
 def _one_polygon(parts: list):

@@ -83,6 +83,13 @@ def test_quick_suite_writes_every_result(tmp_path):
         assert train[key] > 0, key
     assert train["batch_size"] == 4 and train["chip_size"] == 64
 
+    checks = json.loads((out / "checks.json").read_text())  # seams + precision, trained model
+    runs = checks["seams"]["runs"]
+    assert [r["offset"] for r in runs] == [[128, 64], [100, 37]]  # (100, 37): off the lattice
+    assert all(r["beyond_edge"]["pixels"] > 0 and "p99" in r["beyond_edge"] for r in runs)
+    reference = checks["precision"]["variants"]["keras_float32"]
+    assert reference["max"] == 0 and "object_f1" in reference and checks["model"]["train_s"] > 0
+
     summary = (out / "summary.md").read_text()
     assert "cpu" in summary.lower() and "| benchmark | measure | value |" in summary
     for name in BENCHMARKS:

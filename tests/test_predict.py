@@ -25,13 +25,12 @@ from pipeline.model import (
 from pipeline.predict import (
     CONTEXT_SHARE,
     Geometry,
-    axis_plan,
+    _frame_axis,
     axis_weight,
     encode,
     get_bundle,
     predict_scene,
     window_geometry,
-    window_offsets,
 )
 from tests.conftest import GSD, TRANSFORM, UTM, write_scene
 
@@ -92,17 +91,6 @@ def test_blend_weights_are_a_partition_of_unity():
     np.testing.assert_allclose(total, 1.0, atol=1e-6)
     assert left[0] == 1.0 and right[-1] == 1.0  # true scene edges keep full weight
     assert right[0] == 0.0 and left[-1] == 0.0  # inner edges (padding artefacts) get none
-
-
-@settings(max_examples=50, deadline=None)
-@given(length=st.integers(1, 500), window=st.integers(16, 128), frac=st.floats(0, 0.5))
-def test_window_offsets_cover_on_the_stride_lattice(length, window, frac):
-    overlap = int(frac * window)
-    offsets = window_offsets(length, window, overlap)
-    stride = window - overlap
-    assert offsets[0] == 0 and all(o % stride == 0 for o in offsets)
-    assert offsets[-1] + window >= length  # every pixel covered
-    assert len(offsets) == 1 or offsets[-2] + window < length  # no window that is all padding
 
 
 def test_bundle_is_loaded_once_per_process(identity_model):
@@ -434,7 +422,7 @@ def test_overlap_comes_from_the_receptive_field():
 @given(length=st.integers(1, 3000), phase=st.integers(0, 15), window=st.sampled_from([64, 256, 1024]))
 def test_windows_shrink_to_the_scene_and_stay_on_the_lattice(length, phase, window):
     geom = Geometry(window=window, overlap=32, margin=12, multiple=16, receptive_field=None)
-    size, starts = axis_plan(length, phase, geom)
+    size, starts = _frame_axis(length, phase, geom)
     assert size % 16 == 0 and size <= window and all(s % 16 == 0 for s in starts)
     assert starts[-1] + size >= phase + length  # covered
     assert size - 16 < phase + length or len(starts) > 1  # no window all padding
@@ -531,3 +519,16 @@ def test_openvino_export_is_cached_beside_the_model(small_unet, tmp_path, rng):
     cached = small_unet / ENGINE_CACHE / f"openvino-{digest}"
     assert (cached / "model.xml").exists() and (cached / "model.bin").exists()
     assert not [p for p in (small_unet / ENGINE_CACHE).iterdir() if p.name.startswith(".")]
+
+
+def test_normalize_into_equals_the_bundle_normalisation(rng):
+    """Predict normalises windows in place; the values must be training's, bit for bit."""
+    from pipeline.model import normalize
+    from pipeline.predict import normalize_into
+
+    norm = {"mean": [90.5, 101.25, 77.0], "std": [40.1, 38.7, 52.3]}
+    strip = rng.integers(0, 256, (3, 40, 70), dtype=np.uint8)
+    image = strip.transpose(1, 2, 0)[:, 5:37]  # a window of a (bands, rows, cols) strip
+    out = np.full((40, 32, 3), np.nan, dtype=np.float32)
+    normalize_into(image, *(np.asarray(norm[k], dtype=np.float32) for k in ("mean", "std")), out)
+    np.testing.assert_array_equal(out, normalize(image, norm))
