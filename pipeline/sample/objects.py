@@ -14,16 +14,19 @@ from rasterio.crs import CRS
 
 # Car body colours as seen from above (sRGB), with their share in a typical European car park.
 CAR_COLOURS: list[tuple[str, float, tuple[int, int, int]]] = [
-    ("white", 0.24, (222, 223, 220)),
-    ("black", 0.20, (26, 27, 30)),
-    ("grey", 0.17, (92, 95, 99)),
-    ("silver", 0.15, (163, 166, 170)),
+    ("white", 0.23, (222, 223, 220)),
+    ("black", 0.16, (26, 27, 30)),
+    ("grey", 0.15, (92, 95, 99)),
+    ("silver", 0.14, (163, 166, 170)),
+    # Anthracite and dark grey sit on the tones of worn and fresh asphalt.
+    ("anthracite", 0.06, (58, 60, 64)),
+    ("darkgrey", 0.04, (74, 76, 79)),
     ("blue", 0.07, (32, 58, 118)),
-    ("red", 0.06, (148, 24, 26)),
+    ("red", 0.05, (148, 24, 26)),
     ("darkblue", 0.03, (24, 32, 62)),
     ("green", 0.02, (38, 78, 50)),
     ("beige", 0.02, (186, 172, 138)),
-    ("brown", 0.02, (88, 58, 40)),
+    ("brown", 0.01, (88, 58, 40)),
     ("yellow", 0.01, (212, 176, 38)),
     ("orange", 0.01, (200, 98, 30)),
 ]
@@ -33,9 +36,20 @@ CAR_KINDS = [
     ("sedan", 0.45, (4.3, 4.9), (1.72, 1.86), (0.38, 0.06, -0.46, -0.66)),
     ("hatch", 0.25, (3.8, 4.3), (1.64, 1.78), (0.42, 0.12, -0.62, -0.86)),
     ("suv", 0.20, (4.4, 5.0), (1.82, 2.0), (0.50, 0.26, -0.80, -0.93)),
-    ("van", 0.05, (4.8, 5.2), (1.9, 2.1), (0.62, 0.40, -0.90, -0.97)),
+    ("van", 0.05, (4.8, 5.2), (1.88, 2.0), (0.62, 0.40, -0.90, -0.97)),
     ("pickup", 0.05, (4.9, 5.2), (1.85, 2.0), (0.42, 0.16, -0.22, -0.30)),
 ]
+# Vehicles that are not cars (unlabelled distractors): (length m, width m, height m) ranges and
+# roof colours. Long vans are as white as many cars; lorries and buses are longer than any car.
+VEHICLES: dict[str, tuple[tuple[float, float], tuple[float, float], tuple[float, float],
+                          list[tuple[int, int, int]]]] = {
+    "longvan": ((5.9, 7.0), (2.0, 2.2), (2.5, 2.9),
+                [(225, 226, 224), (225, 226, 224), (170, 172, 175), (40, 42, 46), (30, 60, 120)]),
+    "truck": ((6.5, 10.0), (2.35, 2.55), (3.0, 3.8),
+              [(230, 230, 228), (200, 202, 204), (150, 40, 30), (40, 80, 140)]),
+    "bus": ((10.5, 12.0), (2.5, 2.55), (3.0, 3.3),
+            [(215, 216, 214), (200, 40, 36), (230, 190, 40), (40, 90, 160)]),
+}
 
 
 @dataclass(frozen=True)
@@ -85,7 +99,9 @@ class Car:
     colour: str = "grey"
     kind: str = "sedan"
     rgb: tuple[float, float, float] = (128.0, 128.0, 128.0)
-    under_tree: float = 0.0
+    under_tree: float = 0.0  # share of the footprint under tree crowns (at most 0.4)
+    in_shadow: float = 0.0  # mean shadow (of buildings and trees) over the footprint, 0-1
+    in_scene: float = 1.0  # share of the footprint on the scene's valid pixels
 
     def corners(self, gsd: float) -> np.ndarray:
         """The footprint rectangle's 4 corners as (x, y) pixel coordinates."""
@@ -98,7 +114,8 @@ class Car:
 
 @dataclass
 class Box:
-    """A car-like object that is not a car (container, rooftop unit, dumpster, road patch)."""
+    """A car-like object that is not a car: container, rooftop unit, dumpster, road patch, or a
+    vehicle that is no car (long van, lorry, bus)."""
 
     cx: float
     cy: float
@@ -123,6 +140,11 @@ class SceneRender:
     gsd: float
     sun_azimuth_deg: float
     boxes: list[Box] = field(default_factory=list)
+    sparse: bool = False
+
+    def car_fraction(self) -> float:
+        """Share of the valid pixels that are car (as drawn, before trees)."""
+        return float(self.car_mask.sum() / max(int(self.valid.sum()), 1))
 
     def footprints(self) -> list:
         """The cars' rectangles as shapely polygons in the scene CRS."""

@@ -38,27 +38,38 @@ class _Layout:
     stains: list[tuple[float, float]] = field(default_factory=list)
 
 
-def _plan(rng: np.random.Generator, half: float) -> _Layout:
-    """Bands across v (road, sidewalk, parking, buildings, grass) and what stands in them."""
+def _plan(rng: np.random.Generator, half: float, *, sparse: bool = False) -> _Layout:
+    """Bands across v (road, sidewalk, parking, buildings, grass) and what stands in them.
+
+    A ``sparse`` scene is a residential street: roads, sidewalks, houses and lawns, no car park,
+    so cars are a few percent of the pixels (as in most frames of a real city flight).
+    """
     # Car parks dominate (cars are the subject) but leave room for roofs, lawns and streets,
     # so a model also sees plenty of ground without cars.
     nxt = {"road": ["sidewalk"], "sidewalk": ["lot", "building", "grass"],
            "lot": ["grass", "road", "building", "lot"], "building": ["grass", "sidewalk", "lot"],
            "grass": ["lot", "road", "building"]}
+    if sparse:
+        nxt = {"road": ["sidewalk"], "sidewalk": ["building", "grass", "building"],
+               "building": ["grass", "sidewalk"], "grass": ["road", "building", "grass"]}
     v = -half - rng.uniform(0, 10)
-    kind = str(rng.choice(["lot", "grass", "road"]))
+    kind = str(rng.choice(["grass", "road"] if sparse else ["lot", "grass", "road"]))
     lay = _Layout(bands=[])
-    # Guarantee a parking band across the centre of every scene, however small.
+    # Guarantee a parking band (a street in a sparse scene) across the centre, however small.
+    centre_kind = "road" if sparse else "lot"
     centre_lot_at = rng.uniform(-6, 2)
     while v < half:
-        if kind != "lot" and v < centre_lot_at < v + 30:
-            kind = "lot"
+        if kind != centre_kind and v < centre_lot_at < v + 30:
+            kind = centre_kind
+            centre_lot_at = math.inf
         if kind == "road":
             lanes = int(rng.choice([2, 2, 3]))
-            width = lanes * rng.uniform(3.2, 3.6) + (2.4 if rng.random() < 0.6 else 0)
-            p = {"lanes": lanes, "lane_w": (width - 2.4 * (width % 1 > 0)) / lanes,
-                 "dark": rng.random() < 0.3}
-            p["parking_lane"] = width - lanes * p["lane_w"] > 1
+            lane_w = rng.uniform(3.0, 3.5)
+            # Kerbside parking lanes on either side, cars at the street's heading.
+            park = [rng.uniform(2.1, 2.5) if rng.random() < q else 0.0 for q in (0.75, 0.55)]
+            width = lanes * lane_w + sum(park)
+            p = {"lanes": lanes, "lane_w": lane_w, "lane_v0": park[0], "park": park,
+                 "dark": rng.random() < 0.3, "sparse": sparse}
         elif kind == "sidewalk":
             width, p = rng.uniform(1.8, 3.2), {}
         elif kind == "lot":
@@ -77,7 +88,7 @@ def _plan(rng: np.random.Generator, half: float) -> _Layout:
         kind = str(rng.choice(nxt[kind]))
     for kind, v0, v1, p in lay.bands:
         {"road": _plan_road, "lot": _plan_lot, "building": _plan_buildings,
-         "grass": _plan_grass}.get(kind, lambda *a: None)(rng, lay, v0, v1, p, half)
+         "grass": _plan_grass, "sidewalk": _plan_sidewalk}[kind](rng, lay, v0, v1, p, half)
     return lay
 
 
@@ -86,35 +97,60 @@ def _car_length(rng: np.random.Generator) -> float:
 
 
 def _plan_road(rng, lay: _Layout, v0, v1, p, half) -> None:
-    lane_w = p["lane_w"]
+    lane_w, lane_v0 = p["lane_w"], v0 + p["lane_v0"]
     for lane in range(p["lanes"]):
-        vc = v0 + (lane + 0.5) * lane_w
+        vc = lane_v0 + (lane + 0.5) * lane_w
         direction = 0.0 if lane % 2 == 0 else math.pi
         u = -half - rng.uniform(0, 20)
         while u < half:
-            jam = rng.random() < 0.3
+            if rng.random() < 0.1:
+                # A bus, lorry or long van in traffic: a distractor, not a car.
+                kind = str(rng.choice(["bus", "truck", "longvan"]))
+                lay.boxes.append((u + 6, vc + rng.normal(0, 0.1), direction + rng.normal(0, 0.01),
+                                  kind))
+                u += 12 + rng.uniform(2, 20)
+                continue
+            jam = rng.random() < (0.15 if p["sparse"] else 0.3)
             n = int(rng.integers(2, 6)) if jam else 1
             for _ in range(n):
                 L = _car_length(rng)
                 lay.cars.append((u + L / 2, vc + rng.normal(0, 0.15),
                                  direction + rng.normal(0, 0.02), jam))
                 u += L + (rng.uniform(0.6, 2.5) if jam else 0)
-            u += rng.uniform(8, 40)
-    if p["parking_lane"]:
-        vc = v1 - 1.2
+            u += rng.uniform(8, 40) * (2 if p["sparse"] else 1)
+    occupancy = rng.uniform(0.35, 0.7) if p["sparse"] else rng.uniform(0.7, 0.9)
+    for side, width in enumerate(p["park"]):
+        if not width:
+            continue
+        vc = v0 + width / 2 + 0.1 if side == 0 else v1 - width / 2 - 0.1
         u = -half - rng.uniform(0, 5)
         while u < half:
-            if rng.random() < 0.75:
+            roll = rng.random()
+            if roll < 0.04:
+                L = rng.uniform(6, 8)  # a delivery van or small lorry at the kerb
+                lay.boxes.append((u + L / 2, vc, float(rng.choice([0.0, math.pi])),
+                                  str(rng.choice(["longvan", "truck"]))))
+                u += L + rng.uniform(0.5, 3)
+            elif roll < occupancy:
                 L = _car_length(rng)
                 lay.cars.append((u + L / 2, vc + rng.normal(0, 0.08),
                                  float(rng.choice([0.0, math.pi])) + rng.normal(0, 0.03), True))
-                u += L + rng.uniform(0.15, 0.4) if rng.random() < 0.6 else L + rng.uniform(1, 5)
+                u += L + rng.uniform(0.15, 0.5) if rng.random() < 0.6 else L + rng.uniform(1, 5)
             else:
                 u += rng.uniform(2, 8)
     for _ in range(int(rng.poisson(2 * half / 40))):
         # A repaired road patch the size of a car: flat, no shadow, not a car.
         lay.boxes.append((rng.uniform(-half, half), rng.uniform(v0 + 0.5, v1 - 0.5),
                           rng.normal(0, 0.05), "patch"))
+
+
+def _plan_sidewalk(rng, lay: _Layout, v0, v1, p, half) -> None:
+    """Street trees along some sidewalks: their crowns reach over the kerbside cars."""
+    if rng.random() < 0.5:
+        u = -half - rng.uniform(0, 10)
+        while u < half:
+            lay.trees.append((u, (v0 + v1) / 2 + rng.normal(0, 0.2), rng.uniform(2.2, 4.0)))
+            u += rng.uniform(8, 16)
 
 
 def _plan_lot(rng, lay: _Layout, v0, v1, p, half) -> None:
@@ -156,6 +192,11 @@ def _plan_lot(rng, lay: _Layout, v0, v1, p, half) -> None:
                 lay.boxes.append((uc, (a + b) / 2, math.pi / 2, "dumpster"))
             else:
                 lay.stains.append((uc + rng.normal(0, 0.2), (a + b) / 2 + rng.normal(0, 0.4)))
+        if rng.random() < 0.3:
+            # A long van or lorry nose-in across two or three stalls, sticking out into the aisle.
+            lay.boxes.append((rng.uniform(-half, half), (a + b) / 2 + rng.normal(0, 0.3),
+                              facing + rng.normal(0, 0.02),
+                              str(rng.choice(["longvan", "longvan", "truck"]))))
         if rng.random() < 0.35:
             # A shipping container parked across three stalls.
             uc = rng.uniform(-half, half)
@@ -200,38 +241,71 @@ def _plan_grass(rng, lay: _Layout, v0, v1, p, half) -> None:
 
 
 
+# A car counts as drawn when at least this share of its footprint is on the scene's valid pixels;
+# less is too small a sliver to say anything. Labels keep the whole outline either way, as truth
+# always has: evaluation ignores cars that are less than half in a scene.
+MIN_IN_SCENE = 0.15
+# Trees may hide at most this share of a car: a labeller sees (and outlines) the rest of it.
+MAX_UNDER_TREE = 0.4
+
+
+def footprint_mean(car: Car, raster: np.ndarray, gsd: float, outside: float = 0.0) -> float:
+    """Mean of a (rows, cols) raster over a car's footprint, from a 9 x 5 grid of samples.
+
+    Samples that fall off the raster count as ``outside``.
+    """
+    s = (np.arange(9) + 0.5) / 9 - 0.5
+    t = (np.arange(5) + 0.5) / 5 - 0.5
+    ss, tt = np.meshgrid(s * car.length_m / gsd, t * car.width_m / gsd)
+    c, sn = math.cos(car.heading), math.sin(car.heading)
+    x = np.floor(car.cx + ss * c - tt * sn).astype(int).ravel()
+    y = np.floor(car.cy + ss * sn + tt * c).astype(int).ravel()
+    rows, cols = raster.shape
+    inside = (x >= 0) & (x < cols) & (y >= 0) & (y < rows)
+    vals = np.full(x.shape, float(outside))
+    vals[inside] = raster[y[inside], x[inside]]
+    return float(vals.mean())
+
+
 def _place_cars(rng, lay: _Layout, frame: _Frame, gsd: float, shape, valid: np.ndarray,
-                building: np.ndarray, boxes: list[Box]) -> list[Car]:
-    """Turn planned car slots into cars; drop any that leave the valid area or overlap."""
+                building: np.ndarray, boxes: list[Box], tree_cover: np.ndarray,
+                max_fraction: float | None = None) -> list[Car]:
+    """Turn planned car slots into cars; drop any that overlap, stand on roofs or are hidden.
+
+    Cars may be cut by the scene's edge or its nodata collar (at least ``MIN_IN_SCENE`` of each
+    is seen); trees hide at most ``MAX_UNDER_TREE`` of a car. With ``max_fraction``, cars are
+    then thinned at random until their footprints cover at most that share of the valid pixels.
+    """
     from shapely import STRtree
     from shapely.geometry import Polygon
 
-    rows, cols = shape
     kept: list[Car] = []
     polys: list = [Polygon(_box_corners(b, gsd)) for b in boxes if b.kind != "patch"]
     n_obstacles = len(polys)
+    valid_f = valid.astype(np.float32)
     for u, v, hdg, tight in lay.cars:
         kind = _pick(rng, CAR_KINDS)
         colour = _pick(rng, CAR_COLOURS)
         L = rng.uniform(*kind[2])
         W = rng.uniform(*kind[3])
         if tight and abs(math.sin(hdg)) > 0.5:
-            W = min(W, 2.05)
+            W = min(W, 2.0)
         x, y = frame.to_px(u, v)
         rgb = np.clip(np.array(colour[2], float) * rng.normal(1, 0.06), 8, 250)
         car = Car(x, y, float(L), float(W), frame.theta + hdg, colour[0], kind[0],
                   tuple(float(c) for c in rgb))
-        xy = car.corners(gsd)
-        margin = 2
-        if (xy[:, 0].min() < margin or xy[:, 1].min() < margin or xy[:, 0].max() > cols - margin
-                or xy[:, 1].max() > rows - margin):
-            continue
         pb = _patch(x, y, math.hypot(L, W) / 2 / gsd + 1, shape)
-        r0, r1, c0, c1 = pb
-        if not valid[r0:r1, c0:c1].all() or building[r0:r1, c0:c1].any():
+        if pb is None:
             continue
-        poly = Polygon(xy)
-        polys.append(poly)
+        r0, r1, c0, c1 = pb
+        if building[r0:r1, c0:c1].any():
+            continue
+        car.in_scene = footprint_mean(car, valid_f, gsd)
+        if car.in_scene < MIN_IN_SCENE:
+            continue
+        if footprint_mean(car, tree_cover, gsd) > MAX_UNDER_TREE:
+            continue
+        polys.append(Polygon(car.corners(gsd)))
         kept.append(car)
     # Greedy removal of overlaps, obstacles first so cars never stand inside containers.
     tree = STRtree(polys)
@@ -242,7 +316,21 @@ def _place_cars(rng, lay: _Layout, frame: _Frame, gsd: float, shape, valid: np.n
         for j in tree.query(poly):
             if j > i and alive[j] and polys[j].intersection(poly).area > 1e-6:
                 alive[j] = False
-    return [car for k, car in enumerate(kept) if alive[n_obstacles + k]]
+    cars = [car for k, car in enumerate(kept) if alive[n_obstacles + k]]
+    if max_fraction is not None and cars:
+        # Empty kerbs: drop cars at random until they are the share of pixels asked for.
+        px = np.array([c.length_m * c.width_m * c.in_scene / gsd**2 for c in cars])
+        budget = max_fraction * max(int(valid.sum()), 1)
+        order = rng.permutation(len(cars))
+        total = float(px.sum())
+        drop = set()
+        for k in order:
+            if total <= budget:
+                break
+            drop.add(int(k))
+            total -= px[k]
+        cars = [c for k, c in enumerate(cars) if k not in drop]
+    return cars
 
 
 def _box_corners(box: Box, gsd: float) -> np.ndarray:

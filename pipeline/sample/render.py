@@ -15,8 +15,8 @@ from rasterio import features
 from rasterio.crs import CRS
 from scipy import ndimage
 
-from pipeline.sample.objects import CAR_KINDS, STYLES, Box, Car, SceneRender, Style
-from pipeline.sample.plan import _Frame, _Layout, _place_cars, _plan
+from pipeline.sample.objects import CAR_KINDS, STYLES, VEHICLES, Box, Car, SceneRender, Style
+from pipeline.sample.plan import _Frame, _Layout, _place_cars, _plan, footprint_mean
 from pipeline.sample.shapes import (
     SS,
     _band,
@@ -80,18 +80,20 @@ def _ground(rng, lay: _Layout, fr: _Frame, shape, valid) -> tuple[np.ndarray, np
         if not inb.any():
             continue
         if kind == "road":
-            lw = p["lane_w"]
+            # Lanes start after the parking lane on the low side (if any); edge lines and
+            # centre dashes between the lanes, none across the kerbside parking.
+            lw, l0 = p["lane_w"], v0 + p["lane_v0"]
             for k in range(1, p["lanes"]):
                 dash = (np.mod(u, 9.0) < 3.0) if k == p["lanes"] // 2 else (np.mod(u, 6.0) < 1.5)
-                paint = np.maximum(paint, inb * dash * _band(v, v0 + k * lw - 0.08,
-                                                             v0 + k * lw + 0.08, soft))
-            edge = _band(v, v0 + 0.25, v0 + 0.40, soft)
-            edge += _band(v, v0 + p["lanes"] * lw - 0.15, v0 + p["lanes"] * lw, soft)
+                paint = np.maximum(paint, inb * dash * _band(v, l0 + k * lw - 0.08,
+                                                             l0 + k * lw + 0.08, soft))
+            edge = _band(v, l0 + 0.05, l0 + 0.20, soft)
+            edge += _band(v, l0 + p["lanes"] * lw - 0.15, l0 + p["lanes"] * lw, soft)
             paint = np.maximum(paint, inb * np.clip(edge, 0, 1))
             # Tyre tracks darken the middle of each wheel path.
             for k in range(p["lanes"]):
                 for off in (0.25, 0.75):
-                    vt = v0 + (k + off) * lw
+                    vt = l0 + (k + off) * lw
                     img *= 1 - 0.06 * (inb * np.exp(-((v - vt) / 0.35) ** 2))[None]
         elif kind == "sidewalk":
             joints = np.abs(np.mod(u, 1.8) - 0.9) > 0.86
@@ -273,9 +275,46 @@ def _draw_car(img: np.ndarray, car_mask: np.ndarray, car: Car, gsd: float, rng,
     car_mask[r0:r1, c0:c1] |= a >= 0.5
 
 
+def _vehicle_roof(col: np.ndarray, box: Box, s, t, hl: float, hw: float, gsd: float,
+                  rng) -> np.ndarray:
+    """Roof of a long van, lorry or bus seen from above (front at +s): glass, cab, roof units.
+
+    They share a car's colours and glass, so only their size and roof layout tell them apart.
+    """
+    sm = s * gsd  # metres along the vehicle, 0 at its centre
+    front = box.length_m / 2 - sm  # metres behind the front bumper
+    glass = np.array([38, 42, 50], np.float32)[:, None, None] * rng.uniform(0.8, 1.2)
+    col *= (1 - 0.22 * np.abs(t / hw) ** 4)[None]  # the roof's edges fall off
+    if box.kind == "longvan":
+        ws = _band(front, 0.5, 1.2, 0.05) * (np.abs(t / hw) < 0.85)
+        col *= (1 - 0.12 * (np.mod(sm, 0.55) < 0.07) * (front > 1.3))[None]  # roof ribs
+        col = col * (1 - ws[None]) + glass * ws[None]
+    elif box.kind == "truck":
+        cab = float(rng.uniform(1.9, 2.4))
+        cab_rgb = np.array(rng.choice([(225, 226, 224), (150, 30, 30), (40, 70, 130),
+                                       (60, 62, 66)]), np.float32)[:, None, None]
+        in_cab = _band(front, 0.0, cab, 0.05)
+        col = col * (1 - in_cab[None]) + cab_rgb * (1 - 0.2 * np.abs(t / hw) ** 4)[None] \
+            * in_cab[None]
+        ws = _band(front, 0.05, 0.35, 0.05) * (np.abs(t / hw) < 0.85)
+        col = col * (1 - ws[None]) + glass * ws[None]
+        gap = _band(front, cab, cab + 0.25, 0.03)  # the dark gap between cab and load box
+        col *= (1 - 0.7 * gap)[None]
+        col *= (1 - 0.1 * _band(np.abs(t / hw), 0.9, 1.0, 0.03))[None]
+    else:  # bus: air conditioning units and hatches on the roof, a deep windscreen
+        ws = _band(front, 0.0, 0.45, 0.05) * (np.abs(t / hw) < 0.88)
+        col = col * (1 - ws[None]) + glass * ws[None]
+        for centre, length in ((box.length_m * rng.uniform(0.25, 0.4), 2.6),
+                               (box.length_m * rng.uniform(0.6, 0.8), 1.0)):
+            unit = _band(front, centre - length / 2, centre + length / 2, 0.04) * \
+                (np.abs(t * gsd) < 0.8)
+            col = col * (1 - unit[None]) + (0.85 * col + 40) * unit[None]
+    return col
+
+
 def _draw_box(img: np.ndarray, box: Box, gsd: float, shadow_dir, per_m: float,
               shadow_dark: float, rng) -> None:
-    """Draw a non-car object: container, rooftop unit, dumpster or road patch."""
+    """Draw a non-car object: container, rooftop unit, dumpster, road patch or long vehicle."""
     hl, hw = box.length_m / 2 / gsd, box.width_m / 2 / gsd
     sh = 0 if box.kind == "patch" else per_m * box.height_m
     pb = _patch(box.cx, box.cy, math.hypot(hl, hw) + sh + 3, img.shape[1:])
@@ -300,6 +339,8 @@ def _draw_box(img: np.ndarray, box: Box, gsd: float, shadow_dir, per_m: float,
         col *= (1 - 0.3 * (np.abs(s) < 0.06 / gsd))[None]
     elif box.kind == "patch":
         col += 6 * rng.standard_normal(s.shape)[None]
+    elif box.kind in VEHICLES:
+        col = _vehicle_roof(col, box, s, t, hl, hw, gsd, rng)
     patch = img[:, r0:r1, c0:c1]
     if sh > 0:
         sdf_sh = sdf.copy()
@@ -315,8 +356,17 @@ def _draw_box(img: np.ndarray, box: Box, gsd: float, shadow_dir, per_m: float,
     patch[:] = patch * (1 - a[None]) + c * a[None]
 
 
+def _tree_params(rng) -> tuple:
+    """A tree's height, crown lobes and leaf colour (drawn once; the crown is drawn twice)."""
+    h = rng.uniform(5, 12)
+    k = int(rng.integers(3, 7))
+    ph = rng.uniform(0, 2 * math.pi, 3)
+    base = np.array([rng.uniform(38, 68), rng.uniform(62, 92), rng.uniform(28, 44)], np.float32)
+    return h, k, ph, base
+
+
 def _draw_tree(img: np.ndarray, shade: np.ndarray, cx: float, cy: float, r_m: float,
-               gsd: float, rng, shadow_dir, per_m: float, sun_px, cover: np.ndarray,
+               gsd: float, params: tuple, shadow_dir, per_m: float, sun_px, cover: np.ndarray,
                leaf_tex: np.ndarray) -> None:
     """A lobed tree crown with leafy texture, lit from the sun, and its shadow on the ground.
 
@@ -324,7 +374,7 @@ def _draw_tree(img: np.ndarray, shade: np.ndarray, cx: float, cy: float, r_m: fl
     their leaf texture cut from one scene-wide noise field.
     """
     r = r_m / gsd
-    h = rng.uniform(5, 12)
+    h, k, ph, base = params
     sh = per_m * h
     pb = _patch(cx + shadow_dir[0] * sh / 2, cy + shadow_dir[1] * sh / 2, r * 1.3 + sh / 2 + 3,
                 img.shape[1:])
@@ -332,8 +382,6 @@ def _draw_tree(img: np.ndarray, shade: np.ndarray, cx: float, cy: float, r_m: fl
         return
     r0, r1, c0, c1 = pb
     X, Y = _ss_grid(r0, r1, c0, c1, ss=1)
-    k = rng.integers(3, 7)
-    ph = rng.uniform(0, 2 * math.pi, 3)
 
     def crown(ox: float, oy: float) -> np.ndarray:
         dx, dy = X - cx - ox, Y - cy - oy
@@ -350,7 +398,6 @@ def _draw_tree(img: np.ndarray, shade: np.ndarray, cx: float, cy: float, r_m: fl
     dx, dy = (X - cx) / r, (Y - cy) / r
     rho2 = np.clip(dx**2 + dy**2, 0, 1)
     light = 0.9 + 0.3 * (dx * sun_px[0] + dy * sun_px[1]) - 0.25 * rho2
-    base = np.array([rng.uniform(38, 68), rng.uniform(62, 92), rng.uniform(28, 44)], np.float32)
     col = base[:, None, None] * np.clip(light + 0.3 * leaf, 0.35, 1.8)[None]
     alpha = _coverage(sdf + 1.2 * r * 0.08 * leaf, soft=1.5)
     # Thin foliage at the rim lets a car show through a little.
@@ -371,9 +418,53 @@ def _collar(rng, shape: tuple[int, int]) -> np.ndarray:
     return valid & ~diag
 
 
+def _make_boxes(rng, lay: _Layout, frame: _Frame, width: int, height: int,
+                gsd: float) -> list[Box]:
+    """Sizes and colours of the planned non-car objects; a vehicle overlapping another goes."""
+    from shapely.geometry import Polygon
+
+    boxes: list[Box] = []
+    for u, v, hdg, kind in lay.boxes:
+        x, y = frame.to_px(u, v)
+        if kind == "container":
+            L, W, rgb, h = (rng.choice([6.06, 12.19]), 2.44,
+                            tuple(rng.choice([(150, 40, 30), (30, 70, 130), (40, 100, 60),
+                                              (120, 120, 118), (180, 110, 40)])), 2.6)
+        elif kind == "hvac":
+            L, W = rng.uniform(1.4, 3.2), rng.uniform(1.0, 2.0)
+            rgb, h = (rng.uniform(165, 215),) * 3, rng.uniform(0.8, 1.6)
+        elif kind == "dumpster":
+            L, W, h = rng.uniform(1.6, 2.2), rng.uniform(1.0, 1.4), 1.3
+            rgb = tuple(rng.choice([(40, 70, 50), (50, 55, 60), (40, 60, 110), (150, 110, 40)]))
+        elif kind in VEHICLES:
+            lr, wr, hr, colours = VEHICLES[kind]
+            L, W, h = rng.uniform(*lr), rng.uniform(*wr), rng.uniform(*hr)
+            rgb = tuple(np.clip(np.array(colours[int(rng.integers(len(colours)))], float)
+                                * rng.normal(1, 0.05), 8, 250))
+        else:
+            L, W, h = rng.uniform(3.5, 5.5), rng.uniform(1.5, 2.6), 0.0
+            rgb = (rng.uniform(40, 75),) * 3
+        if 0 <= x < width and 0 <= y < height:
+            boxes.append(Box(x, y, float(L), float(W), frame.theta + hdg, kind,
+                             tuple(float(c) for c in rgb), h))
+    def poly(b: Box):
+        return Polygon(Car(b.cx, b.cy, b.length_m, b.width_m, b.heading).corners(gsd))
+
+    taken = [poly(b) for b in boxes if b.kind != "patch" and b.kind not in VEHICLES]
+    kept: list[Box] = []
+    for box in boxes:
+        if box.kind in VEHICLES:
+            mine = poly(box)
+            if any(mine.intersects(q) for q in taken):
+                continue
+            taken.append(mine)
+        kept.append(box)
+    return kept
+
+
 def render_scene(rng: np.random.Generator, width: int, height: int, *, gsd: float,
                  transform: Affine, crs: CRS, collar: bool = False,
-                 style: Style | str = "default") -> SceneRender:
+                 style: Style | str = "default", sparse: bool = False) -> SceneRender:
     """Draw one scene; the result keeps the car raster it drew, for checks against labels.
 
     Args:
@@ -383,12 +474,13 @@ def render_scene(rng: np.random.Generator, width: int, height: int, *, gsd: floa
         transform, crs: the scene's grid.
         collar: give the scene an irregular nodata border.
         style: light and camera (a name in ``STYLES`` or a ``Style``).
+        sparse: a residential street scene with cars on 1-3% of the valid pixels.
     """
     st = STYLES[style] if isinstance(style, str) else style
     shape = (height, width)
     frame = _Frame(theta=rng.uniform(0, math.pi), cx=width / 2, cy=height / 2, gsd=gsd)
     half = 0.5 * math.hypot(width, height) * gsd + 6
-    lay = _plan(rng, half)
+    lay = _plan(rng, half, sparse=sparse)
     valid = _collar(rng, shape) if collar else np.ones(shape, bool)
 
     # One sun per scene: azimuth (from north, clockwise) and elevation set every shadow.
@@ -404,30 +496,22 @@ def render_scene(rng: np.random.Generator, width: int, height: int, *, gsd: floa
     shade = _building_shadow(lay, frame, shape, (shadow_dir[0] * per_m, shadow_dir[1] * per_m))
 
     # Distractors first (they stand on the ground like cars do).
-    boxes: list[Box] = []
-    for u, v, hdg, kind in lay.boxes:
-        x, y = frame.to_px(u, v)
-        if kind == "container":
-            L, W, rgb, h = (rng.choice([6.06, 12.19]), 2.44,
-                            tuple(rng.choice([(150, 40, 30), (30, 70, 130), (40, 100, 60),
-                                              (120, 120, 118), (180, 110, 40)])), 2.6)
-        elif kind == "hvac":
-            L, W = rng.uniform(1.4, 3.2), rng.uniform(1.0, 2.0)
-            rgb, h = (rng.uniform(165, 215),) * 3, rng.uniform(0.8, 1.6)
-        elif kind == "dumpster":
-            L, W, h = rng.uniform(1.6, 2.2), rng.uniform(1.0, 1.4), 1.3
-            rgb = tuple(rng.choice([(40, 70, 50), (50, 55, 60), (40, 60, 110), (150, 110, 40)]))
-        else:
-            L, W, h = rng.uniform(3.5, 5.5), rng.uniform(1.5, 2.6), 0.0
-            rgb = (rng.uniform(40, 75),) * 3
-        if 0 <= x < width and 0 <= y < height:
-            boxes.append(Box(x, y, float(L), float(W), frame.theta + hdg, kind,
-                             tuple(float(c) for c in rgb), h))
+    boxes = _make_boxes(rng, lay, frame, width, height, gsd)
     # Road patches are painted before everything else stands on them.
     for box in sorted(boxes, key=lambda b: b.kind != "patch"):
         _draw_box(img, box, gsd, shadow_dir, per_m, shadow_dark, rng)
 
-    cars = _place_cars(rng, lay, frame, gsd, shape, valid, building, boxes)
+    # Tree crowns are known before cars are placed, so no car is more than partly hidden.
+    leaf_tex = _fbm(rng, shape, [0.7 / gsd, 0.3 / gsd, 1.0], [0.6, 0.5, 0.3])
+    trees = [(*frame.to_px(u, v), r, _tree_params(rng)) for u, v, r in lay.trees]
+    cover = np.zeros(shape, np.float32)
+    scratch = np.zeros((3, *shape), np.float32)
+    for x, y, r, params in trees:
+        _draw_tree(scratch, np.zeros(shape, np.float32), x, y, r, gsd, params, shadow_dir, per_m,
+                   sun_px, cover, leaf_tex)
+    del scratch
+    target = rng.uniform(0.012, 0.026) if sparse else None
+    cars = _place_cars(rng, lay, frame, gsd, shape, valid, building, boxes, cover, target)
     car_mask = np.zeros(shape, bool)
     for car in cars:
         _draw_car(img, car_mask, car, gsd, rng, shadow_dir, 1.45 / math.tan(elevation),
@@ -436,10 +520,8 @@ def render_scene(rng: np.random.Generator, width: int, height: int, *, gsd: floa
     # Trees over cars and ground, their shadows with the buildings'.
     cover = np.zeros(shape, np.float32)
     tree_img = img.copy()
-    leaf_tex = _fbm(rng, shape, [0.7 / gsd, 0.3 / gsd, 1.0], [0.6, 0.5, 0.3])
-    for u, v, r in lay.trees:
-        x, y = frame.to_px(u, v)
-        _draw_tree(tree_img, shade, x, y, r, gsd, rng, shadow_dir, per_m, sun_px, cover,
+    for x, y, r, params in trees:
+        _draw_tree(tree_img, shade, x, y, r, gsd, params, shadow_dir, per_m, sun_px, cover,
                    leaf_tex)
     shade = ndimage.gaussian_filter(shade, 1.2)
     shade = np.where(building, 0, shade)
@@ -450,7 +532,8 @@ def render_scene(rng: np.random.Generator, width: int, height: int, *, gsd: floa
     # Tree crowns sit above the shadows cast on the ground (their own shading is in the texture).
     img = _composite_trees(img, tree_img, cover, mul)
     for car in cars:
-        car.under_tree = _mean_cover(car, cover, gsd)
+        car.under_tree = footprint_mean(car, cover, gsd)
+        car.in_shadow = footprint_mean(car, shade * (1 - cover), gsd)
 
     # Camera: optics blur, chroma at lower resolution than luma (as in JPEG-compressed
     # orthophoto deliveries), haze, per-scene exposure, contrast, white balance, sensor noise.
@@ -478,7 +561,8 @@ def render_scene(rng: np.random.Generator, width: int, height: int, *, gsd: floa
     img += rng.normal(0, rng.uniform(*st.noise), img.shape).astype(np.float32)
     out = np.clip(np.rint(img), 1, 255).astype(np.uint8)  # 0 is reserved for nodata
     out[:, ~valid] = 0
-    return SceneRender(out, valid, cars, car_mask & valid, transform, crs, gsd, azimuth, boxes)
+    return SceneRender(out, valid, cars, car_mask & valid, transform, crs, gsd, azimuth, boxes,
+                       sparse)
 
 
 def _composite_trees(img: np.ndarray, tree_img: np.ndarray, cover: np.ndarray,
@@ -486,11 +570,4 @@ def _composite_trees(img: np.ndarray, tree_img: np.ndarray, cover: np.ndarray,
     # Crowns are drawn onto the unshadowed image; undo nothing, just blend over the shadowed one.
     return img * (1 - cover[None]) + tree_img * cover[None] * np.maximum(mul, 0.8)
 
-
-def _mean_cover(car: Car, cover: np.ndarray, gsd: float) -> float:
-    pb = _patch(car.cx, car.cy, car.width_m / 2 / gsd, cover.shape)
-    if pb is None:
-        return 0.0
-    r0, r1, c0, c1 = pb
-    return float(cover[r0:r1, c0:c1].mean())
 

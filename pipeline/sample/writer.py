@@ -17,12 +17,12 @@ from rasterio.crs import CRS
 from pipeline.config import SampleConfig
 from pipeline.io import InputError, atomic_path, temp_dir, write_json, write_vector
 from pipeline.sample.labels import _car_frame
-from pipeline.sample.objects import SceneRender
+from pipeline.sample.objects import VEHICLES, SceneRender
 from pipeline.sample.render import render_scene
 
 log = logging.getLogger("pipeline.sample")
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: edge-cut cars, long vehicles, street parking, sparse scenes
 # GeoPackage embeds the time of writing; GDAL uses this instead, so files are byte-identical.
 FIXED_OGR_DATE = "2020-01-01T00:00:00Z"
 
@@ -91,10 +91,22 @@ def scene_specs(cfg: SampleConfig) -> list[tuple[str, str, int, int, bool]]:
     return specs
 
 
+def sparse_scenes(cfg: SampleConfig) -> set[str]:
+    """Names of the sparse scenes: the last of each set (training, incoming) of 2 or more."""
+    if not cfg.sparse:
+        return set()
+    names = set()
+    if cfg.train_scenes >= 2:
+        names.add(f"train_{cfg.train_scenes:02d}")
+    if cfg.incoming_scenes >= 2:
+        names.add(f"scene_{cfg.incoming_scenes:02d}")
+    return names
+
+
 def _render_job(job: tuple) -> SceneRender:
-    seed, w, h, gsd, transform, epsg, collar, style = job
+    seed, w, h, gsd, transform, epsg, collar, style, sparse = job
     return render_scene(np.random.default_rng(seed), w, h, gsd=gsd, transform=transform,
-                        crs=CRS.from_epsg(epsg), collar=collar, style=style)
+                        crs=CRS.from_epsg(epsg), collar=collar, style=style, sparse=sparse)
 
 
 def generate(cfg: SampleConfig, *, workers: int | None = None) -> dict[str, SceneRender]:
@@ -108,10 +120,12 @@ def generate(cfg: SampleConfig, *, workers: int | None = None) -> dict[str, Scen
     specs = scene_specs(cfg)
     seeds = np.random.SeedSequence([cfg.seed, GENERATOR_VERSION]).spawn(len(specs))
     jobs = []
-    for k, ((_rel, _name, w, h, collar), seed) in enumerate(zip(specs, seeds, strict=True)):
+    sparse = sparse_scenes(cfg)
+    for k, ((_rel, name, w, h, collar), seed) in enumerate(zip(specs, seeds, strict=True)):
         # Scenes sit side by side 1 km apart, near 48 N in the configured UTM zone.
         transform = Affine(cfg.gsd, 0, 400000.0 + 1000.0 * k, 0, -cfg.gsd, 5320000.0)
-        jobs.append((seed, w, h, cfg.gsd, transform, cfg.epsg, collar, cfg.style))
+        jobs.append((seed, w, h, cfg.gsd, transform, cfg.epsg, collar, cfg.style,
+                     name in sparse))
     if workers is None:
         pixels = sum(w * h for _, _, w, h, _ in specs)
         workers = min(2, os.cpu_count() or 1, len(specs)) if pixels > 2_000_000 else 1
@@ -173,7 +187,10 @@ def make_sample(data_dir: Path, *, cfg: SampleConfig, force: bool = False) -> Pa
             "scenes": {n: {"cars": len(scenes[n].cars), "width": int(scenes[n].image.shape[2]),
                            "height": int(scenes[n].image.shape[1]),
                            "sun_azimuth_deg": round(scenes[n].sun_azimuth_deg, 2),
-                           "nodata_fraction": round(float(1 - scenes[n].valid.mean()), 4)}
+                           "nodata_fraction": round(float(1 - scenes[n].valid.mean()), 4),
+                           "sparse": scenes[n].sparse,
+                           "car_fraction": round(scenes[n].car_fraction(), 4),
+                           "vehicles_not_cars": sum(b.kind in VEHICLES for b in scenes[n].boxes)}
                        for n in scenes},
         }
         write_json(stage / "sample-manifest.json", manifest)
