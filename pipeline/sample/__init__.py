@@ -5,8 +5,14 @@
 ground truth (in the scenes' CRS). The scenes imitate 15 cm orthophotos: asphalt with texture,
 cracks and oil stains, roads with lane markings, parking rows with painted lines, buildings with
 roofs and rooftop units, grass and trees, one sun per scene casting every shadow, and cars of real
-size and colour with a windshield, roof and rear window. Hard cases are made on purpose: cars parked
-nearly touching, dark cars on dark asphalt, cars under trees and car-like objects that are not cars.
+size and colour with a windshield, roof and rear window. Hard cases are made on purpose, as real
+near-nadir city frames have them: cars parked nearly touching in rows and at the kerb along streets,
+dark and grey cars on asphalt of the same tone, cars partly (at most 40%) under tree crowns and in
+building shadows, cars cut by the scene's edge or nodata collar (labelled with their whole outline,
+as people label them; evaluation ignores cars less than half in a scene), long vans, lorries and
+buses that are not cars (never labelled), other car-like objects (containers, dumpsters, rooftop
+units, road patches), and, with ``sample.sparse``, one sparse street scene per set where cars
+cover 1-3% of the pixels. Any GSD from 0.10 to 0.30 m works (``sample.gsd``): sizes are in metres.
 
 Read it part by part:
 

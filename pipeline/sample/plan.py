@@ -1,8 +1,9 @@
 """Scene layout in a local street frame (metres; u along streets, v across them).
 
 A scene is a stack of bands across v (road, sidewalk, parking lot, buildings, grass); each band's
-planner says what stands in it: car slots, non-car objects, trees, buildings, oil stains.
-``place_cars`` then turns car slots into cars in pixel coordinates.
+planner says what stands in it: car slots, non-car objects (long vehicles among them), trees,
+buildings, oil stains. ``_place_cars`` then turns car slots into cars in pixel coordinates, keeping
+cars cut by the scene's edge and dropping those a tree would mostly hide.
 """
 
 from __future__ import annotations

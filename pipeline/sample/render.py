@@ -505,11 +505,11 @@ def render_scene(rng: np.random.Generator, width: int, height: int, *, gsd: floa
     leaf_tex = _fbm(rng, shape, [0.7 / gsd, 0.3 / gsd, 1.0], [0.6, 0.5, 0.3])
     trees = [(*frame.to_px(u, v), r, _tree_params(rng)) for u, v, r in lay.trees]
     cover = np.zeros(shape, np.float32)
-    scratch = np.zeros((3, *shape), np.float32)
+    scratch, scratch_shade = np.zeros((3, *shape), np.float32), np.zeros(shape, np.float32)
     for x, y, r, params in trees:
-        _draw_tree(scratch, np.zeros(shape, np.float32), x, y, r, gsd, params, shadow_dir, per_m,
-                   sun_px, cover, leaf_tex)
-    del scratch
+        _draw_tree(scratch, scratch_shade, x, y, r, gsd, params, shadow_dir, per_m, sun_px, cover,
+                   leaf_tex)
+    del scratch, scratch_shade
     target = rng.uniform(0.012, 0.026) if sparse else None
     cars = _place_cars(rng, lay, frame, gsd, shape, valid, building, boxes, cover, target)
     car_mask = np.zeros(shape, bool)
