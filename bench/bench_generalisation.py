@@ -8,8 +8,13 @@ IoU 0.5, the pipeline's own stages) on scenes generated with:
 
 - ``same``: the training seed and style (its held-out incoming scenes): the in-distribution score;
 - ``seed``: another seed (other layouts, cars, colours of ground);
-- ``gsd_0.10`` / ``gsd_0.20``: another ground sample distance (predict resamples to the model's);
+- ``gsd_0.10`` / ``gsd_0.20`` / ``gsd_0.30``: another ground sample distance (predict resamples
+  to the model's);
 - ``overcast`` / ``evening`` / ``faded``: other light and camera (``pipeline.sample.STYLES``).
+
+Every sample holds the hard cases of ``pipeline.sample`` (edge-cut, tree-hidden and shadowed cars,
+long vans, lorries and buses that are not cars); with 2 incoming scenes, the second is a sparse
+street (cars on 1-3% of the pixels), so each condition scores a dense and a sparse scene.
 
 The gap is each condition's object F1 minus ``same``'s. Vectors use the minimum car area the
 bundle chose on validation (``metadata["postprocess"]["min_area_m2"]``).
@@ -31,6 +36,7 @@ CONDITIONS = [
     ("seed", 101, 0.15, "default"),
     ("gsd_0.10", 102, 0.10, "default"),
     ("gsd_0.20", 103, 0.20, "default"),
+    ("gsd_0.30", 107, 0.30, "default"),
     ("overcast", 104, 0.15, "overcast"),
     ("evening", 105, 0.15, "evening"),
     ("faded", 106, 0.15, "faded"),

@@ -34,6 +34,9 @@ class SampleConfig(_Section):
     epsg: int = Field(32633, description="Projected CRS of the scenes (a UTM zone).")
     style: Literal["default", "overcast", "evening", "faded"] = Field(
         "default", description="Light and camera of the flight (generalisation tests).")
+    sparse: bool = Field(
+        True, description="The last scene of each set of 2 or more (training, incoming) is a "
+        "sparse residential street: cars on 1-3% of the pixels.")
 
 
 class TileConfig(_Section):

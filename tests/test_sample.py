@@ -1,4 +1,5 @@
-"""The sample generator: file layout and formats, labels that sit on the drawn cars, hard cases,
+"""The sample generator: file layout and formats, labels that sit on the drawn cars, hard cases
+(edge-cut, tree-hidden and shadowed cars, vehicles that are not cars, sparse scenes), other GSDs,
 determinism, and the refusal to overwrite a user's data."""
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import rasterio
+from affine import Affine
 from rasterio import features
+from rasterio.crs import CRS
 from rasterio.windows import Window
 from scipy import ndimage
+from shapely.geometry import Polygon, box
 
 from pipeline.config import SampleConfig
 from pipeline.io import InputError
@@ -22,8 +26,12 @@ from pipeline.sample import (
     generate,
     make_sample,
     plot_scene_with_labels,
+    render_scene,
     scene_specs,
 )
+from pipeline.sample.objects import VEHICLES, Car
+from pipeline.sample.plan import MAX_UNDER_TREE
+from pipeline.sample.writer import sparse_scenes
 
 # Small scenes (48 x 39 m) keep the suite fast; still several parking rows each.
 CFG = SampleConfig(seed=7, train_scenes=3, incoming_scenes=2, width=320, height=260)
@@ -93,11 +101,12 @@ def test_labels_match_the_drawn_cars_to_the_pixel(sample_dir, renders):
     labels = _labels(sample_dir)
     for name, scene in renders.items():
         own = labels[labels["scene"] == name]
-        assert len(own) == len(scene.cars) > 10
+        assert len(own) == len(scene.cars) >= (1 if scene.sparse else 10)
         with rasterio.open(_scene_path(sample_dir, name)) as src:
             ids = features.rasterize(zip(own.geometry, own["car_id"], strict=True),
                                      out_shape=src.shape, transform=src.transform, fill=0,
                                      dtype="int32")
+        ids[~scene.valid] = 0  # cars cut by the nodata collar are drawn only where it is valid
         burned = ids > 0
         drawn = scene.car_mask
         iou = (burned & drawn).sum() / (burned | drawn).sum()
@@ -106,9 +115,11 @@ def test_labels_match_the_drawn_cars_to_the_pixel(sample_dir, renders):
         # Every car: its label pixels are (almost all) drawn car pixels.
         per_car = ndimage.mean(drawn, ids, index=own["car_id"].to_numpy())
         assert per_car.min() > 0.85, (name, per_car.min())
-        # Centroids agree to a fraction of a pixel (no half-pixel or axis-order error).
-        lab_c = np.array(ndimage.center_of_mass(burned, ids, own["car_id"].to_numpy()))
-        drw_c = np.array([(c.cy - 0.5, c.cx - 0.5) for c in scene.cars])
+        # Centroids of whole cars agree to a fraction of a pixel (no half-pixel or axis error).
+        whole = own["in_scene"].to_numpy() == 1
+        lab_c = np.array(ndimage.center_of_mass(burned, ids, own["car_id"].to_numpy()[whole]))
+        drw_c = np.array([(c.cy - 0.5, c.cx - 0.5) for c, w in zip(scene.cars, whole,
+                                                                   strict=True) if w])
         assert np.abs(lab_c - drw_c).max() < 0.5
 
 
@@ -141,13 +152,14 @@ def test_pixels_under_labels_differ_from_surroundings(sample_dir):
 def test_cars_have_real_sizes_colours_and_touching_neighbours(sample_dir):
     labels = _labels(sample_dir)
     assert labels["length_m"].between(3.8, 5.2).all()
-    assert labels["width_m"].between(1.6, 2.1).all()
+    assert labels["width_m"].between(1.6, 2.0).all()
     # The footprint is the car's rectangle: its area is length x width.
     area = labels.geometry.area
     assert np.allclose(area, labels["length_m"] * labels["width_m"], rtol=1e-3)
     shares = labels["colour"].value_counts(normalize=True)
-    assert shares.reindex(["white", "black", "grey", "silver"]).sum() > 0.6
-    assert set(shares.index) - {"white", "black", "grey", "silver"}, "no coloured cars"
+    plain = ["white", "black", "grey", "silver", "anthracite", "darkgrey"]
+    assert shares.reindex(plain).sum() > 0.6
+    assert set(shares.index) - set(plain), "no coloured cars"
     assert set(shares.index) <= {c[0] for c in CAR_COLOURS}
     headings = labels["heading_deg"] % 180
     assert (np.histogram(headings, bins=6, range=(0, 180))[0] > 0).sum() >= 4, "one heading"
@@ -172,7 +184,7 @@ def test_hard_cases_are_present(sample_dir, renders):
     labels = _labels(sample_dir)
     dark_on_dark = 0
     for name in labels["scene"].unique():
-        own = labels[(labels["scene"] == name) & (labels["colour"] == "black")]
+        own = labels[(labels["scene"] == name) & labels["colour"].isin(["black", "anthracite"])]
         with rasterio.open(_scene_path(sample_dir, name)) as src:
             grey = src.read().astype(np.float32).mean(axis=0)
             shape, transform = src.shape, src.transform
@@ -181,6 +193,74 @@ def test_hard_cases_are_present(sample_dir, renders):
                                       out_shape=shape, transform=transform).astype(bool)
             dark_on_dark += bool(ring.any() and np.median(grey[ring]) < 75)
     assert dark_on_dark >= 1
+
+
+def _poly(obj, gsd: float) -> Polygon:
+    return Polygon(Car(obj.cx, obj.cy, obj.length_m, obj.width_m, obj.heading).corners(gsd))
+
+
+def test_vans_lorries_and_buses_are_drawn_but_never_labelled(renders):
+    vehicles = [(scene, b) for scene in renders.values() for b in scene.boxes
+                if b.kind in VEHICLES]
+    assert len({b.kind for _, b in vehicles}) >= 2, "no long vehicles"
+    for scene, veh in vehicles:
+        assert 5.9 <= veh.length_m <= 12 and veh.width_m >= 2.0
+        # No car label on a distractor, and the distractor was drawn (its pixels changed).
+        mine = _poly(veh, scene.gsd)
+        assert all(mine.intersection(_poly(c, scene.gsd)).area < 1e-6 for c in scene.cars)
+        r, c = int(veh.cy), int(veh.cx)
+        assert not scene.car_mask[max(r - 2, 0):r + 3, max(c - 2, 0):c + 3].any()
+
+
+def test_edge_cut_tree_hidden_and_shadowed_cars_are_labelled_in_full(sample_dir, renders):
+    """Labels keep each car's whole outline (as people draw it and as evaluation expects) where
+    the scene's edge, its nodata collar or a tree crown hides part of it."""
+    labels = _labels(sample_dir)
+    full = np.isclose(labels.geometry.area, labels["length_m"] * labels["width_m"], rtol=1e-3)
+    assert full.all()
+    cut = labels[labels["in_scene"] < 0.9]
+    assert len(cut) >= 2, "no car cut by a scene's edge"
+    outside = 0
+    for name, scene in renders.items():
+        t = scene.transform
+        rows, cols = scene.valid.shape
+        frame = box(t.c, t.f + rows * t.e, t.c + cols * t.a, t.f)
+        own = labels[labels["scene"] == name]
+        outside += int((~own.geometry.within(frame)).sum())
+    assert outside >= 1, "no label reaches past a scene's edge"
+    # Partly hidden under trees, never mostly: a labeller still sees the car.
+    assert (labels["under_tree"] > 0.1).sum() >= 2
+    assert labels["under_tree"].max() <= MAX_UNDER_TREE + 1e-6
+    # Building (or tree) shadows fall across some cars.
+    assert (labels["in_shadow"] > 0.3).sum() >= 2
+
+
+def test_sparse_scenes_have_one_to_three_percent_cars():
+    assert sparse_scenes(CFG) == {"train_03", "scene_02"}
+    assert sparse_scenes(SampleConfig()) == {"train_04", "scene_02"}
+    assert sparse_scenes(CFG.model_copy(update={"sparse": False})) == set()
+    for seed in (0, 1):
+        scene = render_scene(np.random.default_rng(seed), 480, 480, gsd=0.15,
+                             transform=Affine(0.15, 0, 500000, 0, -0.15, 4000000),
+                             crs=CRS.from_epsg(32633), sparse=True)
+        assert 0.01 <= scene.car_fraction() <= 0.03, (seed, scene.car_fraction())
+
+
+@pytest.mark.parametrize("gsd", [0.10, 0.30])
+def test_other_gsds_keep_cars_in_metres(gsd):
+    px = int(round(54 / gsd))  # the same 54 m of ground
+    scene = render_scene(np.random.default_rng(2), px, px, gsd=gsd,
+                         transform=Affine(gsd, 0, 500000, 0, -gsd, 4000000),
+                         crs=CRS.from_epsg(32633))
+    assert len(scene.cars) > 10
+    whole = [c for c in scene.cars if c.in_scene == 1]
+    expected = sum(c.length_m * c.width_m for c in whole) / gsd**2
+    own = np.zeros(scene.car_mask.shape, np.int32)
+    for k, c in enumerate(scene.cars, 1):
+        own[features.rasterize([_poly(c, gsd)], out_shape=own.shape).astype(bool)] = k
+    in_whole = sum(int((scene.car_mask & (own == k)).sum())
+                   for k, c in enumerate(scene.cars, 1) if c.in_scene == 1)
+    assert in_whole == pytest.approx(expected, rel=0.12), (in_whole, expected)
 
 
 def test_no_single_threshold_segments_the_cars(sample_dir):
@@ -237,6 +317,19 @@ def test_never_overwrites_changed_files_without_force(tmp_path):
     make_sample(tmp_path, cfg=cfg, force=True)
     with rasterio.open(scene) as src:
         assert src.count == 3
+
+
+def test_the_package_parts_import_on_their_own():
+    """A newcomer reads the sample part by part: each module imports by itself."""
+    import importlib
+
+    import pipeline.sample as pkg
+
+    for part in ("objects", "shapes", "plan", "render", "labels", "writer", "plot"):
+        importlib.import_module(f"pipeline.sample.{part}")
+    for name in pkg.__all__:
+        assert getattr(pkg, name) is not None, name
+    assert pkg.GENERATOR_VERSION >= 2
 
 
 def test_scene_sizes_follow_the_config():
