@@ -195,6 +195,14 @@ class VectorConfig(_Section):
     max_car_area_m2: float = Field(
         12.0, gt=0, description="Blobs larger than one car of this area are split even when "
         "car-shaped (two cars side by side).")
+    car_length_m: float = Field(
+        4.5, gt=0, description="Typical car length: a blob larger than one car is cut into the "
+        "pieces closest to a car of this length and `car_width_m` (or kept whole when it is "
+        "closest to one car).")
+    car_width_m: float = Field(1.85, gt=0, description="Typical car width (see car_length_m).")
+    min_car_length_m: float = Field(
+        3.0, gt=0, description="Smallest car length the splitter keeps: a split leaving a "
+        "shorter piece (a fragment of one car) is not made.")
     regularize: bool = Field(False, description="Replace each polygon by its min. rotated rectangle.")
     min_truncated_area_m2: float = Field(
         5.0, ge=0, description="A car cut by the scene's valid-data edge (`truncated`) smaller "

@@ -279,3 +279,36 @@ def features_boxes(ids: np.ndarray, n: int) -> list[tuple[int, int, int, int]]:
     boxes = find_objects(ids, max_label=n)
     return [(s[0].start, s[0].stop, s[1].start, s[1].stop) if s is not None else (-1, -1, -1, -1)
             for s in boxes]
+
+
+# === Box labels ===
+
+def label_boxes(labels, crs=None):
+    """Each label as its axis-aligned bounding box in ``crs``: car labels as people often draw them.
+
+    Real car labels are often boxes aligned with the image grid, not outlines. This turns an
+    outline label layer into such a box layer (attributes kept), so a run on outline labels can
+    be repeated as the box-labelled data is labelled (``bench/bench_boxes.py``). The box is
+    taken in ``crs`` (the scenes' grid CRS; default the labels' own), since a box in EPSG:4326
+    is not a box on a UTM grid.
+
+    Args:
+        labels: a GeoDataFrame of car polygons (or points, which stay points).
+        crs: the CRS whose axes the boxes follow; the result is in it.
+
+    Returns:
+        A GeoDataFrame like ``labels`` with each polygon replaced by its envelope.
+    """
+    import geopandas as gpd
+    import shapely
+
+    if crs is not None:
+        if labels.crs is None:
+            raise InputError("labels: no CRS, so their boxes on the scene grid are unknown")
+        labels = labels.to_crs(crs)
+    geoms = labels.geometry.to_numpy()
+    areal = np.isin(shapely.get_type_id(geoms), (3, 6))  # Polygon, MultiPolygon
+    out = geoms.copy()
+    out[areal] = shapely.envelope(geoms[areal])
+    return gpd.GeoDataFrame(labels.drop(columns=labels.geometry.name), geometry=out,
+                            crs=labels.crs)
