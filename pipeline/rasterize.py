@@ -196,10 +196,17 @@ def rasterize_scene(scene_chips_gpkg: Path, labels, masks_dir: Path, *, cfg: Lab
             hits = near.sindex.query(reach) if len(near) else []
             cars = near.iloc[np.sort(hits)] if len(hits) else near.iloc[:0]
             mask = np.zeros(shape, dtype=np.uint8)
+            overlap = None
             if len(cars):
-                mask = features.rasterize(((g, 1) for g in cars.geometry), out_shape=shape,
-                                          transform=transform, fill=0,
-                                          all_touched=cfg.all_touched, dtype="uint8")
+                # How many labels cover each pixel: where boxes overlap, neither car is sure.
+                covered = features.rasterize(((g, 1) for g in cars.geometry), out_shape=shape,
+                                             transform=transform, fill=0,
+                                             all_touched=cfg.all_touched, dtype="uint8",
+                                             merge_alg=features.MergeAlg.add)
+                mask = (covered > 0).astype(np.uint8)
+                if cfg.separate_overlaps:
+                    overlap = covered >= 2
+                    mask[overlap] = 0
             burned = int(np.count_nonzero(mask & valid))
             if burned:
                 used.update(int(i) for i in cars["label_id"])
@@ -212,6 +219,8 @@ def rasterize_scene(scene_chips_gpkg: Path, labels, masks_dir: Path, *, cfg: Lab
                                      w0=cfg.w0, sigma_px=sigma_px, all_touched=cfg.all_touched)
                 weight[mask == 1] = 1.0
                 weight[mask == 255] = 0.0
+                if overlap is not None:
+                    weight[overlap] = 0.0  # claimed by two labels: taught neither way
                 wprofile = dict(profile, dtype="float32", nodata=None, predictor=3)
                 with rasterio.open(tmp / f"{chip}.weight.tif", "w", **wprofile) as dst:
                     dst.write(weight.astype(np.float32), 1)

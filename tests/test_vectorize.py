@@ -460,7 +460,7 @@ def test_split_row_of_five_touching(heading, gsd):
     _, across = _along_across(heading)
     widths = [1.8, 1.75, 1.85, 1.8, 1.7]
     lengths = [4.5, 4.3, 4.7, 4.4, 4.2]
-    offsets = np.cumsum([0] + [(a + b) / 2 for a, b in zip(widths, widths[1:])])
+    offsets = np.cumsum([0] + [(a + b) / 2 for a, b in zip(widths[:-1], widths[1:], strict=True)])
     offsets -= offsets.mean()
     cars = [_car_m(*(o * across), heading=heading, length=ln, width=w)
             for o, ln, w in zip(offsets, lengths, widths, strict=True)]
