@@ -216,6 +216,27 @@ def _car_likeness(a_m: float, b_m: float, cfg: VectorConfig) -> float:
     return abs(math.log(long_ / cfg.car_length_m)) + abs(math.log(short / cfg.car_width_m))
 
 
+def _box_likeness(a_m: float, b_m: float, cfg: VectorConfig) -> float:
+    """How far a by b (metres) is from the axis-aligned box of a typical car at any heading."""
+    short, long_ = sorted((a_m, b_m))
+    return min(abs(math.log(long_ / bl)) + abs(math.log(short / bs))
+               for bs, bl in _box_sides(cfg.car_length_m, cfg.car_width_m))
+
+
+def _box_sides(length: float, width: float) -> list[tuple[float, float]]:
+    """(short, long) sides of the axis-aligned box of a length x width car, heading 0..90."""
+    out = []
+    for deg in range(0, 91, 3):
+        c, s_ = math.cos(math.radians(deg)), math.sin(math.radians(deg))
+        out.append(tuple(sorted((length * c + width * s_, length * s_ + width * c))))
+    return out
+
+
+def _grid_aligned(side: np.ndarray, tol_deg: float = 3.0) -> bool:
+    """Whether a rectangle side (row, col vector) runs along the pixel grid."""
+    return min(abs(side[0]), abs(side[1])) <= math.sin(math.radians(tol_deg)) * np.hypot(*side)
+
+
 def _split_by_strips(comp: np.ndarray, *, gsd: float, cfg: VectorConfig) -> np.ndarray | None:
     pts = np.argwhere(comp).astype(float)
     rect = shapely.minimum_rotated_rectangle(shapely.multipoints(pts))
@@ -226,8 +247,13 @@ def _split_by_strips(comp: np.ndarray, *, gsd: float, cfg: VectorConfig) -> np.n
     side_m = [(np.hypot(*s) + 1) * gsd for s in sides]
     if len(pts) < RECT_FILL * (side_m[0] / gsd) * (side_m[1] / gsd):
         return None  # not a rectangle of cars: strips would cut across them
-    # k = 1 (no cut) competes too: a van is closer to one car than to two half-vans.
-    best = (_car_likeness(*side_m, cfg), 1, 0)
+    # k = 1 (no cut) competes too: a van is closer to one car than to two half-vans. A blob
+    # whose rectangle follows the grid may be one car's box at any heading (a model taught
+    # by box labels draws boxes): a 45-degree car's 4.5 m square box is one car, not two.
+    whole = _car_likeness(*side_m, cfg)
+    if _grid_aligned(sides[0]):
+        whole = min(whole, _box_likeness(*side_m, cfg))
+    best = (whole, 1, 0)
     most = int(len(pts) * gsd * gsd / (cfg.min_car_width_m * cfg.min_car_length_m))
     for k in range(2, max(most, 1) + 1):
         for i in (0, 1):

@@ -508,3 +508,20 @@ def test_split_pinched_car_is_not_cut_into_fragments(heading, gsd):
     mask = _blob_raster([car_], gsd) & ~_blob_raster(notches, gsd)
     assert ndimage.label(mask, np.ones((3, 3)))[1] == 1
     assert _count_cars(mask, gsd) == [1]
+
+
+@pytest.mark.parametrize("gsd", GSDS)
+@pytest.mark.parametrize("heading", [20, 30, 45, 60])
+def test_split_box_of_one_rotated_car_stays_one(heading, gsd):
+    # A model taught by box labels predicts a car's axis-aligned box: at 45 degrees that is a
+    # 4.5 m square of 20 m2, larger than any car, yet one car, never two half-boxes.
+    mask = _blob_raster([_car_m(0, 0, heading=heading).envelope], gsd)
+    assert _count_cars(mask, gsd) == [1]
+
+
+@pytest.mark.parametrize("gsd", GSDS)
+def test_split_boxes_of_cars_side_by_side(gsd):
+    # Boxes of two axis-aligned cars side by side (a parking row along the grid): still two.
+    cars = [_car_m(-0.95, 0, heading=0, width=1.9), _car_m(0.95, 0, heading=0, width=1.9)]
+    mask = _blob_raster([c.envelope for c in cars], gsd)
+    assert _count_cars(mask, gsd) == [2]
