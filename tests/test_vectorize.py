@@ -525,3 +525,25 @@ def test_split_boxes_of_cars_side_by_side(gsd):
     cars = [_car_m(-0.95, 0, heading=0, width=1.9), _car_m(0.95, 0, heading=0, width=1.9)]
     mask = _blob_raster([c.envelope for c in cars], gsd)
     assert _count_cars(mask, gsd) == [2]
+
+
+def test_rectangles_from_a_box_trained_mask_keep_their_attributes(tmp_path):
+    # vectors.regularize: each car as its minimum rotated rectangle (car-shaped where the mask
+    # is), every attribute column kept and computed from the rectangle.
+    truth = car(60, 60, heading_deg=30)
+    mask = burn((120, 120), [truth])
+    mask[58:62, 40:44] = 0  # a ragged bite out of the mask: the rectangle fills it
+    prob = np.where(mask == 1, 200, 10).astype(np.uint8)
+    write_pred(tmp_path, "s", mask, prob)
+    plain, rect = run(tmp_path, "s"), run(tmp_path, "s", regularize=True)
+    assert len(plain) == len(rect) == 1 and list(rect.columns) == [*COLUMNS, "geometry"]
+    geom = rect.geometry.iloc[0]
+    assert len(shapely.get_coordinates(geom)) == 5
+    assert geom.area == pytest.approx(shapely.minimum_rotated_rectangle(
+        plain.geometry.iloc[0]).area)
+    assert rect.area_m2.iloc[0] == pytest.approx(geom.area)
+    assert rect.area_m2.iloc[0] > plain.area_m2.iloc[0]
+    assert rect.heading_deg.iloc[0] == pytest.approx(30, abs=3)
+    for col in ("scene", "mean_prob", "max_prob", "truncated"):
+        assert rect[col].iloc[0] == plain[col].iloc[0], col
+    assert rect.edge_dist_m.iloc[0] == pytest.approx(plain.edge_dist_m.iloc[0], abs=0.5)
