@@ -76,10 +76,12 @@ class LabelConfig(_Section):
     weight_map: bool = Field(
         True, description="Write U-Net gap weights (Ronneberger eq. 2) next to each mask."
     )
-    separate_overlaps: bool = Field(
-        True, description="Pixels covered by two or more labels (boxes of cars parked close, "
-        "which overlap where the cars do not) are burned as background with zero weight in the "
-        "gap weight map: each label stays its own blob and the loss learns nothing there.")
+    overlaps: Literal["ignore", "background", "car"] = Field(
+        "ignore", description="Pixels covered by two or more labels (boxes of cars parked "
+        "close overlap where the cars do not): 'ignore' burns them as background with zero "
+        "weight in the gap weight map, so each label stays its own blob and the loss learns "
+        "nothing there; 'background' teaches them as the gap between cars (with the gap "
+        "weight); 'car' burns them as car (touching labels merge).")
     w0: float = Field(10.0, ge=0, description="Peak extra weight in the gaps between cars.")
     sigma_m: float = Field(0.75, gt=0, description="Width of the gap weight falloff, metres.")
 

@@ -204,7 +204,7 @@ def rasterize_scene(scene_chips_gpkg: Path, labels, masks_dir: Path, *, cfg: Lab
                                              all_touched=cfg.all_touched, dtype="uint8",
                                              merge_alg=features.MergeAlg.add)
                 mask = (covered > 0).astype(np.uint8)
-                if cfg.separate_overlaps:
+                if cfg.overlaps != "car":
                     overlap = covered >= 2
                     mask[overlap] = 0
             burned = int(np.count_nonzero(mask & valid))
@@ -219,7 +219,7 @@ def rasterize_scene(scene_chips_gpkg: Path, labels, masks_dir: Path, *, cfg: Lab
                                      w0=cfg.w0, sigma_px=sigma_px, all_touched=cfg.all_touched)
                 weight[mask == 1] = 1.0
                 weight[mask == 255] = 0.0
-                if overlap is not None:
+                if overlap is not None and cfg.overlaps == "ignore":
                     weight[overlap] = 0.0  # claimed by two labels: taught neither way
                 wprofile = dict(profile, dtype="float32", nodata=None, predictor=3)
                 with rasterio.open(tmp / f"{chip}.weight.tif", "w", **wprofile) as dst:

@@ -69,7 +69,7 @@ def test_masks_equal_whole_scene_rasterization_cut_at_each_chip(tmp_path, rng):
     assert labels.crs == "EPSG:4326"
     out = rasterize_scene(gpkg, labels, tmp_path / "masks", cfg=LabelConfig(weight_map=False))
     # Independent answer: the labels on the whole scene grid, nodata as 255, pixels that two
-    # labels claim as background (separate_overlaps).
+    # labels claim as background (labels.overlaps).
     truth = features.rasterize(((g, 1) for g in labels.to_crs(UTM).geometry),
                                out_shape=data.shape[1:], transform=TRANSFORM, dtype="uint8",
                                merge_alg=features.MergeAlg.add)
@@ -264,7 +264,7 @@ def test_rotated_scene_masks_keep_every_car_pixel(tmp_path, rng):
     labels_file = _write(gpd.GeoDataFrame(geometry=cars, crs=UTM).to_crs(4326),
                          tmp_path / "labels" / "cars.gpkg")
     # Overlapping random cars stay merged here: the question is only which pixels are reached.
-    cfg = LabelConfig(weight_map=False, separate_overlaps=False)
+    cfg = LabelConfig(weight_map=False, overlaps="car")
     labels = load_labels([labels_file], cfg=cfg)
     out = rasterize_scene(gpkg, labels, tmp_path / "masks", cfg=cfg)
     burned = sum(json.loads(out.read_text())["chips"].values())
@@ -325,16 +325,19 @@ def test_overlapping_boxes_stay_apart_and_their_overlap_is_ignored(tmp_path, rng
                          cfg=LabelConfig())
     from scipy import ndimage
 
-    for separate, blobs in ((True, 2), (False, 1)):
-        out = rasterize_scene(gpkg, labels, tmp_path / f"m{separate}",
-                              cfg=LabelConfig(separate_overlaps=separate))
+    for overlaps, blobs in (("ignore", 2), ("background", 2), ("car", 1)):
+        out = rasterize_scene(gpkg, labels, tmp_path / overlaps,
+                              cfg=LabelConfig(overlaps=overlaps))
         mask = _read(out.parent / "s_r00000_c00000.tif")
         weight = _read(out.parent / "s_r00000_c00000.weight.tif")
         assert ndimage.label(mask == 1)[1] == blobs
         overlap = np.zeros_like(mask, bool)
         overlap[10:40, 17:20] = True
-        if separate:
-            assert (mask[overlap] == 0).all() and (weight[overlap] == 0).all()
-            assert (mask == 1).sum() == 2 * 30 * 15 - 2 * 30 * 3
-        else:
+        if overlaps == "car":
             assert (mask[overlap] == 1).all() and (mask == 1).sum() == 30 * 27
+        else:
+            assert (mask[overlap] == 0).all()
+            assert (mask == 1).sum() == 2 * 30 * 15 - 2 * 30 * 3
+            # Ignored, or taught as the gap between two cars (the U-Net gap weight, > 1).
+            assert (weight[overlap] == 0).all() if overlaps == "ignore" \
+                else (weight[overlap] > 5).all()
