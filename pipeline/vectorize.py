@@ -14,9 +14,13 @@ raster's border), and ``truncated`` when it touches that edge; truncated cars sm
 ``min_truncated_area_m2`` are slivers of cars lying mostly outside the scene and are dropped
 (in a batch, the neighbouring scene sees them whole).
 
-Touching cars are split with a watershed on the distance transform, seeded by the blob's
-separate cores (see ``split_component``), only when a blob is not car-shaped (low solidity);
-a split is kept only when every piece is still car-sized (``min_car_width_m`` wide).
+Touching cars are split (see ``split_component``) only when a blob is not car-shaped (low
+solidity) or larger than one car: by a watershed on the distance transform or the probability,
+seeded by the blob's separate cores, else, for a rectangle of cars, into the strips closest to a
+typical car (``car_length_m`` by ``car_width_m``; no cut when the whole blob is closer to one car,
+or to one car's axis-aligned box as a model taught by box labels draws it). A split is kept only
+when every piece is still car-sized (``min_car_width_m`` wide, ``min_car_length_m`` long), so a
+car's own mask is not cut into fragments.
 """
 
 from __future__ import annotations
