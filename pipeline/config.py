@@ -81,7 +81,8 @@ class LabelConfig(_Section):
         "close overlap where the cars do not): 'ignore' burns them as background with zero "
         "weight in the gap weight map, so each label stays its own blob and the loss learns "
         "nothing there; 'background' teaches them as the gap between cars (with the gap "
-        "weight); 'car' burns them as car (touching labels merge).")
+        "weight; on box-labelled sample scenes training collapsed to no cars); 'car' burns them "
+        "as car (touching labels merge into one blob).")
     w0: float = Field(10.0, ge=0, description="Peak extra weight in the gaps between cars.")
     sigma_m: float = Field(0.75, gt=0, description="Width of the gap weight falloff, metres.")
 
