@@ -79,6 +79,13 @@ class LabelConfig(_Section):
     weight_map: bool = Field(
         True, description="Write U-Net gap weights (Ronneberger eq. 2) next to each mask."
     )
+    overlaps: Literal["ignore", "background", "car"] = Field(
+        "ignore", description="Pixels covered by two or more labels (boxes of cars parked "
+        "close overlap where the cars do not): 'ignore' burns them as background with zero "
+        "weight in the gap weight map, so each label stays its own blob and the loss learns "
+        "nothing there; 'background' teaches them as the gap between cars (with the gap "
+        "weight; on box-labelled sample scenes training collapsed to no cars); 'car' burns them "
+        "as car (touching labels merge into one blob).")
     w0: float = Field(10.0, ge=0, description="Peak extra weight in the gaps between cars.")
     sigma_m: float = Field(0.75, gt=0, description="Width of the gap weight falloff, metres.")
 
@@ -198,6 +205,14 @@ class VectorConfig(_Section):
     max_car_area_m2: float = Field(
         12.0, gt=0, description="Blobs larger than one car of this area are split even when "
         "car-shaped (two cars side by side).")
+    car_length_m: float = Field(
+        4.5, gt=0, description="Typical car length: a blob larger than one car is cut into the "
+        "pieces closest to a car of this length and `car_width_m` (or kept whole when it is "
+        "closest to one car).")
+    car_width_m: float = Field(1.85, gt=0, description="Typical car width (see car_length_m).")
+    min_car_length_m: float = Field(
+        3.0, gt=0, description="Smallest car length the splitter keeps: a split leaving a "
+        "shorter piece (a fragment of one car) is not made.")
     regularize: bool = Field(False, description="Replace each polygon by its min. rotated rectangle.")
     min_truncated_area_m2: float = Field(
         5.0, ge=0, description="A car cut by the scene's valid-data edge (`truncated`) smaller "

@@ -196,10 +196,17 @@ def rasterize_scene(scene_chips_gpkg: Path, labels, masks_dir: Path, *, cfg: Lab
             hits = near.sindex.query(reach) if len(near) else []
             cars = near.iloc[np.sort(hits)] if len(hits) else near.iloc[:0]
             mask = np.zeros(shape, dtype=np.uint8)
+            overlap = None
             if len(cars):
-                mask = features.rasterize(((g, 1) for g in cars.geometry), out_shape=shape,
-                                          transform=transform, fill=0,
-                                          all_touched=cfg.all_touched, dtype="uint8")
+                # How many labels cover each pixel: where boxes overlap, neither car is sure.
+                covered = features.rasterize(((g, 1) for g in cars.geometry), out_shape=shape,
+                                             transform=transform, fill=0,
+                                             all_touched=cfg.all_touched, dtype="uint8",
+                                             merge_alg=features.MergeAlg.add)
+                mask = (covered > 0).astype(np.uint8)
+                if cfg.overlaps != "car":
+                    overlap = covered >= 2
+                    mask[overlap] = 0
             burned = int(np.count_nonzero(mask & valid))
             if burned:
                 used.update(int(i) for i in cars["label_id"])
@@ -212,6 +219,8 @@ def rasterize_scene(scene_chips_gpkg: Path, labels, masks_dir: Path, *, cfg: Lab
                                      w0=cfg.w0, sigma_px=sigma_px, all_touched=cfg.all_touched)
                 weight[mask == 1] = 1.0
                 weight[mask == 255] = 0.0
+                if overlap is not None and cfg.overlaps == "ignore":
+                    weight[overlap] = 0.0  # claimed by two labels: taught neither way
                 wprofile = dict(profile, dtype="float32", nodata=None, predictor=3)
                 with rasterio.open(tmp / f"{chip}.weight.tif", "w", **wprofile) as dst:
                     dst.write(weight.astype(np.float32), 1)
@@ -279,3 +288,36 @@ def features_boxes(ids: np.ndarray, n: int) -> list[tuple[int, int, int, int]]:
     boxes = find_objects(ids, max_label=n)
     return [(s[0].start, s[0].stop, s[1].start, s[1].stop) if s is not None else (-1, -1, -1, -1)
             for s in boxes]
+
+
+# === Box labels ===
+
+def label_boxes(labels, crs=None):
+    """Each label as its axis-aligned bounding box in ``crs``: car labels as people often draw them.
+
+    Real car labels are often boxes aligned with the image grid, not outlines. This turns an
+    outline label layer into such a box layer (attributes kept), so a run on outline labels can
+    be repeated as the box-labelled data is labelled (``bench/bench_boxes.py``). The box is
+    taken in ``crs`` (the scenes' grid CRS; default the labels' own), since a box in EPSG:4326
+    is not a box on a UTM grid.
+
+    Args:
+        labels: a GeoDataFrame of car polygons (or points, which stay points).
+        crs: the CRS whose axes the boxes follow; the result is in it.
+
+    Returns:
+        A GeoDataFrame like ``labels`` with each polygon replaced by its envelope.
+    """
+    import geopandas as gpd
+    import shapely
+
+    if crs is not None:
+        if labels.crs is None:
+            raise InputError("labels: no CRS, so their boxes on the scene grid are unknown")
+        labels = labels.to_crs(crs)
+    geoms = labels.geometry.to_numpy()
+    areal = np.isin(shapely.get_type_id(geoms), (3, 6))  # Polygon, MultiPolygon
+    out = geoms.copy()
+    out[areal] = shapely.envelope(geoms[areal])
+    return gpd.GeoDataFrame(labels.drop(columns=labels.geometry.name), geometry=out,
+                            crs=labels.crs)

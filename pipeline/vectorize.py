@@ -14,9 +14,13 @@ raster's border), and ``truncated`` when it touches that edge; truncated cars sm
 ``min_truncated_area_m2`` are slivers of cars lying mostly outside the scene and are dropped
 (in a batch, the neighbouring scene sees them whole).
 
-Touching cars are split with a watershed on the distance transform, seeded by the blob's
-separate cores (see ``split_component``), only when a blob is not car-shaped (low solidity);
-a split is kept only when every piece is still car-sized (``min_car_width_m`` wide).
+Touching cars are split (see ``split_component``) only when a blob is not car-shaped (low
+solidity) or larger than one car: by a watershed on the distance transform or the probability,
+seeded by the blob's separate cores, else, for a rectangle of cars, into the strips closest to a
+typical car (``car_length_m`` by ``car_width_m``; no cut when the whole blob is closer to one car,
+or to one car's axis-aligned box as a model taught by box labels draws it). A split is kept only
+when every piece is still car-sized (``min_car_width_m`` wide, ``min_car_length_m`` long), so a
+car's own mask is not cut into fragments.
 """
 
 from __future__ import annotations
@@ -62,8 +66,9 @@ CORE_DEPTH = 0.8
 CORE_MARGIN = 0.1
 # A probability core must rise this far (0..1) above the level where it separates.
 PROB_MARGIN = 0.08
-# Length over width of a typical car, for cutting a large blob into car-shaped strips.
-CAR_ASPECT = 2.4
+# Strips are cut only when their pieces are this close to a typical car (``_car_likeness``:
+# 0.4 is a piece 1.5 times too long or too wide, or 1.2 times both).
+MAX_CAR_UNLIKENESS = 0.4
 # Only a blob filling this share of its minimum rectangle is cut into strips.
 RECT_FILL = 0.85
 # A blob is grown past its window only up to this many pixels, so memory stays bounded.
@@ -100,7 +105,7 @@ def split_component(comp: np.ndarray, *, gsd: float, cfg: VectorConfig,
                     prob: np.ndarray | None = None) -> np.ndarray:
     """Label the cars in one blob (a boolean crop): 1..n, 0 outside; one label when not split.
 
-    Only a blob that is not car-shaped (solidity below ``CAR_SOLIDITY``) or larger than one car
+    Only a blob that is not car-shaped (compity below ``CAR_SOLIDITY``) or larger than one car
     (``cfg.max_car_area_m2``) is split, by the first of these that gives car-sized pieces:
 
     1. Distance-transform cores: the connected parts of ``{distance to background >= t}``, each
@@ -109,12 +114,21 @@ def split_component(comp: np.ndarray, *, gsd: float, cfg: VectorConfig,
        car-shaped blob is never cut; cars joined by a neck fall apart above the neck.
     2. Probability cores, the same way on the probability raster: the model's probability dips
        in the gap between cars even where the thresholded masks touch.
-    3. For a blob larger than one car only: cut its minimum rectangle into equal strips, across
-       whichever axis leaves car-shaped pieces (side by side, or end to end).
+    3. For a blob larger than one car only: cut its minimum rectangle into ``k`` equal strips
+       across one of its axes, with ``k`` (1 included: no cut) and the axis chosen so that the
+       pieces are closest to a typical car (``car_length_m`` by ``car_width_m``). Two cars side
+       by side are thus two 1.8 m strips, not three 1.5 m ones.
+
+    A piece from 1 or 2 still larger than one car is cut by 3 in turn (a parking row that a
+    staggered car joins). Car-sized means at least ``min_car_width_m`` wide and
+    ``min_car_length_m`` long: a split that leaves a fragment of one car is not made.
     """
     labels = comp.astype(np.int32)
     if not cfg.split_touching:
         return labels
+    # Holes are kept: a small enclosed gap is often all that parts two cars touching at both
+    # ends (filling them lost 4 points of object F1 on box-trained masks); a hole in one car
+    # is guarded by the car-sized test on the pieces instead.
     area_px = int(comp.sum())
     large = area_px * gsd * gsd > cfg.max_car_area_m2
     if not large and area_px / _hull_area(comp) >= CAR_SOLIDITY:
@@ -129,22 +143,30 @@ def split_component(comp: np.ndarray, *, gsd: float, cfg: VectorConfig,
         inside = smooth[comp]
         surfaces.append((smooth, np.linspace(inside.min(), inside.max(), 24)[1:],
                          0.0, PROB_MARGIN * PROB_SCALE))
+    out = None
     for surface, levels, deep, margin in surfaces:
         out = _split_by_cores(comp, surface, levels, deep, margin, gsd=gsd, cfg=cfg)
         if out is not None:
-            return out
-    if large:
+            out = _strip_large_pieces(out, gsd=gsd, cfg=cfg)
+            break
+    if out is None and large:
         out = _split_by_strips(comp, gsd=gsd, cfg=cfg)
-        if out is not None:
-            return out
-    return labels
+    if out is None:
+        return labels
+    return out
 
 
 def _car_sized(pieces: np.ndarray, values, *, gsd: float, cfg: VectorConfig) -> bool:
-    # Each piece must hold a car at least min_car_width wide and twice as long.
-    min_px = max(cfg.min_area_m2, 2 * cfg.min_car_width_m**2) / gsd**2
-    return all((pieces == v).sum() >= min_px
-               and _min_rect_width(pieces == v) * gsd >= cfg.min_car_width_m for v in values)
+    # Each piece must hold a car at least min_car_width wide and min_car_length long.
+    min_px = max(cfg.min_area_m2, cfg.min_car_width_m * cfg.min_car_length_m) / gsd**2
+    for v in values:
+        piece = pieces == v
+        if piece.sum() < min_px:
+            return False
+        width, length = _min_rect_sides(piece)
+        if width * gsd < cfg.min_car_width_m or length * gsd < cfg.min_car_length_m:
+            return False
+    return True
 
 
 def _split_by_cores(comp, surface, levels, deep: float, margin: float, *, gsd: float,
@@ -173,6 +195,51 @@ def _split_by_cores(comp, surface, levels, deep: float, margin: float, *, gsd: f
     return None
 
 
+def _strip_large_pieces(pieces: np.ndarray, *, gsd: float, cfg: VectorConfig) -> np.ndarray:
+    """Cut every piece still larger than one car into car-sized strips (where it is a row)."""
+    out = np.zeros(pieces.shape, np.int32)
+    n = 0
+    for v in range(1, int(pieces.max()) + 1):
+        piece = pieces == v
+        sub = None
+        if piece.sum() * gsd * gsd > cfg.max_car_area_m2:
+            sub = _split_by_strips(piece, gsd=gsd, cfg=cfg)
+        if sub is None:
+            n += 1
+            out[piece] = n
+        else:
+            out[sub > 0] = sub[sub > 0] + n
+            n += int(sub.max())
+    return out
+
+
+def _car_likeness(a_m: float, b_m: float, cfg: VectorConfig) -> float:
+    """How far a rectangle of sides a by b (metres) is from a typical car: 0 is one exactly."""
+    short, long_ = sorted((a_m, b_m))
+    return abs(math.log(long_ / cfg.car_length_m)) + abs(math.log(short / cfg.car_width_m))
+
+
+def _box_likeness(a_m: float, b_m: float, cfg: VectorConfig) -> float:
+    """How far a by b (metres) is from the axis-aligned box of a typical car at any heading."""
+    short, long_ = sorted((a_m, b_m))
+    return min(abs(math.log(long_ / bl)) + abs(math.log(short / bs))
+               for bs, bl in _box_sides(cfg.car_length_m, cfg.car_width_m))
+
+
+def _box_sides(length: float, width: float) -> list[tuple[float, float]]:
+    """(short, long) sides of the axis-aligned box of a length x width car, heading 0..90."""
+    out = []
+    for deg in range(0, 91, 3):
+        c, s_ = math.cos(math.radians(deg)), math.sin(math.radians(deg))
+        out.append(tuple(sorted((length * c + width * s_, length * s_ + width * c))))
+    return out
+
+
+def _grid_aligned(side: np.ndarray, tol_deg: float = 3.0) -> bool:
+    """Whether a rectangle side (row, col vector) runs along the pixel grid."""
+    return min(abs(side[0]), abs(side[1])) <= math.sin(math.radians(tol_deg)) * np.hypot(*side)
+
+
 def _split_by_strips(comp: np.ndarray, *, gsd: float, cfg: VectorConfig) -> np.ndarray | None:
     pts = np.argwhere(comp).astype(float)
     rect = shapely.minimum_rotated_rectangle(shapely.multipoints(pts))
@@ -180,24 +247,30 @@ def _split_by_strips(comp: np.ndarray, *, gsd: float, cfg: VectorConfig) -> np.n
         return None
     c = np.asarray(rect.exterior.coords)
     sides = [c[1] - c[0], c[2] - c[1]]
-    rect_px = (np.hypot(*sides[0]) + 1) * (np.hypot(*sides[1]) + 1)
-    if len(pts) < RECT_FILL * rect_px:
+    side_m = [(np.hypot(*s) + 1) * gsd for s in sides]
+    if len(pts) < RECT_FILL * (side_m[0] / gsd) * (side_m[1] / gsd):
         return None  # not a rectangle of cars: strips would cut across them
-    best = None
-    for k in range(2, 6):
-        for axis, other in ((sides[0], sides[1]), (sides[1], sides[0])):
-            along = (np.hypot(*axis) + 1) / k * gsd  # piece size along the cut axis, metres
-            across = (np.hypot(*other) + 1) * gsd
-            short, long_ = sorted((along, across))
-            if short < cfg.min_car_width_m or long_ * short > cfg.max_car_area_m2:
+    # k = 1 (no cut) competes too: a van is closer to one car than to two half-vans. A blob
+    # whose rectangle follows the grid may be one car's box at any heading (a model taught
+    # by box labels draws boxes): a 45-degree car's 4.5 m square box is one car, not two.
+    whole = _car_likeness(*side_m, cfg)
+    if _grid_aligned(sides[0]):
+        whole = min(whole, _box_likeness(*side_m, cfg))
+    best = (whole, 1, 0)
+    most = int(len(pts) * gsd * gsd / (cfg.min_car_width_m * cfg.min_car_length_m))
+    for k in range(2, max(most, 1) + 1):
+        for i in (0, 1):
+            along, across = side_m[i] / k, side_m[1 - i]
+            if (min(along, across) < cfg.min_car_width_m
+                    or along * across > cfg.max_car_area_m2):
                 continue
-            # Cars are about 2.4 times as long as wide; prefer the cut closest to that.
-            score = abs(math.log((long_ / short) / CAR_ASPECT))
-            if 1.6 <= long_ / short <= 3.5 and (best is None or score < best[0]):
-                best = (score, k, axis)
-    if best is None:
-        return None
-    _, k, axis = best
+            score = _car_likeness(along, across, cfg)
+            if score < best[0] - 1e-9:
+                best = (score, k, i)
+    score, k, i = best
+    if k == 1 or score > MAX_CAR_UNLIKENESS:
+        return None  # one vehicle, or no cut gives pieces that look like cars (a roof)
+    axis = sides[i]
     unit = axis / np.hypot(*axis)
     t = (pts - c[0]) @ unit
     bins = np.clip(((t - t.min()) / (np.ptp(t) + 1e-9) * k).astype(int), 0, k - 1) + 1
@@ -215,13 +288,16 @@ def _hull_area(comp: np.ndarray) -> float:
     return max(hull.buffer(0.5, join_style="mitre").area, 1.0)
 
 
-def _min_rect_width(piece: np.ndarray) -> float:
+def _min_rect_sides(piece: np.ndarray) -> tuple[float, float]:
+    """(width, length) in pixels of a piece's minimum rotated rectangle."""
     pts = np.argwhere(piece).astype(float)
     rect = shapely.minimum_rotated_rectangle(shapely.multipoints(pts))
     if rect.geom_type != "Polygon":
-        return 1.0
+        extent = float(np.ptp(pts, axis=0).max()) + 1.0 if len(pts) else 0.0
+        return 1.0, extent
     c = np.asarray(rect.exterior.coords)
-    return float(min(np.hypot(*(c[1] - c[0])), np.hypot(*(c[2] - c[1])))) + 1.0
+    a, b = np.hypot(*(c[1] - c[0])) + 1.0, np.hypot(*(c[2] - c[1])) + 1.0
+    return float(min(a, b)), float(max(a, b))
 
 
 # === The scene's valid-data edge ===

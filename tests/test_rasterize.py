@@ -68,9 +68,13 @@ def test_masks_equal_whole_scene_rasterization_cut_at_each_chip(tmp_path, rng):
     labels = load_labels([labels_file], cfg=LabelConfig(weight_map=False))
     assert labels.crs == "EPSG:4326"
     out = rasterize_scene(gpkg, labels, tmp_path / "masks", cfg=LabelConfig(weight_map=False))
-    # Independent answer: the labels on the whole scene grid, nodata as 255.
+    # Independent answer: the labels on the whole scene grid, nodata as 255, pixels that two
+    # labels claim as background (labels.overlaps).
     truth = features.rasterize(((g, 1) for g in labels.to_crs(UTM).geometry),
-                               out_shape=data.shape[1:], transform=TRANSFORM, dtype="uint8")
+                               out_shape=data.shape[1:], transform=TRANSFORM, dtype="uint8",
+                               merge_alg=features.MergeAlg.add)
+    assert (truth >= 2).any()  # some random cars overlap
+    truth = (truth == 1).astype(np.uint8)
     truth[(data == 0).all(axis=0)] = 255
     summary = json.loads(out.read_text())
     chips = gpd.read_file(gpkg)
@@ -259,7 +263,8 @@ def test_rotated_scene_masks_keep_every_car_pixel(tmp_path, rng):
             for x, y in centres]
     labels_file = _write(gpd.GeoDataFrame(geometry=cars, crs=UTM).to_crs(4326),
                          tmp_path / "labels" / "cars.gpkg")
-    cfg = LabelConfig(weight_map=False)
+    # Overlapping random cars stay merged here: the question is only which pixels are reached.
+    cfg = LabelConfig(weight_map=False, overlaps="car")
     labels = load_labels([labels_file], cfg=cfg)
     out = rasterize_scene(gpkg, labels, tmp_path / "masks", cfg=cfg)
     burned = sum(json.loads(out.read_text())["chips"].values())
@@ -288,3 +293,51 @@ def test_scene_in_us_feet_uses_metre_settings_in_metres(tmp_path, rng):
     burned = sum(json.loads(out.read_text())["chips"].values())
     # A 4.5 x 1.9 m car on 0.1524 m pixels: about 368 pixels (not 4.5 x 1.9 feet = 34).
     assert burned == pytest.approx(4.5 * 1.9 / (0.5 * ft) ** 2, rel=0.1)
+
+
+# === Box labels ===
+
+def test_label_boxes_are_envelopes_on_the_scene_grid(tmp_path):
+    from pipeline.rasterize import label_boxes
+
+    car = affinity.rotate(box(X0 + 10, Y0 - 12.25, X0 + 11.9, Y0 - 7.75), -30)
+    pt = Point(X0 + 30, Y0 - 30)
+    cars = gpd.GeoDataFrame({"kind": ["car", "point"]}, geometry=[car, pt], crs=UTM)
+    # Labels in degrees: the box is taken on the scene's UTM grid, not in EPSG:4326.
+    boxes = label_boxes(cars.to_crs(4326), UTM)
+    assert boxes.crs == UTM and list(boxes["kind"]) == ["car", "point"]
+    got = boxes.geometry.iloc[0]
+    assert got.equals_exact(car.envelope, tolerance=1e-3)
+    assert got.area > 1.5 * car.area  # a box around a car at 30 degrees holds much more
+    assert boxes.geometry.iloc[1].geom_type == "Point"
+    with pytest.raises(InputError, match="no CRS"):
+        label_boxes(gpd.GeoDataFrame(geometry=[car]), UTM)
+
+
+def test_overlapping_boxes_stay_apart_and_their_overlap_is_ignored(tmp_path, rng):
+    # Two boxes of cars parked close overlap by 3 px: burned as one blob they would teach
+    # the model (and the validation truth) one merged car.
+    gpkg, _ = _tiled(tmp_path, rng, shape=(64, 64), nodata_cols=0,
+                     cfg=TileConfig(chip_size=64, overlap=16))
+    cars = [box(X0 + 5 * GSD, Y0 - 40 * GSD, X0 + 20 * GSD, Y0 - 10 * GSD),
+            box(X0 + 17 * GSD, Y0 - 40 * GSD, X0 + 32 * GSD, Y0 - 10 * GSD)]
+    labels = load_labels([_write(gpd.GeoDataFrame(geometry=cars, crs=UTM), tmp_path / "c.gpkg")],
+                         cfg=LabelConfig())
+    from scipy import ndimage
+
+    for overlaps, blobs in (("ignore", 2), ("background", 2), ("car", 1)):
+        out = rasterize_scene(gpkg, labels, tmp_path / overlaps,
+                              cfg=LabelConfig(overlaps=overlaps))
+        mask = _read(out.parent / "s_r00000_c00000.tif")
+        weight = _read(out.parent / "s_r00000_c00000.weight.tif")
+        assert ndimage.label(mask == 1)[1] == blobs
+        overlap = np.zeros_like(mask, bool)
+        overlap[10:40, 17:20] = True
+        if overlaps == "car":
+            assert (mask[overlap] == 1).all() and (mask == 1).sum() == 30 * 27
+        else:
+            assert (mask[overlap] == 0).all()
+            assert (mask == 1).sum() == 2 * 30 * 15 - 2 * 30 * 3
+            # Ignored, or taught as the gap between two cars (the U-Net gap weight, > 1).
+            assert (weight[overlap] == 0).all() if overlaps == "ignore" \
+                else (weight[overlap] > 5).all()

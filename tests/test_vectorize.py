@@ -10,6 +10,7 @@ import pyogrio
 import pytest
 import rasterio.features
 import shapely
+from affine import Affine
 from conftest import GSD, ORIGIN, TRANSFORM, UTM, write_scene
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -378,3 +379,171 @@ def test_the_models_chosen_minimum_area_and_probability_apply_unless_set(tmp_pat
         dst.update_tags(min_area_m2="6", min_mean_prob="0.5")
     assert len(run(tmp_path, "s")) == 0  # 4.5 m2 < 6; mean probability 100/254 < 0.5
     assert len(run(tmp_path, "s", min_area_m2=4.0, min_mean_prob=0.0)) == 2  # the user's say
+
+
+# === Splitting touching cars: real rasters of cars at several headings and GSDs ===
+
+def _car_m(cx: float, cy: float, *, heading: float, length=4.5, width=1.8):
+    """A car footprint in metres (x east, y north), long axis at ``heading`` from north."""
+    rect = box(cx - width / 2, cy - length / 2, cx + width / 2, cy + length / 2)
+    return affinity.rotate(rect, -heading, origin=(cx, cy))
+
+
+def _blob_raster(cars, gsd: float, size_m: float = 30.0) -> np.ndarray:
+    """Burn car footprints (metres, centred on 0) on a grid of ``gsd`` the way masks are burned."""
+    n = int(round(size_m / gsd))
+    transform = Affine(gsd, 0, -size_m / 2, 0, -gsd, size_m / 2)
+    return rasterio.features.rasterize([(g, 1) for g in cars], out_shape=(n, n),
+                                       transform=transform, fill=0, dtype="uint8").astype(bool)
+
+
+def _count_cars(mask: np.ndarray, gsd: float, **kw) -> list[int]:
+    """Cars per 8-connected blob after split_component, as vectorize splits them."""
+    from pipeline.vectorize import split_component
+
+    cfg = VectorConfig(**kw).resolve()
+    comps, n = ndimage.label(mask, structure=np.ones((3, 3)))
+    counts = []
+    for i, sl in enumerate(ndimage.find_objects(comps), start=1):
+        comp = comps[sl] == i
+        if comp.sum() * gsd * gsd < cfg.min_area_m2:
+            continue
+        counts.append(int(split_component(comp, gsd=gsd, cfg=cfg).max()))
+    return counts
+
+
+def _along_across(heading: float):
+    rad = math.radians(heading)
+    return (np.array([math.sin(rad), math.cos(rad)]), np.array([math.cos(rad), -math.sin(rad)]))
+
+
+HEADINGS = [0, 30, 45, 90]
+GSDS = [0.13, 0.15]
+
+
+@pytest.mark.parametrize("gsd", GSDS)
+@pytest.mark.parametrize("heading", [0, 17, 30, 45, 72, 90, 135])
+@pytest.mark.parametrize("size", [(4.5, 1.8), (3.7, 1.65), (5.1, 2.0), (6.0, 2.4)])
+def test_split_one_car_never_split(heading, gsd, size):
+    mask = _blob_raster([_car_m(0, 0, heading=heading, length=size[0], width=size[1])], gsd)
+    assert _count_cars(mask, gsd) == [1]
+
+
+@pytest.mark.parametrize("gsd", GSDS)
+@pytest.mark.parametrize("heading", HEADINGS)
+@pytest.mark.parametrize("gap_px", [0, 1])
+def test_split_two_cars_side_by_side(heading, gsd, gap_px):
+    # Long sides touching (or one pixel apart): the 3.6 x 4.5 m blob is two cars, not three
+    # 1.5 m strips.
+    along, across = _along_across(heading)
+    step = 1.8 + gap_px * gsd
+    cars = [_car_m(*(-step / 2 * across), heading=heading),
+            _car_m(*(step / 2 * across), heading=heading)]
+    mask = _blob_raster(cars, gsd)
+    assert sum(_count_cars(mask, gsd)) == 2
+
+
+@pytest.mark.parametrize("gsd", GSDS)
+@pytest.mark.parametrize("heading", HEADINGS)
+def test_split_two_cars_nose_to_tail(heading, gsd):
+    along, _ = _along_across(heading)
+    cars = [_car_m(*(-2.25 * along), heading=heading), _car_m(*(2.25 * along), heading=heading)]
+    mask = _blob_raster(cars, gsd)
+    assert ndimage.label(mask, np.ones((3, 3)))[1] == 1
+    assert _count_cars(mask, gsd) == [2]
+
+
+@pytest.mark.parametrize("gsd", GSDS)
+@pytest.mark.parametrize("heading", HEADINGS)
+def test_split_row_of_five_touching(heading, gsd):
+    # A parking row: five cars side by side in full contact, slightly different sizes.
+    _, across = _along_across(heading)
+    widths = [1.8, 1.75, 1.85, 1.8, 1.7]
+    lengths = [4.5, 4.3, 4.7, 4.4, 4.2]
+    offsets = np.cumsum([0] + [(a + b) / 2 for a, b in zip(widths[:-1], widths[1:], strict=True)])
+    offsets -= offsets.mean()
+    cars = [_car_m(*(o * across), heading=heading, length=ln, width=w)
+            for o, ln, w in zip(offsets, lengths, widths, strict=True)]
+    mask = _blob_raster(cars, gsd)
+    assert ndimage.label(mask, np.ones((3, 3)))[1] == 1
+    assert _count_cars(mask, gsd) == [5]
+
+
+def _ragged(mask: np.ndarray, gsd: float, seed: int) -> np.ndarray:
+    """A car mask as a network gives it: ragged edges, small holes, a waist at the windscreen."""
+    rng = np.random.default_rng(seed)
+    out = mask.copy()
+    edge = out & ~ndimage.binary_erosion(out)
+    out[edge & (rng.random(out.shape) < 0.35)] = False  # ragged rim
+    out |= ndimage.binary_dilation(out) & (rng.random(out.shape) < 0.15)  # bumps
+    inner = ndimage.binary_erosion(out, iterations=3)
+    for r, c in np.argwhere(inner)[rng.choice(int(inner.sum()), 3, replace=False)]:
+        out[r:r + 2, c:c + 2] = False  # holes (glints, a sunroof)
+    return out
+
+
+@pytest.mark.parametrize("gsd", GSDS)
+@pytest.mark.parametrize("heading", HEADINGS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_irregular_single_car_stays_one(heading, gsd, seed):
+    along, across = _along_across(heading)
+    car_ = _car_m(0, 0, heading=heading)
+    # The windscreen is dark: the network's mask narrows there from one side (a waist).
+    notch = _car_m(*(0.6 * along + 0.55 * across), heading=heading, length=0.5, width=0.9)
+    mask = _blob_raster([car_], gsd) & ~_blob_raster([notch], gsd)
+    mask = _ragged(mask, gsd, seed)
+    assert sum(_count_cars(mask, gsd)) == 1
+
+
+@pytest.mark.parametrize("gsd", GSDS)
+@pytest.mark.parametrize("heading", HEADINGS)
+def test_split_pinched_car_is_not_cut_into_fragments(heading, gsd):
+    # The network's mask of one car pinched to a neck at the windscreen from both sides: two
+    # 2.2 m halves of ~4.2 m2 each are fragments of one car (issue 13: ~4.8 m2, 2.8 m long),
+    # not two cars.
+    along, across = _along_across(heading)
+    car_ = _car_m(0, 0, heading=heading, length=5.0, width=1.9)
+    notches = [_car_m(*(s * 0.75 * across), heading=heading, length=0.6, width=0.9)
+               for s in (-1, 1)]
+    mask = _blob_raster([car_], gsd) & ~_blob_raster(notches, gsd)
+    assert ndimage.label(mask, np.ones((3, 3)))[1] == 1
+    assert _count_cars(mask, gsd) == [1]
+
+
+@pytest.mark.parametrize("gsd", GSDS)
+@pytest.mark.parametrize("heading", [20, 30, 45, 60])
+def test_split_box_of_one_rotated_car_stays_one(heading, gsd):
+    # A model taught by box labels predicts a car's axis-aligned box: at 45 degrees that is a
+    # 4.5 m square of 20 m2, larger than any car, yet one car, never two half-boxes.
+    mask = _blob_raster([_car_m(0, 0, heading=heading).envelope], gsd)
+    assert _count_cars(mask, gsd) == [1]
+
+
+@pytest.mark.parametrize("gsd", GSDS)
+def test_split_boxes_of_cars_side_by_side(gsd):
+    # Boxes of two axis-aligned cars side by side (a parking row along the grid): still two.
+    cars = [_car_m(-0.95, 0, heading=0, width=1.9), _car_m(0.95, 0, heading=0, width=1.9)]
+    mask = _blob_raster([c.envelope for c in cars], gsd)
+    assert _count_cars(mask, gsd) == [2]
+
+
+def test_rectangles_from_a_box_trained_mask_keep_their_attributes(tmp_path):
+    # vectors.regularize: each car as its minimum rotated rectangle (car-shaped where the mask
+    # is), every attribute column kept and computed from the rectangle.
+    truth = car(60, 60, heading_deg=30)
+    mask = burn((120, 120), [truth])
+    mask[58:62, 40:44] = 0  # a ragged bite out of the mask: the rectangle fills it
+    prob = np.where(mask == 1, 200, 10).astype(np.uint8)
+    write_pred(tmp_path, "s", mask, prob)
+    plain, rect = run(tmp_path, "s"), run(tmp_path, "s", regularize=True)
+    assert len(plain) == len(rect) == 1 and list(rect.columns) == [*COLUMNS, "geometry"]
+    geom = rect.geometry.iloc[0]
+    assert len(shapely.get_coordinates(geom)) == 5
+    assert geom.area == pytest.approx(shapely.minimum_rotated_rectangle(
+        plain.geometry.iloc[0]).area)
+    assert rect.area_m2.iloc[0] == pytest.approx(geom.area)
+    assert rect.area_m2.iloc[0] > plain.area_m2.iloc[0]
+    assert rect.heading_deg.iloc[0] == pytest.approx(30, abs=3)
+    for col in ("scene", "mean_prob", "max_prob", "truncated"):
+        assert rect[col].iloc[0] == plain[col].iloc[0], col
+    assert rect.edge_dist_m.iloc[0] == pytest.approx(plain.edge_dist_m.iloc[0], abs=0.5)
