@@ -574,12 +574,15 @@ def predict_scene(scene: Path, model_dir: Path, out_dir: Path, *,
                     _predict_into(src, scene, bundle, writer, tmp, geometry=geometry, cfg=cfg)
                 finally:
                     writer.close()
+                # QGIS opens both styled: a probability ramp, the mask's cars in red (255
+                # transparent). The styles go first: a scene counts as done once its COGs
+                # exist, so a kill between the two must find the styles already there.
+                for raster, qml in ((prob_out, probability_qml()), (mask_out, mask_qml())):
+                    raster.parent.mkdir(parents=True, exist_ok=True)
+                    write_qml(raster, qml)
                 _write_cogs(tmp / "prob.tif", tmp / "mask.tif", prob_out, mask_out, tags)
         finally:
             src.close()
-    # QGIS opens both styled: a probability ramp, the mask's cars in red (255 transparent).
-    write_qml(prob_out, probability_qml())
-    write_qml(mask_out, mask_qml())
     log.info("%s: wrote %s and %s", scene.name, prob_out, mask_out)
     return prob_out, mask_out
 
