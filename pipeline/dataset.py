@@ -284,8 +284,8 @@ def box_labels_wanted(records: list[ChipRecord], mode, *, sample: int = 40) -> b
         found = {(b[0].start, b[1].start) for b in box_blobs(mask)}
         boxes += sum((sl[0].start, sl[1].start) in found for sl in inner)
     wanted = blobs >= 5 and boxes >= BOX_SHARE * blobs
-    log.info("train.box_labels auto: %d of %d car blobs are axis-aligned boxes: %s", boxes,
-             blobs, "treating labels as boxes" if wanted else "outlines")
+    log.info("labels: %d of %d car blobs are axis-aligned boxes: %s", boxes,
+             blobs, "box labels" if wanted else "outlines")
     return wanted
 
 

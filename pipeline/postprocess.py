@@ -105,11 +105,33 @@ def find_objects(cars: np.ndarray, *, gsd: float, cfg: VectorConfig, valid: np.n
                    np.asarray(dont_care, bool))
 
 
-def partners(pred: Objects, truth: Objects) -> tuple[np.ndarray, np.ndarray]:
+def _boxes(labels: np.ndarray, n: int) -> np.ndarray:
+    """(n, 4) row0, col0, row1, col1 of each labelled car's axis-aligned box (1-based ids)."""
+    out = np.zeros((n, 4), np.int64)
+    for i, sl in enumerate(ndimage.find_objects(labels, max_label=n)):
+        if sl is not None:
+            out[i] = sl[0].start, sl[1].start, sl[0].stop, sl[1].stop
+    return out
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of paired boxes (rows of ``a`` and ``b``, as ``_boxes`` gives them)."""
+    rows = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    cols = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+    inter = rows * cols
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    return inter / np.maximum(area(a) + area(b) - inter, 1)
+
+
+def partners(pred: Objects, truth: Objects, *, envelopes: bool = False
+             ) -> tuple[np.ndarray, np.ndarray]:
     """Each predicted car's truth partner at IoU >= 0.5 and each truth car's (-1 = none).
 
     At IoU >= 0.5 a car overlaps at most one other car that well, so partners do not depend on
     which other predicted cars are kept: they are found once and filtered by area afterwards.
+    With ``envelopes`` the IoU is that of the cars' axis-aligned boxes (for box labels: a car
+    drawn at its true heading fills only part of its label's box, and is still that car);
+    only cars that share pixels are compared.
     """
     n_p, n_t = len(pred.area_m2), len(truth.area_m2)
     partner_t = np.full(n_p, -1)
@@ -122,7 +144,10 @@ def partners(pred: Objects, truth: Objects) -> tuple[np.ndarray, np.ndarray]:
     p_ids, t_ids = pairs // (n_t + 1), pairs % (n_t + 1)
     p_px = np.bincount(pred.labels.ravel(), minlength=n_p + 1)
     t_px = np.bincount(truth.labels.ravel(), minlength=n_t + 1)
-    iou = inter / (p_px[p_ids] + t_px[t_ids] - inter)
+    if envelopes:
+        iou = _box_iou(_boxes(pred.labels, n_p)[p_ids - 1], _boxes(truth.labels, n_t)[t_ids - 1])
+    else:
+        iou = inter / (p_px[p_ids] + t_px[t_ids] - inter)
     for p, t, value in zip(p_ids, t_ids, iou, strict=True):
         if value >= MATCH_IOU and partner_t[p - 1] < 0 and partner_p[t - 1] < 0:
             partner_t[p - 1], partner_p[t - 1] = t - 1, p - 1
@@ -225,7 +250,7 @@ class _Scored:
 
 def choose(chips, *, gsd: float, cfg: VectorConfig, thresholds=THRESHOLDS,
            min_areas=MIN_AREAS_M2, min_mean_probs=MIN_MEAN_PROBS, refine: bool = True,
-           max_chips: int = 400, split: bool = True) -> dict:
+           max_chips: int = 400, split: bool = True, envelopes: bool = False) -> dict:
     """Pick the threshold, minimum area and minimum mean probability with the best object F1.
 
     Thresholds are searched coarse to fine: every other candidate with blobs unsplit first,
@@ -244,6 +269,8 @@ def choose(chips, *, gsd: float, cfg: VectorConfig, thresholds=THRESHOLDS,
         refine: search thresholds coarse to fine (False = every candidate).
         max_chips: cap on the chips used.
         split: split touching cars as vectorize does (False: a faster approximation).
+        envelopes: match cars by the IoU of their axis-aligned boxes (box labels; see
+            ``partners``).
 
     Returns:
         ``{"threshold", "min_area_m2", "min_mean_prob", "object_f1", "precision", "recall",
@@ -272,7 +299,7 @@ def choose(chips, *, gsd: float, cfg: VectorConfig, thresholds=THRESHOLDS,
             valid = mask != IGNORE
             pred = find_objects((prob >= th) & valid, gsd=gsd, cfg=split_cfg, valid=valid,
                                 prob=prob.astype(np.float32), split=do_split)
-            pairs.append((pred, truth, partners(pred, truth)))
+            pairs.append((pred, truth, partners(pred, truth, envelopes=envelopes)))
         scored = _Scored.gather(pairs)
         table[th] = np.array([scored.counts(a, cfg.max_area_m2, m) for a, m in grid])
         if table is exact:
@@ -336,11 +363,11 @@ def _cap(chips: list, max_chips: int) -> list:
 
 
 def object_f1(chips, *, gsd: float, cfg: VectorConfig, threshold: float = 0.5,
-              split: bool = False) -> float:
+              split: bool = False, envelopes: bool = False) -> float:
     """Object F1 at IoU 0.5 at one threshold and ``cfg.min_area_m2``: the cheap score that keeps
     the best weights during training. Touching cars are not split by default (splitting costs
     most of the time; the ranking of checkpoints hardly depends on it)."""
     cfg = cfg.resolve()
     return choose(chips, gsd=gsd, cfg=cfg, thresholds=(threshold,),
                   min_areas=(cfg.min_area_m2,), min_mean_probs=(0.0,), refine=False,
-                  split=split)["object_f1"]
+                  split=split, envelopes=envelopes)["object_f1"]

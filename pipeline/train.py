@@ -173,7 +173,8 @@ class ValidationCheckpoint(_callback_base()):
     """
 
     def __init__(self, val: ChipDataset, ckpt_dir: Path, state: dict, patience: int | None,
-                 *, select_by: str = "iou", gsd: float | None = None, vectors=None):
+                 *, select_by: str = "iou", gsd: float | None = None, vectors=None,
+                 envelopes: bool = False):
         super().__init__()
         self.val = val
         self.ckpt_dir = ckpt_dir
@@ -182,6 +183,7 @@ class ValidationCheckpoint(_callback_base()):
         self.select_by = select_by
         self.gsd = gsd
         self.vectors = vectors
+        self.envelopes = envelopes  # box labels: cars matched by their boxes
         self.started = time.monotonic()
         self.elapsed0 = float(state.get("elapsed_s", 0.0))
         # Seconds of the last validation's forward passes and object scoring at one threshold.
@@ -202,7 +204,8 @@ class ValidationCheckpoint(_callback_base()):
         metrics = scores(*counts[0])
         t1 = time.monotonic()
         if chips is not None:
-            metrics["object_f1"] = object_f1(chips, gsd=self.gsd, cfg=self.vectors)
+            metrics["object_f1"] = object_f1(chips, gsd=self.gsd, cfg=self.vectors,
+                                             envelopes=self.envelopes)
         self.forward_s, self.objects_s = t1 - t0, time.monotonic() - t1
         logs["val_loss"] = val_loss
         for key, value in metrics.items():
@@ -618,7 +621,11 @@ def _run(chips_dir, model_dir, cfg, records, train_recs, val_recs, stats, normal
 
     t = cfg.train
     cache = t.cache_in_memory and _fits_in_memory(records, bands)
-    boxes = box_labels_wanted(train_recs, t.box_labels)
+    # Box labels are recognised whatever the loss does with them (train.box_labels): a car at
+    # its true heading fills only part of its box, so validation then matches cars by their
+    # boxes (envelope IoU), as anyone scoring against box labels does.
+    labels_are_boxes = box_labels_wanted(train_recs, "auto")
+    boxes = labels_are_boxes if t.box_labels == "auto" else bool(t.box_labels)
     train_data = ChipDataset(train_recs, normalization, batch_size=t.batch_size,
                              augment=t.augment, positive_fraction=t.positive_fraction,
                              steps=t.steps_per_epoch, use_weights=t.use_gap_weights,
@@ -666,7 +673,8 @@ def _run(chips_dir, model_dir, cfg, records, train_recs, val_recs, stats, normal
     elif history.exists():
         history.unlink()
     checkpoint = ValidationCheckpoint(val_data, ckpt_dir, state, t.early_stopping_patience,
-                                      select_by=t.select_by, gsd=gsd, vectors=cfg.vectors)
+                                      select_by=t.select_by, gsd=gsd, vectors=cfg.vectors,
+                                      envelopes=labels_are_boxes)
     callbacks = [checkpoint,
                  LearningRate(t.learning_rate, t.warmup_fraction,
                               total_steps=t.epochs * len(train_data),
@@ -695,7 +703,7 @@ def _run(chips_dir, model_dir, cfg, records, train_recs, val_recs, stats, normal
     started = time.monotonic()
     val_chips: list = []
     counts, _ = evaluate(model, val_data, THRESHOLDS, val_chips)
-    post = choose(val_chips, gsd=gsd, cfg=cfg.vectors)
+    post = choose(val_chips, gsd=gsd, cfg=cfg.vectors, envelopes=labels_are_boxes)
     threshold = post["threshold"]
     k = int(np.argmin(np.abs(THRESHOLDS - threshold)))
     val_metrics = scores(*counts[k])
@@ -737,6 +745,8 @@ def _run(chips_dir, model_dir, cfg, records, train_recs, val_recs, stats, normal
                         "epochs_run": int(state["epoch"]),
                         "train_minutes": round(float(state.get("elapsed_s", 0.0)) / 60, 2),
                         "box_labels": bool(boxes),
+                        "labels_are_boxes": bool(labels_are_boxes),
+                        "object_match": "envelope IoU 0.5" if labels_are_boxes else "IoU 0.5",
                         "val_chips": len(val_recs), "train_chips": len(train_recs)},
         "versions": _versions(),
         "data_fingerprint": data_fingerprint(records),

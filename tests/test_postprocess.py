@@ -108,3 +108,36 @@ def test_faint_false_cars_are_dropped_by_mean_probability():
     assert (post["tp"], post["fp"], post["fn"]) == (3, 0, 0)
     assert post["threshold"] == pytest.approx(0.5)
     assert post["min_mean_prob"] == pytest.approx(0.65)
+
+
+def _rotated_cars_in_boxes(size: int = 200):
+    """Cars drawn at 45 degrees (what a model trained on any labels should find) and their
+    axis-aligned box labels (what many people label): a 4.5 x 1.85 m car fills about 41% of its
+    box, so no car reaches IoU 0.5 with its own label."""
+    from rasterio.features import rasterize
+    from shapely import affinity
+    from shapely.geometry import box
+
+    centres = [(50, 50), (50, 150), (150, 50), (150, 150)]
+    cars = [affinity.rotate(box(c - 15, r - 6.2, c + 15, r + 6.2), 45, origin=(c, r))
+            for r, c in centres]  # 30 x 12.4 px at 0.15 m
+    prob = np.where(rasterize([(g, 1) for g in cars], out_shape=(size, size)) > 0,
+                    0.9, 0.05).astype(np.float32)
+    boxes = rasterize([(box(*g.bounds), 1) for g in cars], out_shape=(size, size))
+    return prob, boxes.astype(np.uint8)
+
+
+def test_box_labels_are_matched_by_envelopes():
+    prob, boxes = _rotated_cars_in_boxes()
+    cfg = VectorConfig(min_area_m2=3.0)
+    plain = choose([(prob, boxes)], gsd=GSD, cfg=cfg, thresholds=(0.5,), min_areas=(3.0,),
+                   min_mean_probs=(0.0,))
+    assert (plain["tp"], plain["fp"], plain["fn"]) == (0, 4, 4)  # IoU with the box ~0.41
+    env = choose([(prob, boxes)], gsd=GSD, cfg=cfg, thresholds=(0.5,), min_areas=(3.0,),
+                 min_mean_probs=(0.0,), envelopes=True)
+    assert (env["tp"], env["fp"], env["fn"]) == (4, 0, 0)
+    # A car's box that only grazes a label box is still no match.
+    shifted = np.roll(prob, 14, axis=1)
+    off = choose([(shifted, boxes)], gsd=GSD, cfg=cfg, thresholds=(0.5,), min_areas=(3.0,),
+                 min_mean_probs=(0.0,), envelopes=True)
+    assert off["tp"] == 0

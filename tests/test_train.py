@@ -134,6 +134,12 @@ def test_train_writes_a_bundle_that_reloads(chips, trained):
     assert meta["size_multiple"] == 4 and meta["chip_size"] == 64 and meta["gsd"] == 0.15
     assert 0.1 <= meta["threshold"] <= 0.9
     assert set(meta["val_metrics"]) >= {"iou", "f1", "precision", "recall"}
+    # How validation matched cars: by their boxes when the labels are boxes (postprocess).
+    from pipeline.dataset import box_labels_wanted
+
+    boxes = box_labels_wanted(read_index(*chips), "auto")
+    assert meta["val_metrics"]["labels_are_boxes"] is boxes
+    assert meta["val_metrics"]["object_match"] == ("envelope IoU 0.5" if boxes else "IoU 0.5")
     assert meta["train_config"]["train"]["depth"] == 2
     assert [int(r["epoch"]) for r in history(model_dir)] == [0, 1]
     assert {"val_iou", "val_object_f1", "minutes"} <= set(history(model_dir)[0])
