@@ -45,6 +45,7 @@ from affine import Affine
 from rasterio.crs import CRS
 
 from pipeline.calibration import apply_calibration, count_interval
+from pipeline.cars import BATCH_COLUMNS, edge_distances, empty_cars, valid_footprint, write_cars
 from pipeline.config import Config, DistributedConfig
 from pipeline.geo import NODATA, metres_per_unit
 from pipeline.io import (
@@ -69,7 +70,6 @@ from pipeline.styles import (
     write_qml,
     zones_qml,
 )
-from pipeline.vectorize import edge_distances, valid_footprint, write_cars
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,6 @@ CONTAINED = 0.5
 # Density cells with less valid imagery than this share give no density (nodata): one car in
 # a sliver of a cell would read as a spike of hundreds of cars per hectare.
 MIN_COVERAGE = 0.25
-CAR_COLUMNS = ["car_id", "scene", "area_m2", "length_m", "width_m", "heading_deg", "mean_prob",
-               "max_prob", "prob", "edge_dist_m", "truncated", "copies", "seen_in"]
 VERSION_PACKAGES = ["carseg", "numpy", "scipy", "rasterio", "rio-cogeo", "geopandas", "shapely",
                     "pyproj", "pyogrio", "pyarrow", "pystac", "dask", "keras", "tensorflow"]
 
@@ -789,7 +787,6 @@ def build_batch(images: Path, out_dir: Path, *, model_dir: Path, cfg: Config,
     cars = (gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry", crs=crs)
             if frames else None)
     if cars is None:
-        from pipeline.vectorize import empty_cars
 
         cars = empty_cars(crs).assign(car_id=pd.Series(dtype="str"))
     calibration = metadata.get("calibration")
@@ -799,7 +796,7 @@ def build_batch(images: Path, out_dir: Path, *, model_dir: Path, cfg: Config,
     cars["prob"] = apply_calibration(cars["mean_prob"].to_numpy(dtype=float), calibration)
     merged, dropped_by, overruled = merge_cars(cars, match_iou=cfg.batch.match_iou,
                                                footprints=footprints)
-    merged = merged[[*CAR_COLUMNS, "geometry"]]
+    merged = merged[[*BATCH_COLUMNS, "geometry"]]
     per_scene = {s: {"detected": int((cars["scene"] == s).sum()),
                      "kept": int((merged["scene"] == s).sum())} for s in names}
     n_overruled = int(sum(o is not None for o in overruled))

@@ -40,6 +40,7 @@ from affine import Affine
 from rasterio.windows import Window
 from scipy import ndimage
 
+from pipeline.cars import COLUMNS, edge_distances, empty_cars, valid_footprint, write_cars
 from pipeline.config import VectorConfig
 from pipeline.geo import NODATA, PROB_SCALE, grid_windows, gsd_m, metres_per_unit
 from pipeline.io import (
@@ -53,7 +54,6 @@ from pipeline.io import (
     read_vector,
     scene_name,
     stage_log,
-    write_vector,
 )
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,6 @@ MAX_CAR_UNLIKENESS = 0.4
 RECT_FILL = 0.85
 # A blob is grown past its window only up to this many pixels, so memory stays bounded.
 MAX_BLOB_PX = 4096 * 4096
-COLUMNS = ["scene", "area_m2", "length_m", "width_m", "heading_deg", "mean_prob", "max_prob",
-           "edge_dist_m", "truncated"]
 _EIGHT = np.ones((3, 3), dtype=bool)
 
 
@@ -302,59 +300,6 @@ def _min_rect_sides(piece: np.ndarray) -> tuple[float, float]:
 
 # === The scene's valid-data edge ===
 
-def valid_footprint(mask_src, prob_src=None, *, window: int = 2048):
-    """The scene's valid data as one (Multi)Polygon in its CRS, read window by window.
-
-    Valid means inside the raster and not nodata (255) in the mask nor the probability
-    raster. Each window's valid pixels are polygonized on whole pixels and the pieces joined,
-    so the footprint is exact and memory stays bounded on any scene size.
-    """
-    parts = []
-    for win in _core_windows(mask_src.width, mask_src.height, window):
-        valid = mask_src.read(1, window=win) != NODATA
-        if prob_src is not None:
-            valid &= prob_src.read(1, window=win) != NODATA
-        if not valid.any():
-            continue
-        # Whole scene pixels (exact in floating point), so neighbouring windows' pieces share
-        # their edges exactly and the union leaves no seams; mapped to the CRS once at the end.
-        if valid.all():  # the common case: one rectangle, no polygonizing
-            parts.append(shapely.box(win.col_off, win.row_off, win.col_off + win.width,
-                                     win.row_off + win.height))
-            continue
-        parts += [shapely.geometry.shape(g) for g, _ in rasterio.features.shapes(
-            valid.astype(np.uint8), mask=valid, connectivity=4,
-            transform=Affine.translation(win.col_off, win.row_off))]
-    if not parts:
-        return shapely.Polygon()
-    t = mask_src.transform
-    matrix = np.array([[t.a, t.d], [t.b, t.e]])
-    offset = np.array([t.c, t.f])
-    return shapely.transform(shapely.union_all(parts), lambda xy: xy @ matrix + offset)
-
-
-def edge_distances(geoms, footprint) -> np.ndarray:
-    """Distance (CRS units) from each geometry to the nearest edge of ``footprint``.
-
-    The footprint's boundary is cut into segments held in an R-tree, so this stays fast for
-    thousands of cars against a ragged nodata edge with many vertices.
-    """
-    geoms = np.asarray(geoms, dtype=object)
-    if len(geoms) == 0:
-        return np.zeros(0)
-    if footprint.is_empty:
-        return np.zeros(len(geoms))
-    segments = []
-    for ring in shapely.get_parts(shapely.boundary(footprint)):
-        xy = shapely.get_coordinates(ring)
-        segments.append(shapely.linestrings(np.stack([xy[:-1], xy[1:]], axis=1)))
-    tree = shapely.STRtree(np.concatenate(segments))
-    (idx, _), dist = tree.query_nearest(geoms, return_distance=True, all_matches=False)
-    out = np.zeros(len(geoms))
-    out[idx] = dist
-    return out
-
-
 # === Window by window ===
 
 def _core_windows(width: int, height: int, size: int) -> list[Window]:
@@ -546,29 +491,6 @@ def _component_cars(comp: np.ndarray, crop_prob: np.ndarray | None, origin: tupl
         records.append({"piece": piece, "origin": origin, "mean_prob": mean_prob,
                         "max_prob": max_prob})
     return records
-
-
-def empty_cars(crs):
-    """An empty car layer with the full schema and ``crs``."""
-    import geopandas as gpd
-    import pandas as pd
-
-    frame = pd.DataFrame({"scene": pd.Series(dtype="str"),
-                          **{c: pd.Series(dtype="float64") for c in COLUMNS[1:-1]},
-                          "truncated": pd.Series(dtype="bool")})
-    return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries([], crs=crs), crs=crs)
-
-
-def write_cars(gdf, target: Path) -> Path:
-    """Write a car layer atomically; a GeoPackage gets QGIS's default style inside it."""
-    from pipeline.styles import cars_qml
-
-    target = Path(target)
-    if target.suffix == ".parquet":
-        return write_vector(gdf, target)
-    # Declared, so an empty layer opens in GIS as a polygon layer, not one of unknown type.
-    return write_vector(gdf, target, layer="cars" if target.suffix == ".gpkg" else None,
-                        style=cars_qml(), geometry_type="Polygon")
 
 
 def vectorize_scene(mask_tif: Path, out_dir: Path, *, cfg: VectorConfig) -> Path:

@@ -533,10 +533,11 @@ def test_scene_with_the_better_view_decides_where_only_one_saw_a_car(tmp_path):
     # b's left edge (x 420) a does.
     phantom_a = car(900, 160)  # only a sees it, where b sees better: dropped
     real_a = car(420, 160)  # only a sees it, where a sees better: kept
-    # A 7 m x 7 m roof whole in b (too large to be a car there) cut by a's right edge into a
-    # car-sized piece.
-    roof = box(ORIGIN[0] + 975 * GSD, ORIGIN[1] - 240 * GSD, ORIGIN[0] + 975 * GSD + 7,
-               ORIGIN[1] - 240 * GSD + 7)
+    # An 8 m x 6.2 m roof whole in b (too large to be a car or a row of cars there) cut by a's
+    # right edge into one car-sized piece of 1.95 x 6.2 m (a wider piece, 3.75 x 7 m, passes
+    # for four cars side by side).
+    roof = box(ORIGIN[0] + 987 * GSD, ORIGIN[1] - 240 * GSD, ORIGIN[0] + 987 * GSD + 8,
+               ORIGIN[1] - 240 * GSD + 6.2)
     only_a = burn([phantom_a, real_a], (HEIGHT, WIDTH), FLIGHT)
     write_identity_scene(tmp_path, "a", truth | burn([roof], (HEIGHT, WIDTH), FLIGHT), 0,
                          extra=only_a)
