@@ -22,6 +22,7 @@ import rasterio
 from affine import Affine
 from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import RasterioError
+from rasterio.io import DatasetWriter
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import calculate_default_transform, transform_bounds
 from rasterio.windows import Window
@@ -55,8 +56,17 @@ from pipeline.io import (
 log = logging.getLogger(__name__)
 
 DTYPES = ("uint8", "uint16")
-# Widest strip read at once, in pixels: bounds memory for very wide scenes.
+# Widest strip read at once, in pixels, where whole rows of the scene do not fit in
+# ROW_BUFFER_BYTES: bounds memory for very wide scenes.
 MAX_STRIP_WIDTH = 4096
+# Whole-width rows of the scene kept in memory per process (a chip row plus one block row).
+# Reads on the scene's block rows cost half of reads across them (GDAL decodes a block
+# straight into the buffer instead of through its block cache), so a scene whose rows fit is
+# read block row by block row, once, and chips are sliced from that.
+ROW_BUFFER_BYTES = 96 * 2**20
+# Chips handed to a writer thread at once: one hand-off per chip cost as much as a tenth of
+# writing the chip.
+WRITE_BATCH = 16
 # Band statistics are taken on every STAT_STEP-th pixel in each direction: the mean and std of
 # imagery do not need every pixel, and a full pass would cost as much as the tiling itself.
 STAT_STEP = 4
@@ -140,15 +150,22 @@ def _chip_profile(grid, bands: int, size: int) -> dict:
 
 def _write_chip(path: Path, data: np.ndarray, valid: np.ndarray | None, profile: dict,
                 transform: Affine) -> None:
-    if valid is None:
-        with rasterio.open(path, "w", transform=transform, **profile) as dst:
-            dst.write(data)
-        return
-    # The mask goes inside the chip (not a .msk sidecar), so a chip is one self-contained file.
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), \
-            rasterio.open(path, "w", transform=transform, **profile) as dst:
+    """Write one chip; runs in a writer thread, inside the GDAL environment of ``_writer_env``.
+
+    ``rasterio.io.DatasetWriter`` is what ``rasterio.open(path, "w")`` returns; called
+    directly it skips the per-call environment that ``rasterio.open`` enters and leaves (about
+    a tenth of a chip's cost), since the thread already holds one.
+    """
+    with DatasetWriter(str(path), "w", transform=transform, **profile) as dst:
         dst.write(data)
-        dst.write_mask(valid.astype(np.uint8) * 255)
+        if valid is not None:
+            # Inside the chip (GDAL_TIFF_INTERNAL_MASK), so a chip is one self-contained file.
+            dst.write_mask(valid.astype(np.uint8) * 255)
+
+
+def _write_chips(jobs: list[tuple], profile: dict) -> None:
+    for path, data, valid, transform in jobs:
+        _write_chip(path, data, valid, profile, transform)
 
 
 def tile_scene(scene: Path, chips_dir: Path, *, cfg: TileConfig) -> Path:
@@ -280,7 +297,9 @@ def _writer_env() -> None:
     rasterio's environment is per thread: without one, every ``rasterio.open`` of a chip sets
     up and tears down a fresh environment, which costs about as much as writing the chip.
     """
-    env = rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True)
+    # The chips' creation options are fixed and tested: GDAL need not re-parse its option list
+    # (an XML document) for every chip.
+    env = rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True, GDAL_VALIDATE_CREATION_OPTIONS=False)
     env.__enter__()
     _THREAD.env = env  # held, with the thread, until the pool shuts down
 
@@ -298,12 +317,27 @@ def _cut_rows(grid, scene: Path, out: Path, cfg: TileConfig, rows: list[int],
     fill = nodata if nodata is not None else 0
     masked = _has_mask(grid, bands[0])
     profile = _chip_profile(grid, len(bands), size)
-    # Chips of one strip are grouped so a strip is at most MAX_STRIP_WIDTH wide (or one chip).
-    per_group = max(1, (MAX_STRIP_WIDTH - size) // (size - overlap) + 1)
-    groups = [cols[i:i + per_group] for i in range(0, len(cols), per_group)]
+    rowbuf = _RowBuffer.fitting(grid, bands, size)
+    if rowbuf is not None:
+        groups = [cols]
+    else:
+        # Chips of one strip are grouped so a strip is at most MAX_STRIP_WIDTH wide.
+        per_group = max(1, (MAX_STRIP_WIDTH - size) // (size - overlap) + 1)
+        groups = [cols[i:i + per_group] for i in range(0, len(cols), per_group)]
     records: list[dict] = []
     workers = max(1, min(4, os.cpu_count() or 1))
     pending: deque[Future] = deque()
+    jobs: list[tuple] = []
+
+    def flush() -> None:
+        nonlocal jobs
+        if jobs:
+            pending.append(pool.submit(_write_chips, jobs, profile))
+            jobs = []
+        # Bounded queue of writes: memory stays flat however many chips there are.
+        while len(pending) > 2 * workers:
+            pending.popleft().result()
+
     with ThreadPoolExecutor(max_workers=workers, initializer=_writer_env) as pool:
         for row in rows:
             for group in groups:
@@ -311,29 +345,81 @@ def _cut_rows(grid, scene: Path, out: Path, cfg: TileConfig, rows: list[int],
                 # Clip to the grid: only a scene smaller than a chip runs past it (padded below).
                 win = Window(col0, row, min(group[-1] + size, width) - col0,
                              min(row + size, height) - row)
-                data = grid.read(bands, window=win)
+                if rowbuf is not None:
+                    data = rowbuf.rows(row, win.height)
+                else:
+                    data = grid.read(bands, window=win)
                 mask = grid.dataset_mask(window=win) if masked else None
                 valid = valid_mask(data, nodata, mask)
+                all_valid = bool(valid.all())
                 for col in group:
-                    rec = _chip(data, valid, row, col, col0, size, fill, out, scene.stem, gsd,
-                                grid, profile, cfg, pool, pending)
+                    rec = _chip(data, valid, all_valid, row, col, col0, size, fill, out,
+                                scene.stem, gsd, grid, cfg, jobs)
                     if rec is not None:
                         records.append(rec)
-                    # Bounded queue of writes: memory stays flat however many chips there are.
-                    while len(pending) > 4 * workers:
-                        pending.popleft().result()
+                    if len(jobs) >= WRITE_BATCH:
+                        flush()
+                flush()
         while pending:
             pending.popleft().result()
     return records
 
 
-def _chip(data, valid, row, col, col0, size, fill, out, scene, gsd, grid, profile, cfg, pool,
-          pending) -> dict | None:
+class _RowBuffer:
+    """Whole-width rows of the grid, read on its block rows, each pixel once.
+
+    ``rows(row, height)`` returns a view of rows ``row`` .. ``row + height``; rows must be asked
+    for in increasing order. Rows before the last request's start are dropped, so the buffer
+    holds a chip row plus at most one block row.
+    """
+
+    def __init__(self, grid, bands, block_rows: int, capacity: int):
+        self.grid, self.bands, self.block_rows = grid, list(bands), block_rows
+        self.buf = np.empty((len(bands), capacity, grid.width), dtype=grid.dtypes[bands[0] - 1])
+        self.top = 0  # grid row of buf[:, 0]
+        self.filled = 0  # rows of buf holding data
+
+    @classmethod
+    def fitting(cls, grid, bands, size: int) -> _RowBuffer | None:
+        """A buffer for chips of ``size``, or None where whole rows would take too much memory."""
+        block_rows = grid.block_shapes[bands[0] - 1][0]
+        if block_rows > size:
+            return None  # e.g. one strip for the whole image: block rows do not bound memory
+        capacity = size + block_rows
+        itemsize = np.dtype(grid.dtypes[bands[0] - 1]).itemsize
+        if grid.width * capacity * len(bands) * itemsize > ROW_BUFFER_BYTES:
+            return None
+        return cls(grid, bands, block_rows, capacity)
+
+    def rows(self, row: int, height: int) -> np.ndarray:
+        start = row - self.top
+        if start < 0 or start > self.filled:
+            # First request (or a jump): restart on the block row holding ``row``.
+            self.top = row - row % self.block_rows
+            self.filled = 0
+        elif start > 0:
+            keep = self.filled - start
+            self.buf[:, :keep] = self.buf[:, start:self.filled]
+            self.top, self.filled = row, keep
+        need = min(row + height, self.grid.height)
+        while self.top + self.filled < need:
+            r0 = self.top + self.filled
+            # Up to the end of this block row: aligned reads from the second on.
+            r1 = min(r0 - r0 % self.block_rows + self.block_rows, self.grid.height)
+            self.buf[:, self.filled:self.filled + r1 - r0] = self.grid.read(
+                self.bands, window=Window(0, r0, self.grid.width, r1 - r0))
+            self.filled += r1 - r0
+        start = row - self.top
+        return self.buf[:, start:start + need - row]
+
+
+def _chip(data, valid, all_valid_strip, row, col, col0, size, fill, out, scene, gsd, grid,
+          cfg, jobs) -> dict | None:
     c = col - col0
     sub = data[:, :, c:c + size]
     sub_valid = valid[:, c:c + size]
     inside = sub_valid.size
-    n_valid = int(np.count_nonzero(sub_valid))
+    n_valid = inside if all_valid_strip else int(np.count_nonzero(sub_valid))
     if inside == 0 or n_valid < cfg.min_valid_fraction * inside or n_valid == 0:
         return None
     if sub.shape[1:] != (size, size):
@@ -348,20 +434,24 @@ def _chip(data, valid, row, col, col0, size, fill, out, scene, gsd, grid, profil
         sub = np.where(sub_valid, sub, np.asarray(fill, dtype=sub.dtype))
     name = chip_name(scene, row, col)
     transform = window_transform(Window(col, row, size, size), grid.transform)
-    pending.append(pool.submit(_write_chip, out / f"{name}.tif", np.ascontiguousarray(sub),
-                               None if all_valid else sub_valid, profile, transform))
+    # A copy, never a view: the strip's buffer is reused while the writer thread works.
+    jobs.append((out / f"{name}.tif", np.array(sub, order="C"),
+                 None if all_valid else sub_valid, transform))
     sample = sub[:, ::STAT_STEP, ::STAT_STEP]
-    sample_valid = sub_valid[::STAT_STEP, ::STAT_STEP]
-    values = sample[:, sample_valid].astype(np.float64)
+    if all_valid:
+        values = sample.reshape(sample.shape[0], -1).astype(np.float64)
+    else:
+        values = sample[:, sub_valid[::STAT_STEP, ::STAT_STEP]].astype(np.float64)
+    sums = values.sum(axis=1)
+    sumsqs = np.einsum("ij,ij->i", values, values)
     rec = {"chip": name, "scene": scene, "row_off": row, "col_off": col, "width": size,
            "height": size, "valid_fraction": n_valid / (size * size), "gsd": gsd,
            "stat_pixels": int(values.shape[1]),
            # All four corners: on a rotated grid a chip's footprint is not a north-up box.
            "footprint": window_footprint(Window(0, 0, size, size), transform)}
-    for i, (s, ss) in enumerate(zip(values.sum(axis=1), (values * values).sum(axis=1),
-                                         strict=True)):
-        rec[f"sum_{i}"] = float(s)
-        rec[f"sumsq_{i}"] = float(ss)
+    for i in range(len(sums)):
+        rec[f"sum_{i}"] = float(sums[i])
+        rec[f"sumsq_{i}"] = float(sumsqs[i])
     return rec
 
 
