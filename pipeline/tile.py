@@ -532,9 +532,9 @@ class _RowBuffer:
     def rows(self, row: int, height: int) -> np.ndarray:
         start = row - self.top
         if start < 0 or start > self.filled:
-            # First request (or a jump): restart on the block row holding ``row``.
-            self.top = row - row % self.block_rows
-            self.filled = 0
+            # First request (or a jump): start at ``row``; reads are aligned from the next
+            # block row on, so the buffer holds at most a chip row plus one block row.
+            self.top, self.filled = row, 0
         elif start > 0:
             keep = self.filled - start
             self.buf[:, :keep] = self.buf[:, start:self.filled]
