@@ -36,7 +36,6 @@ from pipeline.geo import (
     pixel_size,
     utm_crs_for,
     valid_mask,
-    window_footprint,
 )
 from pipeline.io import (
     CHIPS_FILE,
@@ -345,7 +344,7 @@ def tile_scene(scene: Path, chips_dir: Path, *, cfg: TileConfig) -> Path:
                            "valid_fraction", "gsd", "stat_pixels"]
                 columns += [f"sum_{i}" for i in range(len(cfg.bands))]
                 columns += [f"sumsq_{i}" for i in range(len(cfg.bands))]
-                geoms = [r.pop("footprint") for r in records]
+                geoms = _footprints([r.pop("transform") for r in records], cfg.chip_size)
                 table = pd.DataFrame.from_records(records, columns=columns)
                 table["scene"] = table["scene"].astype(str)
                 table["chip"] = table["chip"].astype(str)
@@ -585,12 +584,30 @@ def _chip(data, valid, all_valid_strip, row, col, col0, size, fill, out, scene, 
     rec = {"chip": name, "scene": scene, "row_off": row, "col_off": col, "width": size,
            "height": size, "valid_fraction": n_valid / (size * size), "gsd": gsd,
            "stat_pixels": int(values.shape[1]),
-           # All four corners: on a rotated grid a chip's footprint is not a north-up box.
-           "footprint": window_footprint(Window(0, 0, size, size), transform)}
+           # Six numbers, not a polygon: footprints are made for all chips at once at the end.
+           "transform": transform[:6]}
     for i in range(len(sums)):
         rec[f"sum_{i}"] = float(sums[i])
         rec[f"sumsq_{i}"] = float(sumsqs[i])
     return rec
+
+
+def _footprints(transforms: list[tuple], size: int) -> list:
+    """Chip polygons from the chips' transforms: ``window_footprint`` for many chips at once.
+
+    All four corners (on a rotated grid a chip's footprint is not a north-up box), computed
+    with the same float operations as ``Affine @ (x, y)``, so the corners equal the chips'
+    own ``bounds`` exactly.
+    """
+    import shapely
+
+    if not transforms:
+        return []
+    sa, sb, sc, sd, se, sf = np.asarray(transforms, dtype=np.float64).T
+    corners = [(0, 0), (size, 0), (size, size), (0, size)]
+    xy = np.stack([np.stack([vx * sa + vy * sb + sc, vx * sd + vy * se + sf], axis=-1)
+                   for vx, vy in corners], axis=1)
+    return list(shapely.polygons(xy))
 
 
 # === Index, split and statistics ===

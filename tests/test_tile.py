@@ -420,3 +420,19 @@ def test_c_api_chip_writer_reports_the_file_it_could_not_write(tmp_path, rng):
     with pytest.raises(RasterioError, match="c.tif: creating the chip failed"):
         writer.write(target, np.zeros((3, 64, 64), np.uint8), None, TRANSFORM)
     writer.close()
+
+
+def test_footprints_at_once_equal_window_footprint_exactly():
+    import pipeline.tile as tile
+    from pipeline.geo import window_footprint
+
+    rotated = Affine(0.15 * np.cos(0.3), -0.15 * np.sin(0.3), 500000.123,
+                     0.15 * np.sin(0.3), 0.15 * np.cos(0.3), 4000000.7)
+    for grid in (TRANSFORM, rotated):
+        chips = [rasterio.windows.transform(Window(c, r, 64, 64), grid)
+                 for r, c in [(0, 0), (48, 96), (1000, 37)]]
+        got = tile._footprints([t[:6] for t in chips], 64)
+        for polygon, t in zip(got, chips, strict=True):
+            want = window_footprint(Window(0, 0, 64, 64), t)
+            assert list(polygon.exterior.coords) == list(want.exterior.coords)
+    assert tile._footprints([], 64) == []
