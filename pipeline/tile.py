@@ -543,8 +543,9 @@ class _RowBuffer:
             r0 = self.top + self.filled
             # Up to the end of this block row: aligned reads from the second on.
             r1 = min(r0 - r0 % self.block_rows + self.block_rows, self.grid.height)
-            self.buf[:, self.filled:self.filled + r1 - r0] = self.grid.read(
-                self.bands, window=Window(0, r0, self.grid.width, r1 - r0))
+            # Straight into the buffer (rasterio reads into a strided view).
+            self.grid.read(self.bands, window=Window(0, r0, self.grid.width, r1 - r0),
+                           out=self.buf[:, self.filled:self.filled + r1 - r0])
             self.filled += r1 - r0
         start = row - self.top
         return self.buf[:, start:start + need - row]
