@@ -205,6 +205,8 @@ class _GdalChipWriter:
         if not self.srs:
             raise RasterioError(f"GDAL could not parse the CRS {profile['crs']}")
         self.driver = lib.GDALGetDriverByName(b"GTiff")
+        # One in-memory file per writer: writers run in several threads and processes.
+        self.mem = f"/vsimem/carseg-chip-{os.getpid()}-{threading.get_ident()}.tif".encode()
 
     @classmethod
     def create(cls, profile: dict) -> _GdalChipWriter | None:
@@ -233,8 +235,10 @@ class _GdalChipWriter:
         lib, ct = self.lib, self.ctypes
         size, count = self.size, self.count
         data = np.ascontiguousarray(data, dtype=self.dtype)
-        handle = lib.GDALCreate(self.driver, os.fsencode(path), size, size, count,
-                                self.gdal_type, self.options)
+        # Built in memory and written with one call: GDAL's own file output makes many small
+        # writes and seeks, and probes the path for an old dataset to delete first.
+        handle = lib.GDALCreate(self.driver, self.mem, size, size, count, self.gdal_type,
+                                self.options)
         if not handle:
             self._check(1, path, "creating the chip")
         try:
@@ -259,10 +263,23 @@ class _GdalChipWriter:
                             path, "writing the mask")
         except BaseException:
             lib.GDALClose(handle)
+            lib.VSIUnlink(self.mem)
             raise
         err = lib.GDALClose(handle)
-        if _GDAL_CLOSE_RETURNS_ERROR:
-            self._check(err, path, "closing the chip")
+        length = ct.c_uint64()
+        buffer = lib.VSIGetMemFileBuffer(self.mem, ct.byref(length), 1)  # 1: take it over
+        try:
+            if _GDAL_CLOSE_RETURNS_ERROR:
+                self._check(err, path, "closing the chip")
+            if not buffer:
+                self._check(1, path, "writing the chip")
+            try:
+                with open(path, "wb") as f:
+                    f.write(ct.string_at(buffer, length.value))
+            except OSError as exc:  # as GDAL's own write would report it
+                raise RasterioError(f"{path}: writing the chip failed: {exc.strerror}") from exc
+        finally:
+            lib.VSIFree(buffer)
 
     def close(self) -> None:
         self.lib.OSRRelease(self.srs)
@@ -297,6 +314,9 @@ def _load_gdal():
             ("GDALGetMaskBand", vp, [vp]),
             ("GDALRasterIO", i, [vp, i, i, i, i, i, vp, i, i, i, i, i]),
             ("GDALClose", i, [vp]),
+            ("VSIGetMemFileBuffer", vp, [cp, ctypes.POINTER(ctypes.c_uint64), i]),
+            ("VSIFree", None, [vp]),
+            ("VSIUnlink", i, [cp]),
             ("OSRNewSpatialReference", vp, [cp]),
             ("OSRRelease", None, [vp]),
             ("CPLGetLastErrorMsg", cp, [])]:

@@ -417,7 +417,7 @@ def test_c_api_chip_writer_reports_the_file_it_could_not_write(tmp_path, rng):
                    nodata=None, tiled=True, blockxsize=64, blockysize=64, **tile.CHIP_COMPRESSION)
     writer = tile._GdalChipWriter.create(profile)
     target = tmp_path / "missing" / "c.tif"
-    with pytest.raises(RasterioError, match="c.tif: creating the chip failed"):
+    with pytest.raises(RasterioError, match="c.tif: writing the chip failed"):
         writer.write(target, np.zeros((3, 64, 64), np.uint8), None, TRANSFORM)
     writer.close()
 
