@@ -297,9 +297,16 @@ def _load_gdal():
 
     with open("/proc/self/maps") as maps:
         paths = {line.split()[-1] for line in maps if "libgdal" in line.rsplit("/", 1)[-1]}
+    # A rasterio wheel brings its own libgdal, and so does a pyogrio wheel: take rasterio's.
+    own = Path(rasterio.__file__).resolve().parent.parent / "rasterio.libs"
+    mine = {p for p in paths if Path(p).parent == own}
+    paths = mine or paths
     if len(paths) != 1:
-        return False  # none, or two GDALs in one process: not knowing which, use rasterio
+        return False  # none, or several GDALs and none of them rasterio's own: use rasterio
     lib = ctypes.CDLL(paths.pop())
+    lib.GDALVersionInfo.restype, lib.GDALVersionInfo.argtypes = ctypes.c_char_p, [ctypes.c_char_p]
+    if lib.GDALVersionInfo(b"RELEASE_NAME").decode() != rasterio.__gdal_version__:
+        return False  # not the library rasterio runs on
     vp, i, d, cp = ctypes.c_void_p, ctypes.c_int, ctypes.c_double, ctypes.c_char_p
     for name, res, args in [
             ("GDALGetDriverByName", vp, [cp]),

@@ -379,11 +379,15 @@ def test_chips_equal_source_windows_for_any_block_layout(tmp_path, rng, monkeypa
 
 @pytest.mark.parametrize(("dtype", "nodata", "masked"), [
     ("uint8", None, False), ("uint8", 0, True), ("uint16", 65535, True), ("uint16", None, True)])
-def test_c_api_chip_writer_writes_what_rasterio_writes(tmp_path, rng, dtype, nodata, masked):
+def test_c_api_chip_writer_writes_what_rasterio_writes(tmp_path, rng, monkeypatch, dtype, nodata,
+                                                     masked):
     """The same file, byte for byte, as rasterio.open(..., "w") with the chip profile."""
+    import pyogrio  # noqa: F401  (its wheel loads a second libgdal: rasterio's must be the one)
     import rasterio.io
 
     import pipeline.tile as tile
+
+    monkeypatch.setattr(tile._GdalChipWriter, "_lib", None)  # look for it again, here
 
     data = rng.integers(1, 250, (4, 64, 64)).astype(dtype)
     valid = np.ones((64, 64), dtype=bool)
