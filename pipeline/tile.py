@@ -1,7 +1,9 @@
 """Cut scenes into georeferenced chips (``make tiles``) and index them with a split (``index``).
 
-A scene is read strip by strip (one chip row, a bounded number of chips wide), so memory does not
-grow with the scene. Chips keep the scene's dtype and the selected bands, on their own grid.
+A scene is read on its own block rows, each pixel once, into a buffer of one chip row plus one
+block row (or, for scenes too wide for that, strip by strip, a bounded number of chips wide), so
+memory does not grow with the scene. Chips keep the scene's dtype and the selected bands, on
+their own grid; they are written through rasterio's libgdal directly (``_GdalChipWriter``).
 Pixels that are not valid (nodata, a source mask, padding beyond a scene smaller than a chip) are
 recorded in a GDAL internal mask band of the chip; ``rasterize`` reads ``chip.dataset_mask()`` and
 marks them 255 in the mask, so training gives them zero weight.
