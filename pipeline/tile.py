@@ -1,7 +1,9 @@
 """Cut scenes into georeferenced chips (``make tiles``) and index them with a split (``index``).
 
-A scene is read strip by strip (one chip row, a bounded number of chips wide), so memory does not
-grow with the scene. Chips keep the scene's dtype and the selected bands, on their own grid.
+A scene is read on its own block rows, each pixel once, into a buffer of one chip row plus one
+block row (or, for scenes too wide for that, strip by strip, a bounded number of chips wide), so
+memory does not grow with the scene. Chips keep the scene's dtype and the selected bands, on
+their own grid; they are written through rasterio's libgdal directly (``_GdalChipWriter``).
 Pixels that are not valid (nodata, a source mask, padding beyond a scene smaller than a chip) are
 recorded in a GDAL internal mask band of the chip; ``rasterize`` reads ``chip.dataset_mask()`` and
 marks them 255 in the mask, so training gives them zero weight.
@@ -22,6 +24,7 @@ import rasterio
 from affine import Affine
 from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import RasterioError
+from rasterio.io import DatasetWriter
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import calculate_default_transform, transform_bounds
 from rasterio.windows import Window
@@ -35,7 +38,6 @@ from pipeline.geo import (
     pixel_size,
     utm_crs_for,
     valid_mask,
-    window_footprint,
 )
 from pipeline.io import (
     CHIPS_FILE,
@@ -55,8 +57,17 @@ from pipeline.io import (
 log = logging.getLogger(__name__)
 
 DTYPES = ("uint8", "uint16")
-# Widest strip read at once, in pixels: bounds memory for very wide scenes.
+# Widest strip read at once, in pixels, where whole rows of the scene do not fit in
+# ROW_BUFFER_BYTES: bounds memory for very wide scenes.
 MAX_STRIP_WIDTH = 4096
+# Whole-width rows of the scene kept in memory per process (a chip row plus one block row).
+# Reads on the scene's block rows cost half of reads across them (GDAL decodes a block
+# straight into the buffer instead of through its block cache), so a scene whose rows fit is
+# read block row by block row, once, and chips are sliced from that.
+ROW_BUFFER_BYTES = 96 * 2**20
+# Chips handed to a writer thread at once: one hand-off per chip cost as much as a tenth of
+# writing the chip.
+WRITE_BATCH = 16
 # Band statistics are taken on every STAT_STEP-th pixel in each direction: the mean and std of
 # imagery do not need every pixel, and a full pass would cost as much as the tiling itself.
 STAT_STEP = 4
@@ -140,15 +151,187 @@ def _chip_profile(grid, bands: int, size: int) -> dict:
 
 def _write_chip(path: Path, data: np.ndarray, valid: np.ndarray | None, profile: dict,
                 transform: Affine) -> None:
-    if valid is None:
-        with rasterio.open(path, "w", transform=transform, **profile) as dst:
-            dst.write(data)
-        return
-    # The mask goes inside the chip (not a .msk sidecar), so a chip is one self-contained file.
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), \
-            rasterio.open(path, "w", transform=transform, **profile) as dst:
+    """Write one chip; runs in a writer thread, inside the GDAL environment of ``_writer_env``.
+
+    ``rasterio.io.DatasetWriter`` is what ``rasterio.open(path, "w")`` returns; called
+    directly it skips the per-call environment that ``rasterio.open`` enters and leaves (about
+    a tenth of a chip's cost), since the thread already holds one.
+    """
+    with DatasetWriter(str(path), "w", transform=transform, **profile) as dst:
         dst.write(data)
-        dst.write_mask(valid.astype(np.uint8) * 255)
+        if valid is not None:
+            # Inside the chip (GDAL_TIFF_INTERNAL_MASK), so a chip is one self-contained file.
+            dst.write_mask(valid.astype(np.uint8) * 255)
+
+
+def _write_chips(jobs: list[tuple], profile: dict) -> None:
+    writer = _GdalChipWriter.create(profile)
+    try:
+        for path, data, valid, transform in jobs:
+            if writer is None:
+                _write_chip(path, data, valid, profile, transform)
+            else:
+                writer.write(path, data, valid, transform)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+class _GdalChipWriter:
+    """Writes chips through the C API of the libgdal that rasterio itself has loaded.
+
+    The same library, driver, creation options and calls as ``_write_chip``, so the files are
+    byte for byte the same; what it skips is rasterio's Python work around each dataset (path
+    parsing, a delete-if-exists probe, the CRS through WKT and back, reading the new dataset's
+    metadata back), which cost about as much as GDAL's own work for a 256^2 chip. The CRS is
+    parsed once per batch. Where the library cannot be found (not Linux), ``create`` returns
+    None and chips go through ``_write_chip``.
+    """
+
+    _lib = None  # ctypes.CDLL once found; False where it cannot be
+
+    def __init__(self, lib, profile: dict):
+        import ctypes
+
+        self.lib, self.ctypes = lib, ctypes
+        self.count, self.size = profile["count"], profile["width"]
+        self.dtype = np.dtype(profile["dtype"])
+        self.gdal_type = {"uint8": 1, "uint16": 2}[self.dtype.name]
+        options = [b"TILED=YES", f"BLOCKXSIZE={profile['blockxsize']}".encode(),
+                   f"BLOCKYSIZE={profile['blockysize']}".encode()] if profile.get("tiled") else []
+        options += [f"{k.upper()}={v}".encode() for k, v in CHIP_COMPRESSION.items()]
+        self.options = (ctypes.c_char_p * (len(options) + 1))(*options, None)
+        self.bands = (ctypes.c_int * self.count)(*range(1, self.count + 1))
+        self.nodata = profile["nodata"]
+        self.srs = lib.OSRNewSpatialReference(profile["crs"].to_wkt().encode())
+        if not self.srs:
+            raise RasterioError(f"GDAL could not parse the CRS {profile['crs']}")
+        self.driver = lib.GDALGetDriverByName(b"GTiff")
+        # One in-memory file per writer: writers run in several threads and processes.
+        self.mem = f"/vsimem/carseg-chip-{os.getpid()}-{threading.get_ident()}.tif".encode()
+
+    @classmethod
+    def create(cls, profile: dict) -> _GdalChipWriter | None:
+        lib = cls._library()
+        if not lib or np.dtype(profile["dtype"]).name not in DTYPES or profile["crs"] is None:
+            return None
+        return cls(lib, profile)
+
+    @classmethod
+    def _library(cls):
+        if cls._lib is None:
+            cls._lib = False
+            try:
+                cls._lib = _load_gdal()
+            except (OSError, AttributeError) as exc:  # pragma: no cover - platform specific
+                log.debug("chips via rasterio: libgdal not loadable (%s)", exc)
+        return cls._lib
+
+    def _check(self, err: int, path: Path, what: str) -> None:
+        if err:
+            msg = (self.lib.CPLGetLastErrorMsg() or b"").decode(errors="replace")
+            raise RasterioError(f"{path}: {what} failed: {msg}")
+
+    def write(self, path: Path, data: np.ndarray, valid: np.ndarray | None,
+              transform: Affine) -> None:
+        lib, ct = self.lib, self.ctypes
+        size, count = self.size, self.count
+        data = np.ascontiguousarray(data, dtype=self.dtype)
+        # Built in memory and written with one call: GDAL's own file output makes many small
+        # writes and seeks, and probes the path for an old dataset to delete first.
+        handle = lib.GDALCreate(self.driver, self.mem, size, size, count, self.gdal_type,
+                                self.options)
+        if not handle:
+            self._check(1, path, "creating the chip")
+        try:
+            self._check(lib.GDALSetGeoTransform(handle, (ct.c_double * 6)(*transform.to_gdal())),
+                        path, "setting the transform")
+            self._check(lib.GDALSetSpatialRef(handle, self.srs), path, "setting the CRS")
+            if self.nodata is not None:
+                for i in range(1, count + 1):
+                    self._check(lib.GDALSetRasterNoDataValue(lib.GDALGetRasterBand(handle, i),
+                                                             float(self.nodata)),
+                                path, "setting nodata")
+            self._check(lib.GDALDatasetRasterIO(handle, 1, 0, 0, size, size, data.ctypes.data,
+                                                size, size, self.gdal_type, count, self.bands,
+                                                0, 0, 0), path, "writing pixels")
+            if valid is not None:
+                # GMF_PER_DATASET; inside the file as GDAL_TIFF_INTERNAL_MASK (the thread's env).
+                band = lib.GDALGetRasterBand(handle, 1)
+                self._check(lib.GDALCreateMaskBand(band, 0x02), path, "creating the mask")
+                mask = np.ascontiguousarray(valid.astype(np.uint8) * 255)
+                self._check(lib.GDALRasterIO(lib.GDALGetMaskBand(band), 1, 0, 0, size, size,
+                                             mask.ctypes.data, size, size, 1, 0, 0),
+                            path, "writing the mask")
+        except BaseException:
+            lib.GDALClose(handle)
+            lib.VSIUnlink(self.mem)
+            raise
+        err = lib.GDALClose(handle)
+        length = ct.c_uint64()
+        buffer = lib.VSIGetMemFileBuffer(self.mem, ct.byref(length), 1)  # 1: take it over
+        try:
+            if _GDAL_CLOSE_RETURNS_ERROR:
+                self._check(err, path, "closing the chip")
+            if not buffer:
+                self._check(1, path, "writing the chip")
+            try:
+                with open(path, "wb") as f:
+                    f.write(ct.string_at(buffer, length.value))
+            except OSError as exc:  # as GDAL's own write would report it
+                raise RasterioError(f"{path}: writing the chip failed: {exc.strerror}") from exc
+        finally:
+            lib.VSIFree(buffer)
+
+    def close(self) -> None:
+        self.lib.OSRRelease(self.srs)
+
+
+# GDALClose returns a CPLErr from GDAL 3.7 on (before, nothing: its return value is noise).
+_GDAL_CLOSE_RETURNS_ERROR = tuple(int(x) for x in rasterio.__gdal_version__.split(".")[:2]) >= (3, 7)
+
+
+def _load_gdal():
+    """The libgdal rasterio has loaded (found in this process's memory map), typed for ctypes."""
+    import ctypes
+
+    import rasterio._base  # noqa: F401  (loads libgdal)
+
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "libgdal" in line.rsplit("/", 1)[-1]}
+    # A rasterio wheel brings its own libgdal, and so does a pyogrio wheel: take rasterio's.
+    own = Path(rasterio.__file__).resolve().parent.parent / "rasterio.libs"
+    mine = {p for p in paths if Path(p).parent == own}
+    paths = mine or paths
+    if len(paths) != 1:
+        return False  # none, or several GDALs and none of them rasterio's own: use rasterio
+    lib = ctypes.CDLL(paths.pop())
+    lib.GDALVersionInfo.restype, lib.GDALVersionInfo.argtypes = ctypes.c_char_p, [ctypes.c_char_p]
+    if lib.GDALVersionInfo(b"RELEASE_NAME").decode() != rasterio.__gdal_version__:
+        return False  # not the library rasterio runs on
+    vp, i, d, cp = ctypes.c_void_p, ctypes.c_int, ctypes.c_double, ctypes.c_char_p
+    for name, res, args in [
+            ("GDALGetDriverByName", vp, [cp]),
+            ("GDALCreate", vp, [vp, cp, i, i, i, i, ctypes.POINTER(cp)]),
+            ("GDALSetGeoTransform", i, [vp, ctypes.POINTER(d)]),
+            ("GDALSetSpatialRef", i, [vp, vp]),
+            ("GDALGetRasterBand", vp, [vp, i]),
+            ("GDALSetRasterNoDataValue", i, [vp, d]),
+            ("GDALDatasetRasterIO", i, [vp, i, i, i, i, i, vp, i, i, i, i,
+                                        ctypes.POINTER(i), i, i, i]),
+            ("GDALCreateMaskBand", i, [vp, i]),
+            ("GDALGetMaskBand", vp, [vp]),
+            ("GDALRasterIO", i, [vp, i, i, i, i, i, vp, i, i, i, i, i]),
+            ("GDALClose", i, [vp]),
+            ("VSIGetMemFileBuffer", vp, [cp, ctypes.POINTER(ctypes.c_uint64), i]),
+            ("VSIFree", None, [vp]),
+            ("VSIUnlink", i, [cp]),
+            ("OSRNewSpatialReference", vp, [cp]),
+            ("OSRRelease", None, [vp]),
+            ("CPLGetLastErrorMsg", cp, [])]:
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    return lib
 
 
 def tile_scene(scene: Path, chips_dir: Path, *, cfg: TileConfig) -> Path:
@@ -190,7 +373,7 @@ def tile_scene(scene: Path, chips_dir: Path, *, cfg: TileConfig) -> Path:
                            "valid_fraction", "gsd", "stat_pixels"]
                 columns += [f"sum_{i}" for i in range(len(cfg.bands))]
                 columns += [f"sumsq_{i}" for i in range(len(cfg.bands))]
-                geoms = [r.pop("footprint") for r in records]
+                geoms = _footprints([r.pop("transform") for r in records], cfg.chip_size)
                 table = pd.DataFrame.from_records(records, columns=columns)
                 table["scene"] = table["scene"].astype(str)
                 table["chip"] = table["chip"].astype(str)
@@ -280,7 +463,9 @@ def _writer_env() -> None:
     rasterio's environment is per thread: without one, every ``rasterio.open`` of a chip sets
     up and tears down a fresh environment, which costs about as much as writing the chip.
     """
-    env = rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True)
+    # The chips' creation options are fixed and tested: GDAL need not re-parse its option list
+    # (an XML document) for every chip.
+    env = rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True, GDAL_VALIDATE_CREATION_OPTIONS=False)
     env.__enter__()
     _THREAD.env = env  # held, with the thread, until the pool shuts down
 
@@ -298,12 +483,27 @@ def _cut_rows(grid, scene: Path, out: Path, cfg: TileConfig, rows: list[int],
     fill = nodata if nodata is not None else 0
     masked = _has_mask(grid, bands[0])
     profile = _chip_profile(grid, len(bands), size)
-    # Chips of one strip are grouped so a strip is at most MAX_STRIP_WIDTH wide (or one chip).
-    per_group = max(1, (MAX_STRIP_WIDTH - size) // (size - overlap) + 1)
-    groups = [cols[i:i + per_group] for i in range(0, len(cols), per_group)]
+    rowbuf = _RowBuffer.fitting(grid, bands, size)
+    if rowbuf is not None:
+        groups = [cols]
+    else:
+        # Chips of one strip are grouped so a strip is at most MAX_STRIP_WIDTH wide.
+        per_group = max(1, (MAX_STRIP_WIDTH - size) // (size - overlap) + 1)
+        groups = [cols[i:i + per_group] for i in range(0, len(cols), per_group)]
     records: list[dict] = []
     workers = max(1, min(4, os.cpu_count() or 1))
     pending: deque[Future] = deque()
+    jobs: list[tuple] = []
+
+    def flush() -> None:
+        nonlocal jobs
+        if jobs:
+            pending.append(pool.submit(_write_chips, jobs, profile))
+            jobs = []
+        # Bounded queue of writes: memory stays flat however many chips there are.
+        while len(pending) > 2 * workers:
+            pending.popleft().result()
+
     with ThreadPoolExecutor(max_workers=workers, initializer=_writer_env) as pool:
         for row in rows:
             for group in groups:
@@ -311,29 +511,82 @@ def _cut_rows(grid, scene: Path, out: Path, cfg: TileConfig, rows: list[int],
                 # Clip to the grid: only a scene smaller than a chip runs past it (padded below).
                 win = Window(col0, row, min(group[-1] + size, width) - col0,
                              min(row + size, height) - row)
-                data = grid.read(bands, window=win)
+                if rowbuf is not None:
+                    data = rowbuf.rows(row, win.height)
+                else:
+                    data = grid.read(bands, window=win)
                 mask = grid.dataset_mask(window=win) if masked else None
                 valid = valid_mask(data, nodata, mask)
+                all_valid = bool(valid.all())
                 for col in group:
-                    rec = _chip(data, valid, row, col, col0, size, fill, out, scene.stem, gsd,
-                                grid, profile, cfg, pool, pending)
+                    rec = _chip(data, valid, all_valid, row, col, col0, size, fill, out,
+                                scene.stem, gsd, grid, cfg, jobs)
                     if rec is not None:
                         records.append(rec)
-                    # Bounded queue of writes: memory stays flat however many chips there are.
-                    while len(pending) > 4 * workers:
-                        pending.popleft().result()
+                    if len(jobs) >= WRITE_BATCH:
+                        flush()
+                flush()
         while pending:
             pending.popleft().result()
     return records
 
 
-def _chip(data, valid, row, col, col0, size, fill, out, scene, gsd, grid, profile, cfg, pool,
-          pending) -> dict | None:
+class _RowBuffer:
+    """Whole-width rows of the grid, read on its block rows, each pixel once.
+
+    ``rows(row, height)`` returns a view of rows ``row`` .. ``row + height``; rows must be asked
+    for in increasing order. Rows before the last request's start are dropped, so the buffer
+    holds a chip row plus at most one block row.
+    """
+
+    def __init__(self, grid, bands, block_rows: int, capacity: int):
+        self.grid, self.bands, self.block_rows = grid, list(bands), block_rows
+        self.buf = np.empty((len(bands), capacity, grid.width), dtype=grid.dtypes[bands[0] - 1])
+        self.top = 0  # grid row of buf[:, 0]
+        self.filled = 0  # rows of buf holding data
+
+    @classmethod
+    def fitting(cls, grid, bands, size: int) -> _RowBuffer | None:
+        """A buffer for chips of ``size``, or None where whole rows would take too much memory."""
+        block_rows = grid.block_shapes[bands[0] - 1][0]
+        if block_rows > size:
+            return None  # e.g. one strip for the whole image: block rows do not bound memory
+        capacity = size + block_rows
+        itemsize = np.dtype(grid.dtypes[bands[0] - 1]).itemsize
+        if grid.width * capacity * len(bands) * itemsize > ROW_BUFFER_BYTES:
+            return None
+        return cls(grid, bands, block_rows, capacity)
+
+    def rows(self, row: int, height: int) -> np.ndarray:
+        start = row - self.top
+        if start < 0 or start > self.filled:
+            # First request (or a jump): start at ``row``; reads are aligned from the next
+            # block row on, so the buffer holds at most a chip row plus one block row.
+            self.top, self.filled = row, 0
+        elif start > 0:
+            keep = self.filled - start
+            self.buf[:, :keep] = self.buf[:, start:self.filled]
+            self.top, self.filled = row, keep
+        need = min(row + height, self.grid.height)
+        while self.top + self.filled < need:
+            r0 = self.top + self.filled
+            # Up to the end of this block row: aligned reads from the second on.
+            r1 = min(r0 - r0 % self.block_rows + self.block_rows, self.grid.height)
+            # Straight into the buffer (rasterio reads into a strided view).
+            self.grid.read(self.bands, window=Window(0, r0, self.grid.width, r1 - r0),
+                           out=self.buf[:, self.filled:self.filled + r1 - r0])
+            self.filled += r1 - r0
+        start = row - self.top
+        return self.buf[:, start:start + need - row]
+
+
+def _chip(data, valid, all_valid_strip, row, col, col0, size, fill, out, scene, gsd, grid,
+          cfg, jobs) -> dict | None:
     c = col - col0
     sub = data[:, :, c:c + size]
     sub_valid = valid[:, c:c + size]
     inside = sub_valid.size
-    n_valid = int(np.count_nonzero(sub_valid))
+    n_valid = inside if all_valid_strip else int(np.count_nonzero(sub_valid))
     if inside == 0 or n_valid < cfg.min_valid_fraction * inside or n_valid == 0:
         return None
     if sub.shape[1:] != (size, size):
@@ -348,21 +601,43 @@ def _chip(data, valid, row, col, col0, size, fill, out, scene, gsd, grid, profil
         sub = np.where(sub_valid, sub, np.asarray(fill, dtype=sub.dtype))
     name = chip_name(scene, row, col)
     transform = window_transform(Window(col, row, size, size), grid.transform)
-    pending.append(pool.submit(_write_chip, out / f"{name}.tif", np.ascontiguousarray(sub),
-                               None if all_valid else sub_valid, profile, transform))
+    # A copy, never a view: the strip's buffer is reused while the writer thread works.
+    jobs.append((out / f"{name}.tif", np.array(sub, order="C"),
+                 None if all_valid else sub_valid, transform))
     sample = sub[:, ::STAT_STEP, ::STAT_STEP]
-    sample_valid = sub_valid[::STAT_STEP, ::STAT_STEP]
-    values = sample[:, sample_valid].astype(np.float64)
+    if all_valid:
+        values = sample.reshape(sample.shape[0], -1).astype(np.float64)
+    else:
+        values = sample[:, sub_valid[::STAT_STEP, ::STAT_STEP]].astype(np.float64)
+    sums = values.sum(axis=1)
+    sumsqs = np.einsum("ij,ij->i", values, values)
     rec = {"chip": name, "scene": scene, "row_off": row, "col_off": col, "width": size,
            "height": size, "valid_fraction": n_valid / (size * size), "gsd": gsd,
            "stat_pixels": int(values.shape[1]),
-           # All four corners: on a rotated grid a chip's footprint is not a north-up box.
-           "footprint": window_footprint(Window(0, 0, size, size), transform)}
-    for i, (s, ss) in enumerate(zip(values.sum(axis=1), (values * values).sum(axis=1),
-                                         strict=True)):
-        rec[f"sum_{i}"] = float(s)
-        rec[f"sumsq_{i}"] = float(ss)
+           # Six numbers, not a polygon: footprints are made for all chips at once at the end.
+           "transform": transform[:6]}
+    for i in range(len(sums)):
+        rec[f"sum_{i}"] = float(sums[i])
+        rec[f"sumsq_{i}"] = float(sumsqs[i])
     return rec
+
+
+def _footprints(transforms: list[tuple], size: int) -> list:
+    """Chip polygons from the chips' transforms: ``window_footprint`` for many chips at once.
+
+    All four corners (on a rotated grid a chip's footprint is not a north-up box), computed
+    with the same float operations as ``Affine @ (x, y)``, so the corners equal the chips'
+    own ``bounds`` exactly.
+    """
+    import shapely
+
+    if not transforms:
+        return []
+    sa, sb, sc, sd, se, sf = np.asarray(transforms, dtype=np.float64).T
+    corners = [(0, 0), (size, 0), (size, size), (0, size)]
+    xy = np.stack([np.stack([vx * sa + vy * sb + sc, vx * sd + vy * se + sf], axis=-1)
+                   for vx, vy in corners], axis=1)
+    return list(shapely.polygons(xy))
 
 
 # === Index, split and statistics ===

@@ -332,3 +332,111 @@ def test_processes_stay_home_in_daemons_and_on_small_scenes(monkeypatch):
     assert tile._processes(2, 3) == 1  # 6 chips: a worker's start would cost more
     monkeypatch.setattr(multiprocessing.current_process(), "daemon", True, raising=False)
     assert tile._processes(200, 200) == 1  # a Dask worker may not start processes
+
+
+# === Reading on block rows, and the C-API chip writer ===
+
+def _write_blocks(path: Path, data: np.ndarray, nodata, **layout) -> Path:
+    bands, rows, cols = data.shape
+    with rasterio.open(path, "w", driver="GTiff", width=cols, height=rows, count=bands,
+                       dtype=data.dtype, crs=UTM, transform=TRANSFORM, nodata=nodata,
+                       compress="deflate", **layout) as dst:
+        dst.write(data)
+    return path
+
+
+@pytest.mark.parametrize("layout", [
+    {"tiled": True, "blockxsize": 48, "blockysize": 48},  # block rows off the chip stride
+    {"blockysize": 5},  # strips of 5 rows
+    {"blockysize": 230},  # strips taller than a chip: read strip by strip (no row buffer)
+    "narrow buffer",  # rows do not fit ROW_BUFFER_BYTES: strips of chip groups
+])
+@pytest.mark.parametrize("processes", [1, 3])
+def test_chips_equal_source_windows_for_any_block_layout(tmp_path, rng, monkeypatch, layout,
+                                                         processes):
+    import pipeline.tile as tile
+
+    data = rng.integers(1, 255, (3, 230, 210), dtype=np.uint8)
+    data[:, 100:140, :] = 0  # a nodata band across: masked chips
+    if layout == "narrow buffer":
+        monkeypatch.setattr(tile, "ROW_BUFFER_BYTES", 1000)
+        monkeypatch.setattr(tile, "MAX_STRIP_WIDTH", 100)
+        layout = {"tiled": True, "blockxsize": 32, "blockysize": 32}
+    monkeypatch.setattr(tile, "_processes", lambda rows, cols, n=processes: n)
+    scene = _write_blocks(tmp_path / "s.tif", data, 0, **layout)
+    gpkg = tile_scene(scene, tmp_path / "chips",
+                      cfg=TileConfig(chip_size=64, overlap=20, min_valid_fraction=0.0))
+    chips = _chips(gpkg)
+    assert len(chips) == len(grid_windows(210, 230, 64, 20))
+    for row in chips.itertuples():
+        want = data[:, row.row_off:row.row_off + 64, row.col_off:row.col_off + 64]
+        with rasterio.open(gpkg.parent / f"{row.chip}.tif") as chip:
+            np.testing.assert_array_equal(chip.read(), want)
+            np.testing.assert_array_equal(chip.dataset_mask() > 0, (want != 0).any(axis=0))
+        assert row.sum_0 == pytest.approx(want[0, ::4, ::4][(want != 0).any(axis=0)[::4, ::4]]
+                                          .astype(float).sum())
+
+
+@pytest.mark.parametrize(("dtype", "nodata", "masked"), [
+    ("uint8", None, False), ("uint8", 0, True), ("uint16", 65535, True), ("uint16", None, True)])
+def test_c_api_chip_writer_writes_what_rasterio_writes(tmp_path, rng, monkeypatch, dtype, nodata,
+                                                     masked):
+    """The same file, byte for byte, as rasterio.open(..., "w") with the chip profile."""
+    import pyogrio  # noqa: F401  (its wheel loads a second libgdal: rasterio's must be the one)
+    import rasterio.io
+
+    import pipeline.tile as tile
+
+    monkeypatch.setattr(tile._GdalChipWriter, "_lib", None)  # look for it again, here
+
+    data = rng.integers(1, 250, (4, 64, 64)).astype(dtype)
+    valid = np.ones((64, 64), dtype=bool)
+    if masked:
+        valid[:10, 5:] = False
+    with rasterio.Env(), rasterio.io.MemoryFile() as mem:
+        with mem.open(driver="GTiff", width=64, height=64, count=4, dtype=dtype, crs=UTM,
+                      transform=TRANSFORM, nodata=nodata) as grid:
+            profile = tile._chip_profile(grid, 4, 64)
+    transform = Affine(0.15, 0, 500009.6, 0, -0.15, 3999990.4)
+    writer = tile._GdalChipWriter.create(profile)
+    assert writer is not None  # Linux: the C path is the one in use
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
+        writer.write(tmp_path / "c.tif", data, valid if masked else None, transform)
+        writer.close()
+        tile._write_chip(tmp_path / "r.tif", data, valid if masked else None, profile, transform)
+    assert (tmp_path / "c.tif").read_bytes() == (tmp_path / "r.tif").read_bytes()
+    with rasterio.open(tmp_path / "c.tif") as chip:
+        np.testing.assert_array_equal(chip.read(), data)
+        assert chip.nodata == nodata and chip.crs == UTM and chip.transform == transform
+        np.testing.assert_array_equal(chip.dataset_mask() > 0, valid)
+        assert not (tmp_path / "c.tif.msk").exists()  # the mask is inside the chip
+
+
+def test_c_api_chip_writer_reports_the_file_it_could_not_write(tmp_path, rng):
+    from rasterio.errors import RasterioError
+
+    import pipeline.tile as tile
+
+    profile = dict(driver="GTiff", width=64, height=64, count=3, dtype="uint8", crs=UTM,
+                   nodata=None, tiled=True, blockxsize=64, blockysize=64, **tile.CHIP_COMPRESSION)
+    writer = tile._GdalChipWriter.create(profile)
+    target = tmp_path / "missing" / "c.tif"
+    with pytest.raises(RasterioError, match="c.tif: writing the chip failed"):
+        writer.write(target, np.zeros((3, 64, 64), np.uint8), None, TRANSFORM)
+    writer.close()
+
+
+def test_footprints_at_once_equal_window_footprint_exactly():
+    import pipeline.tile as tile
+    from pipeline.geo import window_footprint
+
+    rotated = Affine(0.15 * np.cos(0.3), -0.15 * np.sin(0.3), 500000.123,
+                     0.15 * np.sin(0.3), 0.15 * np.cos(0.3), 4000000.7)
+    for grid in (TRANSFORM, rotated):
+        chips = [rasterio.windows.transform(Window(c, r, 64, 64), grid)
+                 for r, c in [(0, 0), (48, 96), (1000, 37)]]
+        got = tile._footprints([t[:6] for t in chips], 64)
+        for polygon, t in zip(got, chips, strict=True):
+            want = window_footprint(Window(0, 0, 64, 64), t)
+            assert list(polygon.exterior.coords) == list(want.exterior.coords)
+    assert tile._footprints([], 64) == []
