@@ -377,55 +377,6 @@ def test_chips_equal_source_windows_for_any_block_layout(tmp_path, rng, monkeypa
                                           .astype(float).sum())
 
 
-@pytest.mark.parametrize(("dtype", "nodata", "masked"), [
-    ("uint8", None, False), ("uint8", 0, True), ("uint16", 65535, True), ("uint16", None, True)])
-def test_c_api_chip_writer_writes_what_rasterio_writes(tmp_path, rng, monkeypatch, dtype, nodata,
-                                                     masked):
-    """The same file, byte for byte, as rasterio.open(..., "w") with the chip profile."""
-    import pyogrio  # noqa: F401  (its wheel loads a second libgdal: rasterio's must be the one)
-    import rasterio.io
-
-    import pipeline.tile as tile
-
-    monkeypatch.setattr(tile._GdalChipWriter, "_lib", None)  # look for it again, here
-
-    data = rng.integers(1, 250, (4, 64, 64)).astype(dtype)
-    valid = np.ones((64, 64), dtype=bool)
-    if masked:
-        valid[:10, 5:] = False
-    with rasterio.Env(), rasterio.io.MemoryFile() as mem:
-        with mem.open(driver="GTiff", width=64, height=64, count=4, dtype=dtype, crs=UTM,
-                      transform=TRANSFORM, nodata=nodata) as grid:
-            profile = tile._chip_profile(grid, 4, 64)
-    transform = Affine(0.15, 0, 500009.6, 0, -0.15, 3999990.4)
-    writer = tile._GdalChipWriter.create(profile)
-    assert writer is not None  # Linux: the C path is the one in use
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
-        writer.write(tmp_path / "c.tif", data, valid if masked else None, transform)
-        writer.close()
-        tile._write_chip(tmp_path / "r.tif", data, valid if masked else None, profile, transform)
-    assert (tmp_path / "c.tif").read_bytes() == (tmp_path / "r.tif").read_bytes()
-    with rasterio.open(tmp_path / "c.tif") as chip:
-        np.testing.assert_array_equal(chip.read(), data)
-        assert chip.nodata == nodata and chip.crs == UTM and chip.transform == transform
-        np.testing.assert_array_equal(chip.dataset_mask() > 0, valid)
-        assert not (tmp_path / "c.tif.msk").exists()  # the mask is inside the chip
-
-
-def test_c_api_chip_writer_reports_the_file_it_could_not_write(tmp_path, rng):
-    from rasterio.errors import RasterioError
-
-    import pipeline.tile as tile
-
-    profile = dict(driver="GTiff", width=64, height=64, count=3, dtype="uint8", crs=UTM,
-                   nodata=None, tiled=True, blockxsize=64, blockysize=64, **tile.CHIP_COMPRESSION)
-    writer = tile._GdalChipWriter.create(profile)
-    target = tmp_path / "missing" / "c.tif"
-    with pytest.raises(RasterioError, match="c.tif: writing the chip failed"):
-        writer.write(target, np.zeros((3, 64, 64), np.uint8), None, TRANSFORM)
-    writer.close()
-
-
 def test_footprints_at_once_equal_window_footprint_exactly():
     import pipeline.tile as tile
     from pipeline.geo import window_footprint
