@@ -376,7 +376,8 @@ def _chunks(cols: list[int], win_w: int, overlap: int, batch_size: int,
     """Window columns grouped into chunks of about ``chunk_cols`` frame columns.
 
     A chunk holds a multiple of ``batch_size`` windows, so a row's batches are the same as if
-    the whole row were one chunk (a model may round differently at another batch shape).
+    the whole row were one chunk (a model may round differently at another batch shape). Only
+    windows skipped for having no valid pixel can regroup a row's batches.
     """
     per = max(1, chunk_cols // max(1, win_w - overlap))
     per = math.ceil(per / batch_size) * batch_size
