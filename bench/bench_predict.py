@@ -11,9 +11,10 @@ the CPU, end to end (read, normalise, infer, blend, write COGs), medians of alte
   the scene's pixels once (no overlap) at the same precision (target <= 1.25): overlap,
   reading, stitching and writing together;
 * peak resident memory of a fresh subprocess predicting with the default U-Net, and with a tiny
-  U-Net (depth 1, 4 filters) a ``sizes[0]``^2 and a ``sizes[1]``^2 scene (target < 2 GB). The
-  default U-Net would need hours for 20000^2 px on a 2-core CPU; there memory is about the strips
-  and the stitching, not the model, and the result says so.
+  U-Net (depth 1, 4 filters) scenes of each of ``sizes`` px a side (target < 2 GB, and flat:
+  the largest over the smallest near 1). The default U-Net would need hours for 20000^2 px on a
+  2-core CPU; there memory is about reading, stitching and writing, not the model, and the
+  result says so.
 """
 
 from __future__ import annotations
@@ -136,21 +137,21 @@ def _memory_probe(scene: Path, model_dir: Path, out_dir: Path) -> tuple[float, f
     return mib, float((out_dir / "seconds.txt").read_text())
 
 
-def memory_scaling(workdir: Path, sizes: tuple[int, int] = (4000, 20000)) -> dict:
-    """Peak RSS of predicting two scene sizes with a tiny U-Net, each in a fresh subprocess."""
+def memory_scaling(workdir: Path, sizes: tuple[int, ...] = (4000, 20000)) -> dict:
+    """Peak RSS of predicting scenes of ``sizes`` with a tiny U-Net, each in a fresh subprocess."""
     tiny_dir = workdir / "model_tiny"
     make_bundle(tiny_dir, depth=1, base_filters=4, chip_size=256)
     memory = {"model": "tiny U-Net (depth 1, 4 filters), default window: memory is about "
                        "reading and stitching, not the model; the default U-Net would take hours "
-                       "at 20000^2 on a CPU. One strip of window rows is held: memory is flat in "
-                       "the scene's height and grows with its width",
+                       "at 20000^2 on a CPU. One chunk of windows and an overlap-row seam are "
+                       "held: memory is flat in the scene's height and width",
               "target_mb": 2048, "runs": {}}
     for size in sizes:
         big = _big_scene(workdir / "scenes" / f"big_{size}.tif", size)
         mib, seconds = _memory_probe(big, tiny_dir, workdir / f"out_mem_{size}")
         memory["runs"][str(size)] = {"peak_rss_mb": round(mib, 1), "seconds": round(seconds, 2),
                                      "mpix_per_s": round(size**2 / 1e6 / seconds, 3)}
-    small, large = (memory["runs"][str(s)]["peak_rss_mb"] for s in sizes)
+    small, large = (memory["runs"][str(s)]["peak_rss_mb"] for s in (sizes[0], sizes[-1]))
     memory["large_over_small"] = round(large / small, 3)
     memory["ok"] = large < 2048
     return memory
@@ -160,13 +161,13 @@ def memory_scaling(workdir: Path, sizes: tuple[int, int] = (4000, 20000)) -> dic
 BASELINE = {"window": 256, "overlap": 64, "precision": "float32"}
 
 
-def run(workdir: Path, *, sizes: tuple[int, int] = (4000, 20000),
+def run(workdir: Path, *, sizes: tuple[int, ...] = (4000, 20000),
         throughput_size: int = 2048, repeats: int = 3) -> dict:
     """Measure prediction speed and memory; returns the result dict (also logged).
 
     Args:
         workdir: scratch folder for scenes, bundles and outputs.
-        sizes: the two scene sizes (pixels per side) for the memory comparison.
+        sizes: scene sizes (pixels per side) for the memory comparison, smallest first.
         throughput_size: side of the scene the default U-Net predicts for MPix/s and ratios.
         repeats: timed runs of each (the median is reported).
     """
@@ -252,6 +253,6 @@ if __name__ == "__main__":
     import tempfile
 
     logging.basicConfig(level=logging.INFO)
-    sizes = tuple(int(s) for s in sys.argv[1:3]) or (4000, 20000)
+    sizes = tuple(int(s) for s in sys.argv[1:]) or (4000, 20000)
     with tempfile.TemporaryDirectory() as tmp:
         print(json.dumps(run(Path(tmp), sizes=sizes), indent=2))  # noqa: T201

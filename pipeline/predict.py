@@ -1,13 +1,15 @@
 """Sliding-window prediction of a scene into probability and mask COGs.
 
-The scene is read one row of windows at a time (a strip ``window`` rows high), windows are
-batched through the model, and each window's probabilities are blended into a strip accumulator
-with a smooth weight that is zero on the window's inner edges (where a convolution sees padding)
-and cosine-squared across the rest of the overlap, so no seam shows. Rows that no later window
-touches are flushed to an intermediate tiled GeoTIFF straight away, so memory depends on the
-scene's width and the window, never on its height; the COGs are then built from those files with
-``rio_cogeo`` (which streams too). A reader thread prefetches the next strip and a writer thread
-writes the previous one while the model runs, so wall time stays close to the model's own time.
+The scene is read one block of windows at a time (a row of windows, ``window`` rows high, taken
+in chunks of about ``CHUNK_COLS`` columns), windows are batched through the model, and each
+window's probabilities are blended into a chunk accumulator with a smooth weight that is zero on
+the window's inner edges (where a convolution sees padding) and cosine-squared across the rest of
+the overlap, so no seam shows. Pixels that no later window touches are flushed to an intermediate
+tiled GeoTIFF straight away and only the overlaps are carried on, so memory depends on the window
+and the chunk, not on the scene's size (bar an ``overlap``-row seam as wide as the scene); the
+COGs are then built from those files with ``rio_cogeo`` (which streams too). A reader thread
+prefetches the next block and a writer thread writes the previous one while the model runs, so
+wall time stays close to the model's own time.
 
 The bundle's contract is honoured: bands are picked and normalised as in training, a scene at
 another GSD is warped to the model's GSD and the probability brought back to the scene's grid,
@@ -65,7 +67,10 @@ log = logging.getLogger(__name__)
 GSD_TOLERANCE = 0.01  # relative GSD difference beyond which the scene is resampled
 _EPS = 1e-6  # weight floor for valid pixels, so every one of them has a positive total weight
 _BLOCK = 256  # block size of the intermediate GeoTIFFs
-_FLUSH_ROWS = 64  # rows handed to the writer at a time
+_FLUSH_PIXELS = 2**20  # pixels handed to the writer at a time
+# Frame columns of windows predicted and blended together: with the overlap-row seam, all that
+# memory holds, so it is flat in the scene's width and height.
+CHUNK_COLS = 4096
 # Overlap from the receptive field (predict.overlap = None): the dead margin at each inner
 # window edge is this share of the half-field, and the cos^2 ramp between two margins is this
 # share of one margin.
@@ -259,7 +264,7 @@ def axis_weight(offset: int, size: int, length: int, overlap: int,
 # === Reading ===
 
 class _StripReader:
-    """Reads full-width strips of a dataset with their validity; short strips padded to size."""
+    """Reads strips of a dataset (all of its width, or some columns) with their validity."""
 
     def __init__(self, src, scene: Path, bands: list[int]):
         self.src = src
@@ -270,21 +275,38 @@ class _StripReader:
         # pixel across all bands by valid_mask (the GDAL convention for RGB orthophotos).
         self.use_dataset_mask = _has_mask(src)
 
-    def read(self, row: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
-        """(bands, rows, width) data and (rows, width) validity starting at ``row``.
+    def read(self, row: int, rows: int, col: int = 0,
+             cols: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(bands, rows, cols) data and (rows, cols) validity of the block at (``row``, ``col``).
 
-        Rows above the scene's top (``row`` < 0) or past its bottom are filled by reflection
-        (and marked invalid).
+        ``cols`` None reads to the scene's right edge. Rows above the scene's top (``row`` < 0)
+        or past its bottom are filled by reflecting the rows read, columns left or right of the
+        scene by reflecting the scene (``np.pad``'s ``symmetric`` rule, so a block of a padded
+        frame equals the same block of the whole padded strip); both are marked invalid.
         """
+        cols = self.width - col if cols is None else cols
         top = max(0, row)
         n = max(0, min(row + rows, self.height) - top)
-        win = Window(0, top, self.width, n)
+        frame = np.arange(col, col + cols)
+        inside = (frame >= 0) & (frame < self.width)
+        pick = None
+        left, span = col, cols
+        if not inside.all():
+            period = 2 * self.width
+            folded = np.mod(frame, period)
+            source = np.where(folded < self.width, folded, period - 1 - folded)
+            left, span = int(source.min()), int(source.max() - source.min()) + 1
+            pick = source - left
+        win = Window(left, top, span, n)
         try:
             data = self.src.read(self.bands, window=win)
             mask = self.src.dataset_mask(window=win) if self.use_dataset_mask else None
         except RasterioError as exc:
             raise InputError(f"{self.scene}: cannot read pixels ({first_line(exc)})") from None
         valid = valid_mask(data, self.src.nodata, mask)
+        if pick is not None:
+            data = data[:, :, pick]
+            valid = valid[:, pick] & inside
         before, after = top - row, rows - n - (top - row)
         if before or after:
             data = np.pad(data, ((0, 0), (before, after), (0, 0)), mode="symmetric")
@@ -349,91 +371,129 @@ class _Predictor:
         return out
 
 
+def _chunks(cols: list[int], win_w: int, overlap: int, batch_size: int,
+            chunk_cols: int) -> list[list[int]]:
+    """Window columns grouped into chunks of about ``chunk_cols`` frame columns.
+
+    A chunk holds a multiple of ``batch_size`` windows, so a row's batches are the same as if
+    the whole row were one chunk (a model may round differently at another batch shape). Only
+    windows skipped for having no valid pixel can regroup a row's batches.
+    """
+    per = max(1, chunk_cols // max(1, win_w - overlap))
+    per = math.ceil(per / batch_size) * batch_size
+    return [cols[k:k + per] for k in range(0, len(cols), per)]
+
+
 def predict_grid(reader: _StripReader, bundle: Bundle, *, geometry: Geometry,
                  phase: tuple[int, int], batch_size: int, tta: bool,
-                 emit: Callable[[int, np.ndarray], None], predictor=None) -> None:
-    """Predict every window of ``reader``'s grid and emit finished rows of blended probability.
+                 emit: Callable[[int, int, np.ndarray], None], predictor=None,
+                 chunk_cols: int = CHUNK_COLS) -> None:
+    """Predict every window of ``reader``'s grid and emit finished blocks of blended probability.
 
     Windows are laid out in a frame that starts ``phase`` (rows, cols) pixels before the scene,
     on the map's pooling lattice (see ``lattice_phase``); pixels outside the scene are filled by
-    reflection and get no weight. ``emit(row_off, prob)`` receives float32 rows (scene width)
-    with NaN at nodata, top to bottom, in a writer thread. Memory holds one strip of window
-    rows, whatever the scene's height.
+    reflection and get no weight. Each row of windows is taken in chunks of about
+    ``chunk_cols`` columns, left to right: a chunk's windows are read, predicted and blended
+    into a chunk-sized accumulator, and its pixels that no later window touches are final.
+    What a later window still adds to is carried: the chunk's right overlap (``overlap``
+    columns, to the next chunk) and its bottom overlap (``overlap`` rows, to the next row of
+    windows, in a seam as wide as the frame). Every pixel gets the same additions in the same
+    order as with one accumulator for the whole strip, so the result is bit for bit the same;
+    memory holds one chunk and the ``overlap``-row seam, whatever the scene's size.
+
+    ``emit(row_off, col_off, prob)`` receives float32 blocks on the scene's grid with NaN at
+    nodata, rows of windows top to bottom and chunks left to right, in a writer thread.
     """
     width, height = reader.width, reader.height
     win_h, rows = _frame_axis(height, phase[0], geometry)
     win_w, cols = _frame_axis(width, phase[1], geometry)
     frame_w = cols[-1] + win_w  # the strip's width in the frame: the scene plus padding
-    pad_left, pad_right = phase[1], frame_w - phase[1] - width
     overlap, margin = geometry.overlap, geometry.margin
     col_weights = {c: axis_weight(c, win_w, frame_w, overlap, margin) for c in cols}
     # A batch is capped in pixels: a few big windows already keep every core busy, and
     # activations grow with the batch's pixels.
     batch_size = max(1, min(batch_size, MAX_BATCH_PIXELS // (win_h * win_w)))
-    # Accumulators hold one strip: the rows of the current row of windows, frame width.
-    acc = np.zeros((win_h, frame_w), dtype=np.float32)
-    wsum = np.zeros_like(acc)
+    chunks = _chunks(cols, win_w, overlap, batch_size, chunk_cols)
+    # Where each chunk's final columns end: the next chunk's first window, or the frame's edge.
+    ends = [nxt[0] for nxt in chunks[1:]] + [frame_w]
+    tasks = [(i, k) for i in range(len(rows)) for k in range(len(chunks))]
+    # The bottom overlap of the last row of windows, frame-wide (acc, wsum): rows the next row
+    # of windows adds to. The stride is constant, so it is the same height for every row.
+    seam_h = win_h - (rows[1] - rows[0]) if len(rows) > 1 else 0
+    seam = np.zeros((2, seam_h, frame_w), dtype=np.float32)
+    carry: np.ndarray | None = None  # (acc, wsum) of the previous chunk's right overlap
     predictor = predictor or _Predictor(bundle.model, batch_size, tta)
     n_bands = len(bundle.bands)
     mean, std = (np.asarray(bundle.metadata["normalization"][k], dtype=np.float32)
                  for k in ("mean", "std"))
-    emitted = 0  # scene rows handed to the writer so far
+    emitted = 0  # scene pixels handed to the writer so far
+
+    def read(task: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        i, k = task
+        c0 = chunks[k][0]
+        return reader.read(rows[i] - phase[0], win_h, c0 - phase[1], chunks[k][-1] + win_w - c0)
+
     with ThreadPoolExecutor(1, thread_name_prefix="read") as read_pool, \
             ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool:
-        next_strip: Future = read_pool.submit(reader.read, rows[0] - phase[0], win_h)
+        next_block: Future = read_pool.submit(read, tasks[0])
         pending: Future | None = None
         bar = progress_bar(len(rows) * len(cols), "windows", "window")
-        for i, row in enumerate(rows):
-            data, valid = next_strip.result()
-            if i + 1 < len(rows):
-                next_strip = read_pool.submit(reader.read, rows[i + 1] - phase[0], win_h)
+        for t, (i, k) in enumerate(tasks):
+            data, valid = next_block.result()
+            if t + 1 < len(tasks):
+                next_block = read_pool.submit(read, tasks[t + 1])
             image = reshape_as_image(data)  # (rows, cols, bands) once, before Keras
-            if pad_left or pad_right:
-                image = np.pad(image, ((0, 0), (pad_left, pad_right), (0, 0)), mode="symmetric")
-                valid = np.pad(valid, ((0, 0), (pad_left, pad_right)), constant_values=False)
+            chunk, c0, end = chunks[k], chunks[k][0], ends[k]
+            row, span = rows[i], chunk[-1] + win_w - c0
+            done = rows[i + 1] - row if i + 1 < len(rows) else win_h  # rows final after this
+            # The accumulator starts from what earlier windows added: the seam above, then
+            # the previous chunk's right overlap (which already holds the seam's share).
+            acc = np.zeros((2, win_h, span), dtype=np.float32)
+            if i > 0:
+                acc[:, :seam_h] = seam[:, :, c0:c0 + span]
+            if k > 0:
+                acc[:, :, :carry.shape[2]] = carry
             row_weight = axis_weight(row, win_h, rows[-1] + win_h, overlap, margin)
             # Windows without one valid pixel are not worth a forward pass (nodata borders).
-            live = [c for c in cols if valid[:, c:c + win_w].any()]
-            # One batch at a time, so memory holds batch_size windows, not a row of them.
+            live = [c for c in chunk if valid[:, c - c0:c - c0 + win_w].any()]
+            # One batch at a time, so memory holds batch_size windows, not a chunk of them.
             for start in range(0, len(live), batch_size):
-                chunk = live[start:start + batch_size]
-                batch = np.empty((len(chunk), win_h, win_w, n_bands), dtype=np.float32)
-                for j, col in enumerate(chunk):
-                    normalize_into(image[:, col:col + win_w], mean, std, batch[j])
+                group = live[start:start + batch_size]
+                batch = np.empty((len(group), win_h, win_w, n_bands), dtype=np.float32)
+                for j, col in enumerate(group):
+                    normalize_into(image[:, col - c0:col - c0 + win_w], mean, std, batch[j])
                 probs = predictor(batch)
-                for col, prob in zip(chunk, probs, strict=True):
+                for col, prob in zip(group, probs, strict=True):
+                    x = slice(col - c0, col - c0 + win_w)
                     weight = np.maximum(np.outer(row_weight, col_weights[col]), _EPS)
-                    weight *= valid[:, col:col + win_w]  # nodata and padding get no say
-                    acc[:, col:col + win_w] += np.clip(prob, 0.0, 1.0) * weight
-                    wsum[:, col:col + win_w] += weight
-            # Rows above the next window's top are final: flush them and slide the strip up.
-            done = (rows[i + 1] if i + 1 < len(rows) else rows[-1] + win_h) - row
-            # Frame rows [row, row + done) are scene rows [row - phase, ...), clipped to it.
-            first = max(0, phase[0] - row)
-            last = min(done, height + phase[0] - row)
-            for top in range(first, last, _FLUSH_ROWS):  # in slices: small temporaries
-                part = slice(top, min(last, top + _FLUSH_ROWS))
-                scene_cols = slice(pad_left, pad_left + width)
+                    weight *= valid[:, x]  # nodata and padding get no say
+                    acc[0, :, x] += np.clip(prob, 0.0, 1.0) * weight
+                    acc[1, :, x] += weight
+            # Hand on what later windows still add to, then emit what is final.
+            carry = acc[:, :, end - c0:].copy() if k + 1 < len(chunks) else None
+            if done < win_h:
+                seam[:, :, c0:end] = acc[:, done:, :end - c0]
+            # Frame rows [row, row + done) are scene rows [row - phase, ...), clipped to it;
+            # frame columns [c0, end) likewise.
+            first, last = max(0, phase[0] - row), min(done, height + phase[0] - row)
+            left, right = max(c0, phase[1]), min(end, width + phase[1])
+            step = max(1, _FLUSH_PIXELS // max(1, right - left))
+            for top in range(first, last if right > left else first, step):
+                part = slice(top, min(last, top + step))
+                x = slice(left - c0, right - c0)
                 with np.errstate(invalid="ignore", divide="ignore"):
-                    out = np.where(wsum[part, scene_cols] > 0,
-                                   acc[part, scene_cols] / wsum[part, scene_cols],
+                    out = np.where(acc[1, part, x] > 0, acc[0, part, x] / acc[1, part, x],
                                    np.float32(np.nan))
                 if pending is not None:
                     pending.result()
-                pending = write_pool.submit(emit, row + top - phase[0], out)
-                emitted += part.stop - part.start
-            keep = win_h - done
-            if keep > 0:
-                acc[:keep] = acc[done:]
-                wsum[:keep] = wsum[done:]
-            acc[max(keep, 0):] = 0.0
-            wsum[max(keep, 0):] = 0.0
-            bar.update(len(cols))
+                pending = write_pool.submit(emit, row + top - phase[0], left - phase[1], out)
+                emitted += out.size
+            bar.update(len(chunk))
         bar.close()
         if pending is not None:
             pending.result()
-    if emitted != height:  # a bookkeeping slip must never write a silently partial raster
-        raise RuntimeError(f"predicted {emitted} of {height} rows")
+    if emitted != height * width:  # a bookkeeping slip must never write a partial raster
+        raise RuntimeError(f"predicted {emitted} of {height * width} pixels")
 
 
 # === Output ===
@@ -467,9 +527,9 @@ class _PairWriter:
         self.mask.set_band_description(1, "car mask: 1 car, 0 background (255 = nodata)")
         self._lock = threading.Lock()
 
-    def __call__(self, row: int, prob: np.ndarray) -> None:
+    def __call__(self, row: int, col: int, prob: np.ndarray) -> None:
         q, m = encode(prob, self.threshold)
-        win = Window(0, row, prob.shape[1], prob.shape[0])
+        win = Window(col, row, prob.shape[1], prob.shape[0])
         with self._lock:
             self.prob.write(q, 1, window=win)
             self.mask.write(m, 1, window=win)
@@ -622,8 +682,8 @@ def _predict_into(src, scene: Path, bundle: Bundle, writer: _PairWriter, tmp: Pa
         vrt_opts["add_alpha"] = True
     profile = _tiled_profile(width, height, src.crs, transform, "float32", float("nan"))
     with WarpedVRT(src, **vrt_opts) as vrt, rasterio.open(warped_path, "w", **profile) as dst:
-        def emit_float(row: int, prob: np.ndarray) -> None:
-            dst.write(prob, 1, window=Window(0, row, prob.shape[1], prob.shape[0]))
+        def emit_float(row: int, col: int, prob: np.ndarray) -> None:
+            dst.write(prob, 1, window=Window(col, row, prob.shape[1], prob.shape[0]))
 
         predict_grid(_StripReader(vrt, scene, bundle.bands), bundle, emit=emit_float,
                      phase=lattice_phase(transform, geometry.multiple), **opts)
@@ -643,7 +703,7 @@ def _predict_into(src, scene: Path, bundle: Bundle, writer: _PairWriter, tmp: Pa
                 near = _reproject_strip(warped, (n, src.width), dst_transform, src.crs,
                                         Resampling.nearest)
                 prob = np.where(holes, np.nan_to_num(near, nan=0.0), prob)
-            writer(row, np.where(valid, prob, np.nan).astype(np.float32))
+            writer(row, 0, np.where(valid, prob, np.nan).astype(np.float32))
 
 
 def _reproject_strip(warped, shape: tuple[int, int], dst_transform: Affine, crs,
