@@ -166,7 +166,7 @@ class PredictConfig(_Section):
     """Sliding-window inference and stitching (``make predict``)."""
 
     window: int = Field(
-        1280, ge=16, description="Largest inference window in pixels, independent of the training "
+        2048, ge=16, description="Largest inference window in pixels, independent of the training "
         "chip size (windows shrink to fit a smaller scene).")
     overlap: int | None = Field(
         None, ge=0, description="Pixels shared by neighbouring windows (None = from the model's "

@@ -79,8 +79,8 @@ CHUNK_COLS = 4096
 CONTEXT_SHARE = 0.5
 RAMP_SHARE = 0.5
 DEFAULT_FIELD = 128  # receptive field assumed when a model's cannot be measured
-# Pixels per forward pass (batch x window area): one 1280^2 window, 2 of 1024^2, 32 of 256^2;
-# the default U-Net then peaks near 2 GB on a CPU.
+# Pixels per forward pass (batch x window area): one 2048^2 window (the default; never fewer
+# than one), 2 of 1024^2, 32 of 256^2; the default U-Net then peaks near 2 GB on a CPU.
 MAX_BATCH_PIXELS = 2 * 1024 * 1024
 # GDAL's block cache defaults to 5% of RAM and fills up as large outputs stream through it; a
 # small one is enough for strip-by-strip writes and keeps memory flat whatever the scene size.

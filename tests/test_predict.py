@@ -414,7 +414,7 @@ def test_receptive_field_of_the_unet():
 def test_overlap_comes_from_the_receptive_field():
     meta = _metadata(size_multiple=16, chip_size=256)
     geom = window_geometry(PredictConfig(), meta, 200)
-    assert geom.window == 1280  # not the 256 px training chip
+    assert geom.window == 2048  # not the 256 px training chip
     assert geom.overlap % 16 == 0 and geom.window % 16 == 0
     assert geom.margin >= 200 / 2 * CONTEXT_SHARE  # the dropped edge covers the context
     assert window_geometry(PredictConfig(), meta, 100).overlap < geom.overlap
