@@ -25,6 +25,8 @@ import shutil
 import time
 from pathlib import Path
 
+from bench.harness import prepare_chips
+
 log = logging.getLogger(__name__)
 
 
@@ -112,21 +114,12 @@ def error_sources(cars_files: list[Path], truth_file: Path, *, iou: float = 0.3)
 
 
 def _stages(data: Path, work: Path, model_dir: Path, cfg, *, retrain: bool) -> dict:
-    from pipeline.io import list_scenes, list_vectors
-    from pipeline.rasterize import load_labels, rasterize_scene
-    from pipeline.tile import build_index, tile_scene
     from pipeline.train import train
 
     times = {}
     if retrain or not (model_dir / "model.keras").exists():
         t0 = time.perf_counter()
-        chips, masks = work / "chips", work / "masks"
-        for scene in list_scenes(data / "raw" / "images"):
-            tile_scene(scene, chips, cfg=cfg.tile)
-        labels = load_labels(list_vectors(data / "raw" / "labels"), cfg=cfg.labels)
-        for index in sorted(chips.glob("*/chips.gpkg")):
-            rasterize_scene(index, labels, masks, cfg=cfg.labels)
-        build_index(chips, masks, cfg=cfg.tile)
+        chips, masks = prepare_chips(data, work, cfg)
         times["prepare_s"] = round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
         if model_dir.exists():

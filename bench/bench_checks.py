@@ -17,6 +17,8 @@ import logging
 import time
 from pathlib import Path
 
+from bench.harness import prepare_chips
+
 log = logging.getLogger(__name__)
 
 
@@ -31,10 +33,8 @@ def trained_model(workdir: Path, *, minutes: float = 1.5, width: int = 640, heig
     import keras
 
     from pipeline.config import Config
-    from pipeline.io import list_scenes, list_vectors, read_json
-    from pipeline.rasterize import load_labels, rasterize_scene
+    from pipeline.io import read_json
     from pipeline.sample import make_sample
-    from pipeline.tile import build_index, tile_scene
     from pipeline.train import train
 
     workdir = Path(workdir)
@@ -47,13 +47,8 @@ def trained_model(workdir: Path, *, minutes: float = 1.5, width: int = 640, heig
     )
     data = workdir / "data"
     make_sample(data, cfg=cfg.sample)
-    chips, masks, model = workdir / "chips", workdir / "masks", workdir / "model"
-    for scene in list_scenes(data / "raw" / "images"):
-        tile_scene(scene, chips, cfg=cfg.tile)
-    labels = load_labels(list_vectors(data / "raw" / "labels"), cfg=cfg.labels)
-    for gpkg in sorted(chips.glob("*/chips.gpkg")):
-        rasterize_scene(gpkg, labels, masks, cfg=cfg.labels)
-    build_index(chips, masks, cfg=cfg.tile)
+    model = workdir / "model"
+    chips, masks = prepare_chips(data, workdir, cfg)
     keras.utils.set_random_seed(seed)
     start = time.perf_counter()
     train(chips, masks, model, cfg=cfg)

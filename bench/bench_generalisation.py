@@ -28,6 +28,8 @@ import logging
 import time
 from pathlib import Path
 
+from bench.harness import prepare_chips
+
 log = logging.getLogger(__name__)
 
 # (name, seed, gsd, style) of the evaluation scenes; the training scenes are seed 0, default.
@@ -43,22 +45,6 @@ CONDITIONS = [
 ]
 QUICK_TRAIN = {"depth": 2, "base_filters": 8, "batch_size": 4, "steps_per_epoch": 4,
                "epochs": 2, "max_minutes": None, "validations": 2}
-
-
-def _prepare(data: Path, work: Path, cfg) -> tuple[Path, Path]:
-    """Tile, rasterize and index a sample's training scenes the way the Makefile does."""
-    from pipeline.io import list_scenes, list_vectors
-    from pipeline.rasterize import load_labels, rasterize_scene
-    from pipeline.tile import build_index, tile_scene
-
-    chips, masks = work / "chips", work / "masks"
-    for scene in list_scenes(data / "raw" / "images"):
-        tile_scene(scene, chips, cfg=cfg.tile)
-    labels = load_labels(list_vectors(data / "raw" / "labels"), cfg=cfg.labels)
-    for index in sorted(chips.glob("*/chips.gpkg")):
-        rasterize_scene(index, labels, masks, cfg=cfg.labels)
-    build_index(chips, masks, cfg=cfg.tile)
-    return chips, masks
 
 
 def _to_boxes(labels_dir: Path) -> None:
@@ -143,7 +129,7 @@ def run(workdir: Path, *, cfg=None, quick: bool = False, minutes: float | None =
                                              incoming_scenes=2, width=size, height=size))
     if box_labels:
         _to_boxes(train_data / "raw" / "labels")
-    chips, masks = _prepare(train_data, workdir / "interim", cfg)
+    chips, masks = prepare_chips(train_data, workdir / "interim", cfg)
     model_dir = workdir / "model"
     t0 = time.perf_counter()
     train(chips, masks, model_dir, cfg=cfg)

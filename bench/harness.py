@@ -175,3 +175,23 @@ def make_bundle(model_dir: Path, *, bands: int = 3, depth: int = 1, base_filters
         "keras_backend": keras.backend.backend(),
     }
     return save_bundle(model, metadata, model_dir)
+
+
+def prepare_chips(data: Path, work: Path, cfg) -> tuple[Path, Path]:
+    """Tile, rasterize and index a sample's training scenes the way ``make`` does.
+
+    Returns:
+        (chips folder, masks folder) under ``work``.
+    """
+    from pipeline.io import list_scenes, list_vectors
+    from pipeline.rasterize import load_labels, rasterize_scene
+    from pipeline.tile import build_index, tile_scene
+
+    chips, masks = work / "chips", work / "masks"
+    for scene in list_scenes(data / "raw" / "images"):
+        tile_scene(scene, chips, cfg=cfg.tile)
+    labels = load_labels(list_vectors(data / "raw" / "labels"), cfg=cfg.labels)
+    for index in sorted(chips.glob("*/chips.gpkg")):
+        rasterize_scene(index, labels, masks, cfg=cfg.labels)
+    build_index(chips, masks, cfg=cfg.tile)
+    return chips, masks
