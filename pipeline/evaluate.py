@@ -31,9 +31,11 @@ from scipy.sparse.csgraph import connected_components
 from pipeline.config import EvaluateConfig
 from pipeline.geo import NODATA, PROB_SCALE, gsd_m, metres_per_unit
 from pipeline.io import (
+    EMPTY_REASON,
     InputError,
     atomic_dir,
     find_cars_file,
+    has_valid_pixels,
     list_scenes,
     open_scene,
     read_vector,
@@ -365,6 +367,15 @@ def evaluate(out_dir: Path, truth: Path, *, cfg: EvaluateConfig) -> Path:
     masks = list_scenes(out_dir / "masks")
     if not masks:
         raise InputError(f"{out_dir / 'masks'}: no predicted masks; run `make predict` first")
+    # A scene without one valid pixel was never looked at: listing it with 0 truth and 0
+    # predicted cars would read as a perfect scene (summary.csv gives it status "empty").
+    empty = [scene_name(m) for m in masks if not has_valid_pixels(m)]
+    for scene in empty:
+        log.warning("%s: %s; left out of the evaluation", scene, EMPTY_REASON)
+    masks = [m for m in masks if scene_name(m) not in empty]
+    if not masks:
+        raise InputError(f"{out_dir / 'masks'}: no predicted scene has a valid pixel; "
+                         "nothing to evaluate")
     truth_gdf = read_vector(truth)
     if len(truth_gdf):
         polys = truth_gdf.geometry.geom_type.isin(["Polygon", "MultiPolygon"])
@@ -398,7 +409,7 @@ def evaluate(out_dir: Path, truth: Path, *, cfg: EvaluateConfig) -> Path:
         "settings": cfg.model_dump(mode="json"),
         "overall": {"pixel": pixel, "object": obj, "object_variants": variants, "count": count,
                     "recall_by_size": _recall_by_size(areas, cfg.size_bins_m2),
-                    "scenes": len(results)},
+                    "scenes": len(results), "empty_scenes": empty},
         "per_scene": {r["scene"]: {k: v for k, v in r.items() if not k.startswith("_")}
                       for r in results},
     }

@@ -188,3 +188,29 @@ def test_box_labels_get_iou_03_envelope_and_centroid_scores(predicted):
     variants = metrics["overall"]["object_variants"]
     assert set(variants) == {"iou_0.3", "iou_0.5", "envelope_iou_0.5", "centroid"}
     assert variants["iou_0.5"]["tp"] == metrics["overall"]["object"]["tp"] == 1
+
+
+def test_scene_without_valid_pixels_is_left_out_not_a_perfect_scene(tmp_path):
+    # s2 is all nodata: nothing was looked at there, so it is neither 0-for-0 nor a scene.
+    out = tmp_path / "out"
+    a = car_px(20, 80)
+    _scene_with_cars(out, "s1", [a])
+    _scene_with_cars(out, "s2", [], col_off=200, nodata_cols=120)
+    truth = tmp_path / "truth.gpkg"
+    gpd.GeoDataFrame(geometry=[a], crs=UTM).to_file(truth)
+    metrics = json.loads(evaluate(out, truth, cfg=EvaluateConfig()).read_text())
+    assert set(metrics["per_scene"]) == {"s1"}
+    assert metrics["overall"]["scenes"] == 1
+    assert metrics["overall"]["empty_scenes"] == ["s2"]
+    with open(out / "evaluation" / "per_scene.csv") as fh:
+        assert [r["scene"] for r in csv.DictReader(fh)] == ["s1"]
+
+
+def test_only_empty_scenes_is_one_clear_error(tmp_path):
+    out = tmp_path / "out"
+    _scene_with_cars(out, "s2", [], nodata_cols=120)
+    truth = tmp_path / "truth.gpkg"
+    gpd.GeoDataFrame(geometry=[car_px(20, 80)], crs=UTM).to_file(truth)
+    with pytest.raises(InputError, match="no predicted scene has a valid pixel"):
+        evaluate(out, truth, cfg=EvaluateConfig())
+    assert not (out / "evaluation").exists()
