@@ -27,6 +27,7 @@ more context (farther from its edge) and found nothing, is dropped: the better v
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -359,16 +360,58 @@ def _by_crs(infos: list[SceneInfo], main_crs: CRS) -> list[tuple[str, CRS, list[
             for wkt, members in groups.items()]
 
 
-def write_mosaics(infos: list[SceneInfo], batch_dir: Path, main_crs: CRS) -> list[Path]:
-    """``probability.vrt`` and ``masks.vrt`` per CRS (``*_EPSG_xxxx.vrt`` for the others)."""
-    north_up = []
+def warped_vrt_xml(source: Path, target: Path) -> tuple[str, Affine, int, int]:
+    """A north-up GDAL warped VRT of a rotated raster: its XML, transform, width and height.
+
+    A mosaic VRT's sources must be north-up; a scene on a rotated grid enters it through this
+    (nearest neighbour, so mask values stay 0/1 and probabilities are not blended). The source
+    is named relative to ``target``, so the batch folder can be moved with the scenes.
+    """
+    from xml.etree import ElementTree
+
+    from rasterio.io import MemoryFile
+    from rasterio.shutil import copy as gdal_copy
+    from rasterio.vrt import WarpedVRT
+
+    with rasterio.open(source) as src, WarpedVRT(src) as vrt, MemoryFile(ext=".vrt") as mem:
+        gdal_copy(vrt, mem.name, driver="VRT")
+        root = ElementTree.fromstring(mem.read())
+        transform, width, height = vrt.transform, vrt.width, vrt.height
+    node = root.find(".//SourceDataset")
+    node.text = os.path.relpath(source, target.parent)
+    node.set("relativeToVRT", "1")
+    return ElementTree.tostring(root, encoding="unicode"), transform, width, height
+
+
+def _north_up(infos: list[SceneInfo], batch_dir: Path) -> tuple[list[SceneInfo], list[Path]]:
+    """The scenes as mosaic sources: a rotated scene as north-up warped VRTs in ``warped/``."""
+    sources, written = [], []
     for info in infos:
-        t = info.transform
-        if t.b or t.d:
-            log.warning("%s: rotated grid; left out of the mosaics (VRT sources are north-up)",
-                        info.mask)
+        if not (info.transform.b or info.transform.d):
+            sources.append(info)
             continue
-        north_up.append(info)
+        paths = {}
+        for kind, path in (("probability", info.prob), ("masks", info.mask)):
+            target = batch_dir / "warped" / kind / f"{info.scene}.vrt"
+            xml, transform, width, height = warped_vrt_xml(path, target)
+            with atomic_path(target) as tmp:
+                tmp.write_text(xml, encoding="utf-8")
+            paths[kind] = target
+            written.append(target)
+        sources.append(dataclasses.replace(info, prob=paths["probability"], mask=paths["masks"],
+                                           transform=transform, width=width, height=height))
+    return sources, written
+
+
+def write_mosaics(infos: list[SceneInfo], batch_dir: Path, main_crs: CRS) -> list[Path]:
+    """``probability.vrt`` and ``masks.vrt`` per CRS (``*_EPSG_xxxx.vrt`` for the others).
+
+    Scenes on a rotated grid enter through north-up warped VRTs in ``warped/<kind>/``.
+    """
+    north_up, warped = _north_up(infos, batch_dir)
+    for old in batch_dir.glob("warped/*/*.vrt"):  # a rotated scene that left the batch
+        if old not in warped:
+            old.unlink()
     written = []
     for suffix, crs, members in _by_crs(north_up, main_crs):
         for kind, attr, qml in (("probability", "prob", probability_qml()),
