@@ -185,12 +185,21 @@ def cmd_sample(args) -> int:
     from pipeline.sample import make_sample
 
     cfg = _cfg(args)
-    stamp = _stamp(args, cfg, "sample")
     manifest = args.data / "sample-manifest.json"
-    if stamp and not args.force and is_fresh([manifest], stamp):
+
+    def fresh() -> bool:
+        return bool(args.settings) and not args.force and is_fresh([manifest], [args.settings])
+
+    if not _settings_changed(args, cfg, "sample") and fresh():
         log.info("sample: %s is up to date", manifest)
         return 0
-    manifest = make_sample(args.data, cfg=cfg.sample, force=args.force)
+    # One writer of DATA's sample at a time: a second `make sample` waits, then finds it there.
+    with folder_lock(args.data, "sample"):
+        _stamp(args, cfg, "sample")
+        if fresh():
+            log.info("sample: %s is up to date", manifest)
+            return 0
+        manifest = make_sample(args.data, cfg=cfg.sample, force=args.force)
     log.info("sample written: %s", manifest)
     return 0
 
