@@ -738,6 +738,51 @@ def _signature(scenes: list[str], zones: Path | None, cfg: Config) -> dict:
             "settings": cfg.batch.model_dump(mode="json")}
 
 
+def _fresh(scenes: list[tuple[str, Path]], out_dir: Path, model_dir: Path, cfg: Config,
+           zones: Path | None, settings: Path | None, previous: dict | None) -> bool:
+    """Whether the last run's batch products (its manifest ``previous``) are up to date."""
+    batch_dir = out_dir / BATCH_DIR
+    inputs = [model_dir / MODEL_FILE, model_dir / METADATA_FILE]
+    for scene, image in scenes:
+        inputs += [image, out_dir / "probability" / f"{scene}.tif",
+                   out_dir / "masks" / f"{scene}.tif", find_cars_file(out_dir, scene)]
+    # The settings of the stages the batch is made from (evaluate's come after it).
+    inputs += [out_dir / "settings" / f"{stage}.json" for stage in ("predict", "vectors")]
+    inputs += [p for p in (zones, settings) if p is not None]
+    return (previous is not None
+            and previous.get("signature") == _signature([s for s, _ in scenes], zones, cfg)
+            and is_fresh([batch_dir / p for p in previous.get("outputs", [])]
+                         + [batch_dir / MANIFEST], inputs))
+
+
+def batch_up_to_date(images: Path, out_dir: Path, *, model_dir: Path, cfg: Config,
+                     zones: Path | None = None, settings: Path | None = None) -> bool:
+    """Whether :func:`build_batch` would write nothing, looked at quietly before the command
+    takes OUT's lock (so a rerun with nothing to do neither waits nor writes).
+
+    Any doubt (a scene not ready, bad input) is "no": build_batch then says why, under the lock.
+    """
+    images, out_dir, model_dir = Path(images), Path(out_dir), Path(model_dir)
+    needed = [model_dir / MODEL_FILE, model_dir / METADATA_FILE, *([zones] if zones else [])]
+    if not all(Path(p).exists() for p in needed):
+        return False
+    try:
+        scenes = [(p.stem, p) for p in list_scenes(images)]
+    except InputError:
+        return False
+    ready = [(s, p) for s, p in scenes
+             if (out_dir / "probability" / f"{s}.tif").exists()
+             and (out_dir / "masks" / f"{s}.tif").exists() and find_cars_file(out_dir, s)]
+    if not ready or len(ready) < len(scenes):
+        return False
+    manifest = out_dir / BATCH_DIR / MANIFEST
+    try:
+        previous = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return False
+    return _fresh(ready, out_dir, model_dir, cfg, zones, settings, previous)
+
+
 def _complete_scenes(images: Path, out_dir: Path) -> list[tuple[str, Path]]:
     scenes = list_scenes(images)
     if not scenes:
@@ -789,16 +834,7 @@ def build_batch(images: Path, out_dir: Path, *, model_dir: Path, cfg: Config,
     signature = _signature(names, zones, cfg)
     manifest_path = batch_dir / MANIFEST
     previous = read_json_if_any(manifest_path)
-    inputs = [model_dir / MODEL_FILE, model_dir / METADATA_FILE]
-    for scene, image in scenes:
-        inputs += [image, out_dir / "probability" / f"{scene}.tif",
-                   out_dir / "masks" / f"{scene}.tif", find_cars_file(out_dir, scene)]
-    # The settings of the stages the batch is made from (evaluate's come after it).
-    inputs += [out_dir / "settings" / f"{stage}.json" for stage in ("predict", "vectors")]
-    inputs += [p for p in (zones, settings) if p is not None]
-    if (not force and previous is not None and previous.get("signature") == signature
-            and is_fresh([batch_dir / p for p in previous.get("outputs", [])] + [manifest_path],
-                         inputs)):
+    if not force and _fresh(scenes, out_dir, model_dir, cfg, zones, settings, previous):
         log.info("batch: up to date (%d scenes)", len(names))
         return batch_dir / CATALOG
     cache = (previous or {}).get("checksums", {})

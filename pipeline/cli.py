@@ -22,7 +22,9 @@ from pipeline.io import (
     InputError,
     check_outputs_apart,
     first_line,
+    folder_lock,
     is_fresh,
+    json_differs,
     list_scenes,
     scene_name,
     write_if_changed,
@@ -90,21 +92,46 @@ def _stamp(args, cfg: Config, stage: str) -> list[Path]:
     return [args.settings]
 
 
+def _settings_changed(args, cfg: Config, stage: str) -> bool:
+    """Whether :func:`_stamp` would write the stage's settings (they changed, or are new)."""
+    settings = getattr(args, "settings", None)
+    return bool(settings) and json_differs(settings, stage_settings(cfg, stage))
+
+
+def _nothing_to_do(args, cfg: Config, stage: str, items: list[Path], outputs,
+                   extra_inputs: list[Path] | None = None) -> bool:
+    """Whether a per-scene stage would skip every item, looked at before its folder lock.
+
+    Without the lock and without stamping: a rerun with nothing to do neither waits for another
+    run nor writes anything (the lock records its holder). When there is work, the stage takes
+    the lock and looks again; a run it waited for has usually done that work by then.
+    """
+    if getattr(args, "force", False) or _settings_changed(args, cfg, stage):
+        return False
+    inputs = [*(extra_inputs or []), *([args.settings] if getattr(args, "settings", None) else [])]
+    return all(is_fresh(outputs(item), [item, *inputs]) for item in items)
+
+
+def _gone(folder: Path, scenes: list[Path]) -> list[Path]:
+    """The derived folders (chips, masks) of scenes no longer in the training folder."""
+    from pipeline.io import TEMP_DIR
+
+    keep = {scene_name(s) for s in scenes}
+    if not folder.is_dir():
+        return []
+    return [sub for sub in sorted(folder.iterdir())
+            if sub.is_dir() and sub.name != TEMP_DIR and sub.name not in keep]
+
+
 def _prune(folder: Path, scenes: list[Path], what: str) -> None:
     """Remove the derived folders (chips, masks) of scenes no longer in the training folder, so
     the chip index and training see exactly the scenes that are there now."""
     import shutil
 
-    from pipeline.io import TEMP_DIR
-
-    keep = {scene_name(s) for s in scenes}
-    if not folder.is_dir():
-        return
-    for sub in folder.iterdir():
-        if sub.is_dir() and sub.name != TEMP_DIR and sub.name not in keep:
-            log.info("%s: scene %s is gone from the training folder; removing its %s",
-                     folder, sub.name, what)
-            shutil.rmtree(sub)
+    for sub in _gone(folder, scenes):
+        log.info("%s: scene %s is gone from the training folder; removing its %s",
+                 folder, sub.name, what)
+        shutil.rmtree(sub)
 
 
 def _scenes(folder: Path, what: str) -> list[Path]:
@@ -158,12 +185,21 @@ def cmd_sample(args) -> int:
     from pipeline.sample import make_sample
 
     cfg = _cfg(args)
-    stamp = _stamp(args, cfg, "sample")
     manifest = args.data / "sample-manifest.json"
-    if stamp and not args.force and is_fresh([manifest], stamp):
+
+    def fresh() -> bool:
+        return bool(args.settings) and not args.force and is_fresh([manifest], [args.settings])
+
+    if not _settings_changed(args, cfg, "sample") and fresh():
         log.info("sample: %s is up to date", manifest)
         return 0
-    manifest = make_sample(args.data, cfg=cfg.sample, force=args.force)
+    # One writer of DATA's sample at a time: a second `make sample` waits, then finds it there.
+    with folder_lock(args.data, "sample"):
+        _stamp(args, cfg, "sample")
+        if fresh():
+            log.info("sample: %s is up to date", manifest)
+            return 0
+        manifest = make_sample(args.data, cfg=cfg.sample, force=args.force)
     log.info("sample written: %s", manifest)
     return 0
 
@@ -174,12 +210,20 @@ def cmd_tile(args) -> int:
 
     cfg = _cfg(args)
     scenes = _scenes(args.images, "to tile")
-    _prune(args.chips, scenes, "chips")
-    return run_stage_batch(
-        "tile", tile_scene, scenes,
-        outputs=lambda s: [args.chips / scene_name(s) / CHIPS_FILE],
-        extra_inputs=_stamp(args, cfg, "tile"),
-        args=(args.chips,), kwargs={"cfg": cfg.tile}, cfg=cfg.distributed, force=args.force)
+
+    def outputs(s: Path) -> list[Path]:
+        return [args.chips / scene_name(s) / CHIPS_FILE]
+
+    if not _gone(args.chips, scenes) and _nothing_to_do(args, cfg, "tile", scenes, outputs):
+        log.info("tile: all %d up to date", len(scenes))
+        return 0
+    # One writer of CHIPS at a time (index writes there too): a second run waits here.
+    with folder_lock(args.chips, "tile"):
+        _prune(args.chips, scenes, "chips")
+        return run_stage_batch(
+            "tile", tile_scene, scenes, outputs=outputs,
+            extra_inputs=_stamp(args, cfg, "tile"),
+            args=(args.chips,), kwargs={"cfg": cfg.tile}, cfg=cfg.distributed, force=args.force)
 
 
 def cmd_masks(args) -> int:
@@ -191,10 +235,11 @@ def cmd_masks(args) -> int:
     label_files = list_vectors(args.labels)
     if not label_files:
         raise InputError(f"{args.labels}: no label files (.gpkg, .geojson, .shp, .parquet)")
+    gone: list[Path] = []
     if args.images is not None:
         # The scenes of the training folder now, not every folder a past run left in chips/.
         scenes = _scenes(args.images, "to rasterize labels for")
-        _prune(args.masks, scenes, "masks")
+        gone = _gone(args.masks, scenes)
         scene_indexes = [args.chips / scene_name(s) / CHIPS_FILE for s in scenes]
     else:
         scene_indexes = sorted(p for p in args.chips.glob(f"*/{CHIPS_FILE}")
@@ -203,16 +248,24 @@ def cmd_masks(args) -> int:
     if not scene_indexes or missing:
         raise InputError(f"{missing[0] if missing else args.chips}: no chips; "
                          "run `make tiles` first")
-    stamp = _stamp(args, cfg, "masks")
-    stale = [p for p in scene_indexes
-             if args.force or not is_fresh([args.masks / p.parent.name / MASKS_FILE],
-                                           [p, *label_files, *stamp])]
-    labels = load_labels(label_files, cfg=cfg.labels) if stale else None
-    status = run_stage_batch(
-        "masks", rasterize_scene, stale,
-        outputs=lambda idx: [args.masks / idx.parent.name / MASKS_FILE],
-        extra_inputs=[], args=(labels, args.masks), kwargs={"cfg": cfg.labels},
-        cfg=cfg.distributed, force=True) if stale else 0
+
+    def outputs(idx: Path) -> list[Path]:
+        return [args.masks / idx.parent.name / MASKS_FILE]
+
+    status = 0
+    if gone or not _nothing_to_do(args, cfg, "masks", scene_indexes, outputs, label_files):
+        # One writer of MASKS at a time: a second run waits here, then finds them up to date.
+        with folder_lock(args.masks, "masks"):
+            if args.images is not None:
+                _prune(args.masks, scenes, "masks")
+            stamp = _stamp(args, cfg, "masks")
+            stale = [p for p in scene_indexes
+                     if args.force or not is_fresh(outputs(p), [p, *label_files, *stamp])]
+            labels = load_labels(label_files, cfg=cfg.labels) if stale else None
+            status = run_stage_batch(
+                "masks", rasterize_scene, stale, outputs=outputs,
+                extra_inputs=[], args=(labels, args.masks), kwargs={"cfg": cfg.labels},
+                cfg=cfg.distributed, force=True) if stale else 0
     if status == 0:
         _check_labels_hit(scene_indexes, args.masks, label_files)
     return status
@@ -236,12 +289,23 @@ def cmd_index(args) -> int:
     from pipeline.tile import build_index
 
     cfg = _cfg(args)
-    inputs = [*args.chips.glob(f"*/{CHIPS_FILE}"), *args.masks.glob(f"*/{MASKS_FILE}"),
-              *_stamp(args, cfg, "masks")]
-    if not args.force and is_fresh([args.chips / INDEX_FILE, args.chips / STATS_FILE], inputs):
+    outputs = [args.chips / INDEX_FILE, args.chips / STATS_FILE]
+
+    def inputs() -> list[Path]:
+        return [*args.chips.glob(f"*/{CHIPS_FILE}"), *args.masks.glob(f"*/{MASKS_FILE}"),
+                *([args.settings] if args.settings else [])]
+
+    if (not args.force and not _settings_changed(args, cfg, "masks")
+            and is_fresh(outputs, inputs())):
         log.info("chip index: up to date")
         return 0
-    path = build_index(args.chips, args.masks, cfg=cfg.tile)
+    # It writes into CHIPS, so it waits for a tile (or index) of another run there.
+    with folder_lock(args.chips, "index"):
+        _stamp(args, cfg, "masks")
+        if not args.force and is_fresh(outputs, inputs()):
+            log.info("chip index: up to date")
+            return 0
+        path = build_index(args.chips, args.masks, cfg=cfg.tile)
     log.info("chip index: %s", path)
     return 0
 
@@ -311,15 +375,23 @@ def cmd_predict(args) -> int:
     scenes = _scenes(args.images, "to predict")
     model_dir = args.model_dir
     check_bundle(model_dir)  # predict never trains: no model is one line, before any work
-    return run_stage_batch(
-        "predict", predict_scene, scenes,
-        outputs=lambda s: [args.out / "probability" / f"{scene_name(s)}.tif",
-                           args.out / "masks" / f"{scene_name(s)}.tif"],
-        extra_inputs=[model_dir / MODEL_FILE, model_dir / METADATA_FILE]
-        + _stamp(args, cfg, "predict"),
-        args=(model_dir, args.out), kwargs={"cfg": cfg.predict}, cfg=cfg.distributed,
-        force=args.force, log_dir=args.out / "logs",
-        prepare=lambda: _import_keras_quietly(args.debug))
+
+    def outputs(s: Path) -> list[Path]:
+        return [args.out / "probability" / f"{scene_name(s)}.tif",
+                args.out / "masks" / f"{scene_name(s)}.tif"]
+
+    model_files = [model_dir / MODEL_FILE, model_dir / METADATA_FILE]
+    if _nothing_to_do(args, cfg, "predict", scenes, outputs, model_files):
+        log.info("predict: all %d up to date", len(scenes))
+        return 0
+    # One writer of OUT at a time (predict, vectors, batch, evaluate): a second run waits here.
+    with folder_lock(args.out, "predict"):
+        return run_stage_batch(
+            "predict", predict_scene, scenes, outputs=outputs,
+            extra_inputs=model_files + _stamp(args, cfg, "predict"),
+            args=(model_dir, args.out), kwargs={"cfg": cfg.predict}, cfg=cfg.distributed,
+            force=args.force, log_dir=args.out / "logs",
+            prepare=lambda: _import_keras_quietly(args.debug))
 
 
 def cmd_vectors(args) -> int:
@@ -329,29 +401,45 @@ def cmd_vectors(args) -> int:
 
     cfg = _cfg(args)
     masks_dir = args.out / "masks"
-    if args.images is not None:
+    suffix = VECTOR_SUFFIX[cfg.vectors.format]
+
+    def masks_now() -> tuple[list[Path], list[Path]]:
+        """The masks to vectorize, and the car layers of scenes without a mask (stale)."""
+        if args.images is None:
+            return list_scenes(masks_dir), []
         # The batch's scenes that predict has finished (a failed scene has no mask; it is
         # reported in the summary from its log).
         masks = [masks_dir / f"{scene_name(s)}.tif" for s in _scenes(args.images, "")]
-        for gone in (m for m in masks if not m.exists()):
-            # Its predict failed (or was never run): an old car layer would be stale.
-            stale = find_cars_file(args.out, scene_name(gone))
-            if stale is not None:
-                stale.unlink()
-        masks = [m for m in masks if m.exists()]
+        # Its predict failed (or was never run): an old car layer would be stale.
+        stale = [find_cars_file(args.out, scene_name(m)) for m in masks if not m.exists()]
+        return [m for m in masks if m.exists()], [p for p in stale if p is not None]
+
+    def outputs(m: Path) -> list[Path]:
+        return [args.out / "cars" / f"{scene_name(m)}{suffix}"]
+
+    def summarise() -> Path:
+        # Rewritten only when it changes, so a rerun with nothing to do (no lock) leaves it.
+        return write_summary(args.out, [scene_name(s) for s in list_scenes(args.images)]
+                             if args.images is not None else None)
+
+    masks, stale = masks_now()
+    if masks and not stale and _nothing_to_do(args, cfg, "vectors", masks, outputs):
+        log.info("vectors: all %d up to date", len(masks))
+        status, summary = 0, summarise()
     else:
-        masks = list_scenes(masks_dir)
-    if not masks:
-        raise InputError(f"{masks_dir}: no predicted masks; run `make predict` first")
-    suffix = VECTOR_SUFFIX[cfg.vectors.format]
-    status = run_stage_batch(
-        "vectors", vectorize_scene, masks,
-        outputs=lambda m: [args.out / "cars" / f"{scene_name(m)}{suffix}"],
-        extra_inputs=_stamp(args, cfg, "vectors"),
-        args=(args.out,), kwargs={"cfg": cfg.vectors}, cfg=cfg.distributed,
-        force=args.force, log_dir=args.out / "logs")
-    summary = write_summary(args.out, [scene_name(s) for s in list_scenes(args.images)]
-                            if args.images is not None else None)
+        # One writer of OUT at a time: a second run waits here, then finds the cars up to date.
+        with folder_lock(args.out, "vectors"):
+            masks, stale = masks_now()
+            for path in stale:
+                path.unlink()
+            if not masks:
+                raise InputError(f"{masks_dir}: no predicted masks; run `make predict` first")
+            status = run_stage_batch(
+                "vectors", vectorize_scene, masks, outputs=outputs,
+                extra_inputs=_stamp(args, cfg, "vectors"),
+                args=(args.out,), kwargs={"cfg": cfg.vectors}, cfg=cfg.distributed,
+                force=args.force, log_dir=args.out / "logs")
+            summary = summarise()
     _warn_empty(summary, args.images)
     return status
 
@@ -377,12 +465,20 @@ def _warn_empty(summary: Path, images: Path | None) -> None:
 
 
 def cmd_batch(args) -> int:
-    from pipeline.batch import build_batch
+    from pipeline.batch import CATALOG, batch_up_to_date, build_batch
 
     cfg = _cfg(args)
-    _stamp(args, cfg, "batch")
-    path = build_batch(args.images, args.out, model_dir=args.model_dir, cfg=cfg,
-                       zones=args.zones, settings=args.settings, force=args.force)
+    if (not args.force and not _settings_changed(args, cfg, "batch")
+            and batch_up_to_date(args.images, args.out, model_dir=args.model_dir, cfg=cfg,
+                                 zones=args.zones, settings=args.settings)):
+        log.info("batch: up to date")
+        log.info("batch catalog: %s", args.out / "batch" / CATALOG)
+        return 0
+    # One writer of OUT at a time: a second run waits here, then finds the batch up to date.
+    with folder_lock(args.out, "batch"):
+        _stamp(args, cfg, "batch")
+        path = build_batch(args.images, args.out, model_dir=args.model_dir, cfg=cfg,
+                           zones=args.zones, settings=args.settings, force=args.force)
     log.info("batch catalog: %s", path)
     return 0
 
@@ -392,11 +488,22 @@ def cmd_evaluate(args) -> int:
 
     cfg = _cfg(args)
     metrics = args.out / "evaluation" / "metrics.json"
-    inputs = [args.truth, *(args.out / "cars").glob("*"), *_stamp(args, cfg, "evaluate")]
-    if not args.force and is_fresh([metrics], inputs):
+
+    def fresh() -> bool:
+        inputs = [args.truth, *(args.out / "cars").glob("*"),
+                  *([args.settings] if args.settings else [])]
+        return not args.force and is_fresh([metrics], inputs)
+
+    if not _settings_changed(args, cfg, "evaluate") and fresh():
         log.info("evaluate: %s is up to date", metrics)
         return 0
-    path = evaluate(args.out, args.truth, cfg=cfg.evaluate)
+    # One writer of OUT at a time: OUT/evaluation is replaced as a whole.
+    with folder_lock(args.out, "evaluate"):
+        _stamp(args, cfg, "evaluate")
+        if fresh():
+            log.info("evaluate: %s is up to date", metrics)
+            return 0
+        path = evaluate(args.out, args.truth, cfg=cfg.evaluate)
     log.info("metrics: %s", path)
     return 0
 
@@ -407,14 +514,25 @@ def cmd_report(args) -> int:
 
     cfg = _cfg(args)
     page = args.dst / "index.html"
-    inputs = [args.model_dir / MODEL_FILE, args.model_dir / METADATA_FILE,
-              args.out / "cars" / "summary.csv", args.out / "evaluation" / "metrics.json",
-              *(args.out / "batch").glob("*"), *_stamp(args, cfg, "report")]
-    if not args.force and is_fresh([page], inputs):
+
+    def fresh() -> bool:
+        inputs = [args.model_dir / MODEL_FILE, args.model_dir / METADATA_FILE,
+                  args.out / "cars" / "summary.csv", args.out / "evaluation" / "metrics.json",
+                  *(args.out / "batch").glob("*"), *([args.settings] if args.settings else [])]
+        return not args.force and is_fresh([page], inputs)
+
+    if not _settings_changed(args, cfg, "report") and fresh():
         log.info("report: %s is up to date", page)
         return 0
-    path = build_report(args.dst, model_dir=args.model_dir, out_dir=args.out, data_dir=args.data,
-                        cfg=cfg.report)
+    # One writer of the report folder at a time (it reads OUT, whose files are each replaced
+    # whole, so it needs no lock there).
+    with folder_lock(args.dst, "report"):
+        _stamp(args, cfg, "report")
+        if fresh():
+            log.info("report: %s is up to date", page)
+            return 0
+        path = build_report(args.dst, model_dir=args.model_dir, out_dir=args.out,
+                            data_dir=args.data, cfg=cfg.report)
     log.info("report: %s", path)
     return 0
 

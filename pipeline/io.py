@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,6 +151,72 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
         if target.exists():
             os.replace(target, scratch / f"{target.name}.old")  # removed with the scratch
         os.replace(tmp, target)
+
+
+# === One writer per output folder ===
+# Held (flock) by the process writing into a folder: CHIPS (tile, index), MASKS, OUT (predict,
+# vectors, batch, evaluate), MODEL_DIR (train), a report folder. One name for every stage, so any
+# two writers of one folder wait for each other, whichever stages they are; hidden, and no
+# scene, chip or vector listing takes it for an output.
+LOCK_FILE = ".carseg.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path | str, stage: str, *, doing: str = "written") -> Iterator[Path]:
+    """Hold ``folder/.carseg.lock``: one process writing into ``folder`` at a time.
+
+    A second run of a stage on the same folder (two ``make all`` started together) waits for
+    the first, with one warning naming the folder and the other process, and then finds its
+    scenes up to date: the outcome of running the two one after the other, and neither fails
+    for a mere overlap. ``flock`` is released by the OS when its holder ends in any way,
+    ``kill -9`` included, so the lock is never stale; the file stays, and only says who holds
+    it while it is held. Taking it writes that name, so a command looks at whether it has
+    anything to do before taking it: a rerun with nothing to do neither waits nor writes.
+
+    A process takes at most one folder lock at a time (no stage nests two), so two runs can
+    never deadlock.
+
+    Args:
+        folder: the output folder (created if need be).
+        stage: the stage's name, for the warning.
+        doing: what the holder does to the folder, for the warning ("is being <doing> by").
+    """
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("%s: %s is being %s by %s; waiting for it to finish", stage, folder,
+                        doing, _lock_holder(fd))
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds a folder lock, as its holder wrote it ("process 123 on host").
+
+    The file keeps the text of an earlier holder (one killed -9, say) until the new holder,
+    just after taking the lock, writes its own; a holder named there that is dead on this host
+    is such a leftover, so it is read again for a moment before saying "another process".
+    """
+    host = socket.gethostname()
+    for _ in range(20):
+        text = os.pread(fd, 256, 0).decode(errors="replace").strip()
+        words = text.split()
+        if len(words) == 4 and words[0] == "process" and words[1].isdigit():
+            if words[3] != host or _pid_alive(int(words[1])):
+                return text
+        time.sleep(0.05)
+    return "another process"
 
 
 def _remove(path: Path) -> None:

@@ -10,9 +10,7 @@ import json
 import logging
 import math
 import os
-import socket
 import tempfile
-import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.io import InputError, InputNotFound, first_line, read_json, temp_dir
+from pipeline.io import (
+    LOCK_FILE,
+    InputError,
+    InputNotFound,
+    first_line,
+    folder_lock,
+    read_json,
+    temp_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +38,7 @@ BUNDLE_FILES = (MODEL_FILE, METADATA_FILE)
 # A complete new bundle waiting to be moved into place; its existence is the commit point.
 COMMIT_DIR = ".bundle-commit"
 PREVIOUS_DIR = "previous"  # the bundle a retraining replaced, kept so nothing is lost
-TRAIN_LOCK = ".train.lock"  # held (flock) by the process training into MODEL_DIR
+TRAIN_LOCK = LOCK_FILE  # held (flock) by the process training into MODEL_DIR
 
 
 def build_unet(
@@ -175,59 +181,14 @@ def save_bundle(model, metadata: dict, model_dir: Path | str) -> Path:
 
 @contextlib.contextmanager
 def train_lock(model_dir: Path | str) -> Iterator[Path]:
-    """Hold ``MODEL_DIR/.train.lock``: one training per model folder at a time.
+    """Hold ``MODEL_DIR/.carseg.lock``: one training per model folder at a time.
 
     A second ``make train``/``make all`` on the same folder waits for the first, saying so
     with the folder and the other process, and then finds the model up to date (it retrains
-    only if its own settings differ). Waiting rather than refusing, because the outcome is what
-    running the two one after the other gives, which is what a user who started both expects,
-    and neither run fails for a mere overlap. ``flock`` is released by the OS when its holder
-    ends in any way, ``kill -9`` included, so the lock is never stale; the file stays, and only
-    says who holds it while it is held.
+    only if its own settings differ); never stale after ``kill -9`` (:func:`folder_lock`).
     """
-    import fcntl
-
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    path = model_dir / TRAIN_LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.warning("train: %s is being trained into by %s; waiting for it to finish",
-                        model_dir, _lock_holder(fd))
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    with folder_lock(model_dir, "train", doing="trained into") as path:
         yield path
-    finally:
-        os.close(fd)  # closing the last descriptor releases the lock
-
-
-def _lock_holder(fd: int) -> str:
-    """Who holds the training lock, as its holder wrote it ("process 123 on host").
-
-    The file keeps the text of an earlier holder (one killed -9, say) until the new holder,
-    just after taking the lock, writes its own; a holder named there that is dead on this host
-    is such a leftover, so it is read again for a moment before saying "another process".
-    """
-    host = socket.gethostname()
-    for _ in range(20):
-        text = os.pread(fd, 256, 0).decode(errors="replace").strip()
-        words = text.split()
-        if len(words) == 4 and words[0] == "process" and words[1].isdigit():
-            if words[3] != host:
-                return text
-            try:
-                os.kill(int(words[1]), 0)
-                return text
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                return text
-        time.sleep(0.05)
-    return "another process"
 
 
 def recover_bundle(model_dir: Path | str) -> None:
