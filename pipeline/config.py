@@ -185,11 +185,11 @@ class PredictConfig(_Section):
         "auto", description="Inference engine; 'auto' = Keras for bfloat16, else OpenVINO where "
         "it is installed (pip install 'carseg[openvino]'), else Keras. 'onnxruntime' (pip install "
         "'carseg[onnxruntime]') runs float32 only and is never picked by 'auto' (slower than "
-        "Keras on a CPU, see bench.precision). Failures fall back to Keras.")
+        "Keras on a CPU, see bench.engines). Failures fall back to Keras.")
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Inference arithmetic; 'auto' = bfloat16 on a CPU with AVX-512 BF16 "
-        "or AMX (TensorFlow backend, no GPU), else float32 (always float32 on OpenVINO and ONNX "
-        "Runtime).")
+        "or AMX (TensorFlow backend, no GPU), else float32; with engine openvino or onnxruntime "
+        "'auto' is float32 (onnxruntime + bfloat16 is an error).")
 
     @model_validator(mode="after")
     def _engine_precision(self) -> PredictConfig:

@@ -459,12 +459,13 @@ ENGINE_CACHE = ".engine-cache"  # beside model.keras; one folder per engine and 
 
 
 def resolve_engine(engine: str, precision: str = "float32") -> str:
-    """'openvino' or 'keras' for a resolved ``precision``.
+    """'openvino' or 'keras' for a resolved ``precision``; an explicit engine as it is.
 
     ``auto``: Keras for bfloat16 (Keras keeps the first layer and the head in float32, which keeps
     probabilities within 2/254 at 99.9% of pixels; OpenVINO's bf16 hint rounds the whole graph and
     missed that, see ``bench.precision``), otherwise OpenVINO when its package is installed
     (float32 there matches Keras to 1/254 and runs about 1.4x faster on a CPU), else Keras.
+    Never ONNX Runtime: exact, but slower than Keras float32 on a CPU (``bench.engines``).
     """
     if engine != "auto":
         return engine
@@ -553,11 +554,19 @@ class ONNXRuntimeModel:
         return np.asarray(self.session.run(None, feed)[0])
 
 
+def process_threads() -> int:
+    """The cores this process may use: its share on a Dask worker (``OMP_NUM_THREADS``, set by
+    ``distributed.worker_env``), else the CPUs it is allowed to run on."""
+    with contextlib.suppress(KeyError, ValueError):
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def onnxruntime_model(model, model_path: Path, precision: str) -> ONNXRuntimeModel:
     """Run ``model`` with ONNX Runtime on the CPU, float32 only (its CPU kernels have no bf16).
 
     The ONNX graph (``model.onnx``, batch, height and width dynamic) comes from
-    ``cached_export``. One inference call uses all the cores this process may run on, one
+    ``cached_export``. One inference call uses the process's cores (``process_threads``), one
     operator at a time (the U-Net's operators are large; parallel operators only contend).
     """
     if precision != "float32":
@@ -566,8 +575,7 @@ def onnxruntime_model(model, model_path: Path, precision: str) -> ONNXRuntimeMod
 
     path = cached_export(model, model_path, "onnxruntime", "model.onnx")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = (len(os.sched_getaffinity(0))
-                                    if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    options.intra_op_num_threads = process_threads()
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -619,6 +619,18 @@ def test_onnxruntime_cache_falls_back_to_the_temp_folder(ort_unet, tmp_path, mon
     assert sorted(p.name for p in model_dir.iterdir()) == sorted([*BUNDLE_FILES, ENGINE_CACHE])
 
 
+def test_engine_threads_are_the_process_share_of_cores(monkeypatch):
+    """A Dask worker's share (OMP_NUM_THREADS from worker_env), else the CPUs it may run on."""
+    import os
+
+    from pipeline.distributed import worker_env
+    from pipeline.model import process_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", worker_env(2)["OMP_NUM_THREADS"])
+    assert process_threads() == max(1, (os.cpu_count() or 1) // 2)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert process_threads() == len(os.sched_getaffinity(0))
+
 def test_onnxruntime_with_bfloat16_is_a_one_line_settings_error(ort_unet):
     from pydantic import ValidationError
 
