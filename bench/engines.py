@@ -1,8 +1,9 @@
 """Forward-pass speed of each inference engine on the default U-Net, in ms per batch.
 
-    python -m bench.engines [--window 2048] [--batch N] [--repeats 5] [--out DIR]
+    python -m bench.engines [--model DIR] [--window 2048] [--batch N] [--repeats 5] [--out DIR]
 
-The default-config U-Net (``TrainConfig`` defaults, untrained; ``bench.bench_predict``'s bundle)
+The default-config U-Net (``TrainConfig`` defaults, untrained; ``bench.bench_predict``'s bundle),
+or the bundle in ``--model`` (e.g. the demo's smaller U-Net; its engine caches go beside it),
 gets one batch of windows as predict makes them: ``--window`` px windows (default: predict's own,
 ``predict.window``), as many as ``predict.batch_size`` and the ``MAX_BATCH_PIXELS`` cap allow
 unless ``--batch`` says otherwise, normalised pixels of a synthetic scene. Each engine and
@@ -28,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 
-def run(*, window: int | None = None, batch: int | None = None, repeats: int = 5,
-        workdir: Path | None = None) -> dict:
+def run(*, model: Path | None = None, window: int | None = None, batch: int | None = None,
+        repeats: int = 5, workdir: Path | None = None) -> dict:
     """Time one predict-shaped batch on every engine (module doc)."""
     from bench.bench_predict import NORMALIZATION, _default_bundle
     from bench.precision import _variants
@@ -37,8 +38,9 @@ def run(*, window: int | None = None, batch: int | None = None, repeats: int = 5
     from pipeline.predict import MAX_BATCH_PIXELS, get_bundle, window_geometry
 
     with tempfile.TemporaryDirectory(prefix="engines-", dir=workdir) as tmp:
-        model_dir = Path(tmp) / "model"
-        _default_bundle(model_dir)
+        model_dir = model or Path(tmp) / "model"
+        if model is None:
+            _default_bundle(model_dir)
         cfg = PredictConfig(**({"window": window} if window else {}))
         bundles = {n: get_bundle(model_dir, p, e) for n, (e, p) in _variants().items()}
         ref = bundles["keras_float32"]
@@ -46,7 +48,8 @@ def run(*, window: int | None = None, batch: int | None = None, repeats: int = 5
         n = batch or max(1, min(cfg.batch_size, MAX_BATCH_PIXELS // side**2))
         rng = np.random.default_rng(0)
         pixels = rng.integers(60, 200, size=(n, side, side, 3)).astype(np.float32)
-        x = (pixels - np.float32(NORMALIZATION["mean"][0])) / np.float32(NORMALIZATION["std"][0])
+        x = ref.prepare(pixels) if model else (
+            (pixels - np.float32(NORMALIZATION["mean"][0])) / np.float32(NORMALIZATION["std"][0]))
         load_before = os.getloadavg()
         probs = {k: np.asarray(b.model.predict_on_batch(x), np.float32) for k, b in bundles.items()}
         times: dict[str, list[float]] = {k: [] for k in bundles}
@@ -68,19 +71,21 @@ def run(*, window: int | None = None, batch: int | None = None, repeats: int = 5
                    "mpix_per_s": round(n * side * side / 1e6 / (ms / 1000), 3),
                    "max_abs_diff": float(diff.max()),
                    "p999_abs_diff": float(np.percentile(diff, 99.9))}
-    return {"batch": [n, side, side, 3], "repeats": repeats, "reference": "keras_float32",
+    return {"model": str(model) if model else "default U-Net (untrained)",
+            "batch": [n, side, side, 3], "repeats": repeats, "reference": "keras_float32",
             "load_before": [round(v, 2) for v in load_before],
             "load_after": [round(v, 2) for v in load_after], "variants": rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--window", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("reports/bench"))
     args = parser.parse_args()
-    result = run(window=args.window, batch=args.batch, repeats=args.repeats)
+    result = run(model=args.model, window=args.window, batch=args.batch, repeats=args.repeats)
     from bench.harness import write_result
 
     write_result(args.out, "engines", result)
