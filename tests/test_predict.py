@@ -619,6 +619,18 @@ def test_onnxruntime_cache_falls_back_to_the_temp_folder(ort_unet, tmp_path, mon
     assert sorted(p.name for p in model_dir.iterdir()) == sorted([*BUNDLE_FILES, ENGINE_CACHE])
 
 
+def test_engines_bench_times_every_engine_against_keras_float32(ort_unet):
+    from bench.engines import run
+
+    result = run(model=ort_unet, window=64, batch=2, repeats=1)
+    assert result["batch"] == [2, 64, 64, 3]
+    rows = result["variants"]
+    assert rows["keras_float32"]["max_abs_diff"] == 0 and rows["keras_float32"]["speedup"] == 1
+    ort = rows["onnxruntime_float32"]
+    assert (ort["engine_used"], ort["precision_used"]) == ("onnxruntime", "float32")
+    assert ort["max_abs_diff"] < 1e-4 and ort["ms_per_batch"] > 0
+    assert 0 < rows["keras_bfloat16"]["max_abs_diff"] < 0.05  # rounded, not another model
+
 def test_engine_threads_are_the_process_share_of_cores(monkeypatch):
     """A Dask worker's share (OMP_NUM_THREADS from worker_env), else the CPUs it may run on."""
     import os
