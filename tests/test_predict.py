@@ -631,6 +631,24 @@ def test_engines_bench_times_every_engine_against_keras_float32(ort_unet):
     assert ort["max_abs_diff"] < 1e-4 and ort["ms_per_batch"] > 0
     assert 0 < rows["keras_bfloat16"]["max_abs_diff"] < 0.05  # rounded, not another model
 
+def test_onnxruntime_missing_falls_back_to_keras_with_a_log_line(ort_unet, tmp_path, rng,
+                                                                 monkeypatch, caplog):
+    import logging
+    import sys
+
+    from pipeline.predict import _cached_bundle
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    _cached_bundle.cache_clear()
+    caplog.set_level(logging.INFO, logger="pipeline.predict")
+    scene = write_scene(tmp_path / "s.tif", _scene(rng, 40, 40), nodata=None)
+    prob_path, _ = predict_scene(scene, ort_unet, tmp_path / "o",
+                                 cfg=PredictConfig(engine="onnxruntime", precision="float32"))
+    _cached_bundle.cache_clear()  # the next test imports onnxruntime again
+    assert _read(prob_path)[1]["tags"]["engine"] == "keras"
+    assert any("ONNX Runtime unavailable" in r.getMessage() and "using Keras" in r.getMessage()
+               for r in caplog.records)
+
 def test_engine_threads_are_the_process_share_of_cores(monkeypatch):
     """A Dask worker's share (OMP_NUM_THREADS from worker_env), else the CPUs it may run on."""
     import os
