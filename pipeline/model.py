@@ -555,8 +555,11 @@ class ONNXRuntimeModel:
 
 
 def process_threads() -> int:
-    """The cores this process may use: its share on a Dask worker (``OMP_NUM_THREADS``, set by
-    ``distributed.worker_env``), else the CPUs it is allowed to run on."""
+    """The cores this process may use, for an engine's thread pool.
+
+    On a Dask worker its share (``OMP_NUM_THREADS``, set by ``distributed.worker_env``), so N
+    workers do not oversubscribe the CPU N times; else the CPUs the process may run on.
+    """
     with contextlib.suppress(KeyError, ValueError):
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -95,6 +95,7 @@ _GDAL_ENV = {"GDAL_CACHEMAX": 32 * 2**20, "GDAL_TIFF_INTERNAL_MASK": True}
 _ENGINES = {"openvino": ("OpenVINO", openvino_model),
             "onnxruntime": ("ONNX Runtime", onnxruntime_model)}
 
+
 @functools.lru_cache(maxsize=4)
 def _cached_bundle(model_dir: str, stamp: tuple[int, int], precision: str, engine: str) -> Bundle:
     """The bundle with its model ready to run on ``engine`` at ``precision``.
@@ -142,7 +143,7 @@ def get_bundle(model_dir: Path | str, precision: str = "float32",
     resolved = resolve_precision(precision)
     engine = resolve_engine(engine, resolved)
     if engine in _ENGINES and precision == "auto":
-        resolved = "float32"  # OpenVINO's bf16 is opt-in (it rounds the whole graph); ORT's is none
+        resolved = "float32"  # OpenVINO's bf16 is opt-in (it rounds the whole graph); ORT has none
     if engine == "onnxruntime" and resolved != "float32":
         raise InputError(ONNX_FLOAT32_ONLY)
     return _cached_bundle(str(model_dir), stamp, resolved, engine)
