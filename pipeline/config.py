@@ -184,8 +184,9 @@ class PredictConfig(_Section):
     engine: Literal["auto", "keras", "openvino", "onnxruntime"] = Field(
         "auto", description="Inference engine; 'auto' = Keras for bfloat16, else OpenVINO where "
         "it is installed (pip install 'carseg[openvino]'), else Keras. 'onnxruntime' (pip install "
-        "'carseg[onnxruntime]') runs float32 only and is never picked by 'auto' (slower than "
-        "Keras on a CPU, see bench.engines). Failures fall back to Keras.")
+        "'carseg[onnxruntime]') runs float32 only and is never picked by 'auto' (exact, but behind "
+        "OpenVINO float32 and Keras bfloat16, and 0.75-1.2x Keras float32 with the machine's load; "
+        "see bench.engines). Failures fall back to Keras.")
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Inference arithmetic; 'auto' = bfloat16 on a CPU with AVX-512 BF16 "
         "or AMX (TensorFlow backend, no GPU), else float32; with engine openvino or onnxruntime "

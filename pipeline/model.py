@@ -465,7 +465,8 @@ def resolve_engine(engine: str, precision: str = "float32") -> str:
     probabilities within 2/254 at 99.9% of pixels; OpenVINO's bf16 hint rounds the whole graph and
     missed that, see ``bench.precision``), otherwise OpenVINO when its package is installed
     (float32 there matches Keras to 1/254 and runs about 1.4x faster on a CPU), else Keras.
-    Never ONNX Runtime: exact, but slower than Keras float32 on a CPU (``bench.engines``).
+    Never ONNX Runtime: exact, but behind OpenVINO float32 and Keras bfloat16, and only
+    0.75-1.2x Keras float32 on a 2-core CPU (faster when idle, slower under load; ``bench.engines``).
     """
     if engine != "auto":
         return engine
