@@ -9,9 +9,9 @@ recorded with its error and the others still run; the exit status is then 1.
 ``checks`` trains a small stand-in model inside the bench (fixed seed, a 1.5-minute budget;
 ``bench.bench_checks``) and runs the two checks that need a trained model on it: ``bench.seams``
 (a crop at an unaligned offset predicts like the whole scene) and ``bench.precision`` (bfloat16 /
-OpenVINO against Keras float32: probabilities, object F1 and speed). Both also run on their own
-against any model: ``python -m bench.seams MODEL SCENE``, ``python -m bench.precision MODEL
-IMAGES --truth TRUTH``.
+OpenVINO / ONNX Runtime against Keras float32: probabilities, object F1 and speed). Both also
+run on their own against any model: ``python -m bench.seams MODEL SCENE``, ``python -m
+bench.precision MODEL IMAGES --truth TRUTH``.
 """
 
 from __future__ import annotations

@@ -3,12 +3,13 @@
     python -m bench.precision MODEL_DIR IMAGES_DIR [--truth TRUTH.gpkg] [--repeats 3] [--out DIR]
 
 Every scene in ``IMAGES_DIR`` is predicted with Keras in float32 (the reference) and with each
-fast path: Keras bfloat16, and OpenVINO float32 / bf16 where OpenVINO is installed (same window
-and overlap). The stored probability rasters are compared pixel by pixel with the reference (in
-1/254 steps: p99, p99.9, max, share of pixels more than 2 steps apart; target: at most 2 steps at
-99.9% of pixels), the car masks by IoU, and, with ``--truth``, the object F1 of the full chain
-(vectors + evaluate) (target: F1 differs by at most 0.005). Wall times (medians of alternating
-runs) give the end-to-end speed-ups on this machine.
+fast path: Keras bfloat16, OpenVINO float32 / bf16 where OpenVINO is installed, and ONNX Runtime
+float32 where it is installed (same window and overlap). The stored probability rasters are
+compared pixel by pixel with the reference (in 1/254 steps: p99, p99.9, max, share of pixels
+more than 2 steps apart; target: at most 2 steps at 99.9% of pixels), the car masks by IoU,
+and, with ``--truth``, the object F1 of the full chain (vectors + evaluate) (target: F1 differs by
+at most 0.005). Wall times (medians of alternating runs) give the end-to-end speed-ups on this
+machine.
 Writes ``precision.json`` into ``--out`` (default ``reports/bench``).
 """
 
@@ -49,6 +50,8 @@ def _variants() -> dict[str, tuple[str, str]]:
     if importlib.util.find_spec("openvino"):
         out.update(openvino_float32=("openvino", "float32"),
                    openvino_bfloat16=("openvino", "bfloat16"))
+    if importlib.util.find_spec("onnxruntime"):
+        out.update(onnxruntime_float32=("onnxruntime", "float32"))  # float32 only
     return out
 
 

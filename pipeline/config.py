@@ -162,6 +162,11 @@ class TrainConfig(_Section):
     seed: int = Field(0, description="Seed for weights, sampling and augmentation.")
 
 
+# ONNX Runtime's CPU kernels are float32: rather than ignore a bfloat16 asked for, say so.
+ONNX_FLOAT32_ONLY = ("predict.engine onnxruntime runs float32 only: set predict.precision to "
+                     "float32 or auto (or use engine keras or openvino for bfloat16)")
+
+
 class PredictConfig(_Section):
     """Sliding-window inference and stitching (``make predict``)."""
 
@@ -176,12 +181,22 @@ class PredictConfig(_Section):
     threshold: float | None = Field(
         None, gt=0, lt=1, description="Car threshold (None = the one stored in the model bundle)."
     )
-    engine: Literal["auto", "keras", "openvino"] = Field(
+    engine: Literal["auto", "keras", "openvino", "onnxruntime"] = Field(
         "auto", description="Inference engine; 'auto' = Keras for bfloat16, else OpenVINO where "
-        "it is installed (pip install 'carseg[openvino]'), else Keras. Failures fall back to Keras.")
+        "it is installed (pip install 'carseg[openvino]'), else Keras. 'onnxruntime' (pip install "
+        "'carseg[onnxruntime]') runs float32 only and is never picked by 'auto' (exact, but behind "
+        "OpenVINO float32 and Keras bfloat16, and 0.75-1.2x Keras float32 with the machine's load; "
+        "see bench.engines). Failures fall back to Keras.")
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Inference arithmetic; 'auto' = bfloat16 on a CPU with AVX-512 BF16 "
-        "or AMX (TensorFlow backend, no GPU), else float32.")
+        "or AMX (TensorFlow backend, no GPU), else float32; with engine openvino or onnxruntime "
+        "'auto' is float32 (onnxruntime + bfloat16 is an error).")
+
+    @model_validator(mode="after")
+    def _engine_precision(self) -> PredictConfig:
+        if self.engine == "onnxruntime" and self.precision == "bfloat16":
+            raise ValueError(ONNX_FLOAT32_ONLY)
+        return self
 
 
 DEFAULT_MIN_AREA_M2 = 3.0  # vectors.min_area_m2 for a model that recorded no choice

@@ -420,12 +420,14 @@ ENGINE_CACHE = ".engine-cache"  # beside model.keras; one folder per engine and 
 
 
 def resolve_engine(engine: str, precision: str = "float32") -> str:
-    """'openvino' or 'keras' for a resolved ``precision``.
+    """'openvino' or 'keras' for a resolved ``precision``; an explicit engine as it is.
 
     ``auto``: Keras for bfloat16 (Keras keeps the first layer and the head in float32, which keeps
     probabilities within 2/254 at 99.9% of pixels; OpenVINO's bf16 hint rounds the whole graph and
     missed that, see ``bench.precision``), otherwise OpenVINO when its package is installed
     (float32 there matches Keras to 1/254 and runs about 1.4x faster on a CPU), else Keras.
+    Never ONNX Runtime: exact, but behind OpenVINO float32 and Keras bfloat16, and only
+    0.75-1.2x Keras float32 on a 2-core CPU (faster when idle, slower under load; ``bench.engines``).
     """
     if engine != "auto":
         return engine
@@ -447,43 +449,101 @@ class OpenVINOModel:
         return np.asarray(self.compiled(np.ascontiguousarray(x, dtype=np.float32))[0])
 
 
-def openvino_model(model, model_path: Path, precision: str) -> OpenVINOModel:
-    """Compile ``model`` with OpenVINO for the CPU, at ``precision`` ('float32' or 'bfloat16').
+def cached_export(model, model_path: Path, engine: str, filename: str) -> Path:
+    """``model`` exported for ``engine`` ('openvino' or 'onnxruntime'), built once per model.
 
-    The exported graph (OpenVINO IR, from Keras' ``model.export(format="openvino")``) is cached
-    in ``.engine-cache/openvino-<sha256 of model.keras>/`` beside the model, so it is built once
-    per model, not per process: a Dask worker finds it ready. It is exported into a temporary
-    folder and renamed into place, so a reader never sees half an export and two processes that
-    race both end up with a complete one. Where the bundle's folder is read-only the cache goes
-    to the system's temporary folder.
+    The export (Keras' ``model.export``) is cached in ``.engine-cache/<engine>-<sha256 of
+    model.keras>/filename`` beside the model, so it is built once per model, not per process: a
+    Dask worker finds it ready, and a retrained model (another digest) gets its own. It is
+    exported into a temporary folder and renamed into place, so a reader never sees half an
+    export and two processes that race both end up with a complete one. Where the bundle's
+    folder is read-only the cache goes to the system's temporary folder.
     """
-    import openvino as ov
-
     digest = file_sha256(model_path)[:16]
-    xml = None
     for root in (Path(model_path).parent / ENGINE_CACHE,
                  Path(tempfile.gettempdir()) / "carseg-engine-cache"):
-        target = root / f"openvino-{digest}"
-        if (target / "model.xml").exists():
-            xml = target / "model.xml"
-            break
+        target = root / f"{engine}-{digest}"
+        if (target / filename).exists():
+            return target / filename
         try:
             root.mkdir(parents=True, exist_ok=True)
             # The swept scratch folder: a killed export leaves nothing behind for long.
             with temp_dir(root) as scratch:
                 tmp = scratch / "export"
-                model.export(str(tmp / "model.xml"), format="openvino", verbose=False)
+                tmp.mkdir()
+                if engine == "onnxruntime":
+                    # Explicit signature: the loaded functional model was never called, and its
+                    # input (None, None, None, bands) keeps batch, height and width dynamic.
+                    model.export(str(tmp / filename), format="onnx", verbose=False,
+                                 input_signature=list(model.inputs))
+                else:
+                    model.export(str(tmp / filename), format=engine, verbose=False)
                 try:
                     tmp.rename(target)
                 except OSError:  # another process finished first: use its export
                     pass
         except OSError:  # a read-only bundle folder: the system's temporary folder
             continue
-        xml = target / "model.xml"
-        break
-    if xml is None:
-        raise OSError("no writable folder for the OpenVINO export")
+        return target / filename
+    raise OSError(f"no writable folder for the {engine} export")
+
+
+def openvino_model(model, model_path: Path, precision: str) -> OpenVINOModel:
+    """Compile ``model`` with OpenVINO for the CPU, at ``precision`` ('float32' or 'bfloat16').
+
+    The OpenVINO IR (``model.xml``) comes from ``cached_export``.
+    """
+    import openvino as ov
+
+    xml = cached_export(model, model_path, "openvino", "model.xml")
     core = ov.Core()
     hint = "bf16" if precision == "bfloat16" else "f32"
     compiled = core.compile_model(core.read_model(xml), "CPU", {"INFERENCE_PRECISION_HINT": hint})
     return OpenVINOModel(compiled, precision)
+
+
+class ONNXRuntimeModel:
+    """An ONNX Runtime session with the one Keras method predict uses, ``predict_on_batch``."""
+
+    precision = "float32"
+
+    def __init__(self, session):
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+
+    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
+        feed = {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
+        return np.asarray(self.session.run(None, feed)[0])
+
+
+def process_threads() -> int:
+    """The cores this process may use, for an engine's thread pool.
+
+    On a Dask worker its share (``OMP_NUM_THREADS``, set by ``distributed.worker_env``), so N
+    workers do not oversubscribe the CPU N times; else the CPUs the process may run on.
+    """
+    with contextlib.suppress(KeyError, ValueError):
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def onnxruntime_model(model, model_path: Path, precision: str) -> ONNXRuntimeModel:
+    """Run ``model`` with ONNX Runtime on the CPU, float32 only (its CPU kernels have no bf16).
+
+    The ONNX graph (``model.onnx``, batch, height and width dynamic) comes from
+    ``cached_export``. One inference call uses the process's cores (``process_threads``), one
+    operator at a time (the U-Net's operators are large; parallel operators only contend).
+    """
+    if precision != "float32":
+        raise ValueError(f"ONNX Runtime runs float32 only, not {precision}")
+    import onnxruntime as ort
+
+    path = cached_export(model, model_path, "onnxruntime", "model.onnx")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = process_threads()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), sess_options=options,
+                                   providers=["CPUExecutionProvider"])
+    return ONNXRuntimeModel(session)

@@ -38,7 +38,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
-from pipeline.config import PredictConfig
+from pipeline.config import ONNX_FLOAT32_ONLY, PredictConfig
 from pipeline.geo import NODATA, PROB_SCALE, axis_windows, gsd_m, valid_mask
 from pipeline.io import (
     InputError,
@@ -54,6 +54,7 @@ from pipeline.model import (
     MODEL_FILE,
     Bundle,
     load_bundle,
+    onnxruntime_model,
     openvino_model,
     read_metadata,
     resolve_engine,
@@ -90,6 +91,11 @@ _GDAL_ENV = {"GDAL_CACHEMAX": 32 * 2**20, "GDAL_TIFF_INTERNAL_MASK": True}
 
 # === Model bundle, cached per process ===
 
+# The engines other than Keras: predict.engine value -> (name for the log, model builder).
+_ENGINES = {"openvino": ("OpenVINO", openvino_model),
+            "onnxruntime": ("ONNX Runtime", onnxruntime_model)}
+
+
 @functools.lru_cache(maxsize=4)
 def _cached_bundle(model_dir: str, stamp: tuple[int, int], precision: str, engine: str) -> Bundle:
     """The bundle with its model ready to run on ``engine`` at ``precision``.
@@ -101,11 +107,12 @@ def _cached_bundle(model_dir: str, stamp: tuple[int, int], precision: str, engin
     bundle = load_bundle(model_dir)
     field = bundle.receptive_field  # measured on the Keras graph, before any engine swap
     model = bundle.model
-    if engine == "openvino":
+    if engine in _ENGINES:
+        name, build = _ENGINES[engine]
         try:
-            model = openvino_model(bundle.model, Path(model_dir) / MODEL_FILE, precision)
+            model = build(bundle.model, Path(model_dir) / MODEL_FILE, precision)
         except Exception as exc:  # noqa: BLE001 - any failure means: use Keras
-            log.info("%s: OpenVINO unavailable (%s); using Keras", model_dir, first_line(exc))
+            log.info("%s: %s unavailable (%s); using Keras", model_dir, name, first_line(exc))
             engine = "keras"
     if engine == "keras" and precision != "float32":
         try:
@@ -135,8 +142,10 @@ def get_bundle(model_dir: Path | str, precision: str = "float32",
     stamp = (model_path.stat().st_mtime_ns, (model_dir / METADATA_FILE).stat().st_mtime_ns)
     resolved = resolve_precision(precision)
     engine = resolve_engine(engine, resolved)
-    if engine == "openvino" and precision == "auto":
-        resolved = "float32"  # OpenVINO's bf16 is opt-in: it rounds the whole graph
+    if engine in _ENGINES and precision == "auto":
+        resolved = "float32"  # OpenVINO's bf16 is opt-in (it rounds the whole graph); ORT has none
+    if engine == "onnxruntime" and resolved != "float32":
+        raise InputError(ONNX_FLOAT32_ONLY)
     return _cached_bundle(str(model_dir), stamp, resolved, engine)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import tracemalloc
 from pathlib import Path
@@ -524,6 +525,157 @@ def test_openvino_export_is_cached_beside_the_model(small_unet, tmp_path, rng):
     assert (cached / "model.xml").exists() and (cached / "model.bin").exists()
     assert not [p for p in (small_unet / ENGINE_CACHE).iterdir() if p.name.startswith(".")]
 
+
+# === ONNX Runtime engine (issue 14): float32, its export cached beside the model ===
+
+@pytest.fixture(scope="module")
+def ort_unet(small_unet, tmp_path_factory) -> Path:
+    """small_unet's bundle in a folder of its own, exported for ONNX Runtime once per module."""
+    pytest.importorskip("onnxruntime")
+    from pipeline.model import BUNDLE_FILES
+
+    model_dir = tmp_path_factory.mktemp("unet2_ort")
+    for name in BUNDLE_FILES:
+        shutil.copy2(small_unet / name, model_dir / name)
+    assert get_bundle(model_dir, "float32", "onnxruntime").metadata["inference_engine"] == (
+        "onnxruntime")
+    return model_dir
+
+
+def _onnx_export(model_dir: Path, root: Path | None = None) -> Path:
+    from pipeline.model import ENGINE_CACHE, MODEL_FILE, file_sha256
+
+    digest = file_sha256(model_dir / MODEL_FILE)[:16]
+    return (root or model_dir / ENGINE_CACHE) / f"onnxruntime-{digest}" / "model.onnx"
+
+
+def test_onnxruntime_predicts_like_keras_float32(ort_unet, tmp_path, rng):
+    bundle = get_bundle(ort_unet, "auto", "onnxruntime")  # auto is float32 on ONNX Runtime
+    assert bundle.metadata["inference_engine"] == "onnxruntime"
+    assert bundle.metadata["inference_precision"] == "float32"
+    assert bundle.receptive_field == 44  # measured on the Keras graph
+    scene = write_scene(tmp_path / "s.tif", _scene(rng, 90, 70), nodata=None)
+    # Windows of several sizes (96 and the clipped edges): the graph's height and width are free.
+    cfgs = {e: PredictConfig(window=48, overlap=16, engine=e, precision="float32")
+            for e in ("onnxruntime", "keras")}
+    p_ort, p_keras = (_grid(scene, ort_unet, cfg) for cfg in cfgs.values())
+    assert np.abs(p_ort - p_keras).max() < 1e-4
+    assert np.ptp(p_keras) > 1e-3  # a real comparison, not two constants
+    prob_path, _ = predict_scene(scene, ort_unet, tmp_path / "o", cfg=cfgs["onnxruntime"])
+    tags = _read(prob_path)[1]["tags"]
+    assert (tags["engine"], tags["precision"]) == ("onnxruntime", "float32")
+    exact = _read(predict_scene(scene, ort_unet, tmp_path / "k", cfg=cfgs["keras"])[0])[0]
+    assert np.abs(_read(prob_path)[0].astype(int) - exact).max() <= 1
+
+
+def test_onnxruntime_export_is_cached_per_model(ort_unet, tmp_path, rng):
+    from pipeline.model import read_metadata
+    from pipeline.predict import _cached_bundle
+
+    cached = _onnx_export(ort_unet)
+    built = cached.stat().st_mtime_ns
+    _cached_bundle.cache_clear()  # as a fresh process (a Dask worker) would find it
+    assert get_bundle(ort_unet, "float32", "onnxruntime").metadata["inference_engine"] == (
+        "onnxruntime")
+    assert cached.stat().st_mtime_ns == built  # reused, not exported again
+    assert not [p for p in cached.parent.parent.iterdir() if p.name.startswith(".")]
+    # Retrained in place (other weights, another sha256): a new export of the new weights.
+    keras.utils.set_random_seed(4)
+    retrained = build_unet(3, depth=2, base_filters=4)
+    meta = {k: v for k, v in read_metadata(ort_unet).items() if k != "model_sha256"}
+    model_dir = tmp_path / "m"
+    shutil.copytree(ort_unet, model_dir)
+    save_bundle(retrained, meta, model_dir)
+    bundle = get_bundle(model_dir, "float32", "onnxruntime")
+    assert bundle.metadata["inference_engine"] == "onnxruntime"
+    assert _onnx_export(model_dir) != _onnx_export(ort_unet)
+    assert _onnx_export(model_dir).exists() and (model_dir / cached.relative_to(ort_unet)).exists()
+    x = rng.standard_normal((2, 32, 48, 3), dtype=np.float32)
+    expected = np.asarray(retrained.predict_on_batch(x))
+    assert np.abs(bundle.model.predict_on_batch(x) - expected).max() < 1e-4
+
+
+def test_onnxruntime_cache_falls_back_to_the_temp_folder(ort_unet, tmp_path, monkeypatch):
+    """A bundle folder that cannot hold the cache (read-only) gets it in the temp folder."""
+    import os
+
+    from pipeline.model import BUNDLE_FILES, ENGINE_CACHE
+
+    model_dir = tmp_path / "ro"
+    model_dir.mkdir()
+    for name in BUNDLE_FILES:
+        shutil.copy2(ort_unet / name, model_dir / name)
+    # chmod alone does not stop root (CI containers); a file in the cache folder's place does.
+    (model_dir / ENGINE_CACHE).write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    os.chmod(model_dir, 0o555)
+    try:
+        bundle = get_bundle(model_dir, "float32", "onnxruntime")
+    finally:
+        os.chmod(model_dir, 0o755)
+    assert bundle.metadata["inference_engine"] == "onnxruntime"
+    assert _onnx_export(model_dir, tmp_path / "tmp" / "carseg-engine-cache").exists()
+    assert sorted(p.name for p in model_dir.iterdir()) == sorted([*BUNDLE_FILES, ENGINE_CACHE])
+
+
+def test_engines_bench_times_every_engine_against_keras_float32(ort_unet):
+    from bench.engines import run
+
+    result = run(model=ort_unet, window=64, batch=2, repeats=1)
+    assert result["batch"] == [2, 64, 64, 3]
+    rows = result["variants"]
+    assert rows["keras_float32"]["max_abs_diff"] == 0 and rows["keras_float32"]["speedup"] == 1
+    ort = rows["onnxruntime_float32"]
+    assert (ort["engine_used"], ort["precision_used"]) == ("onnxruntime", "float32")
+    assert ort["max_abs_diff"] < 1e-4 and ort["ms_per_batch"] > 0
+    assert 0 < rows["keras_bfloat16"]["max_abs_diff"] < 0.05  # rounded, not another model
+
+def test_onnxruntime_missing_falls_back_to_keras_with_a_log_line(ort_unet, tmp_path, rng,
+                                                                 monkeypatch, caplog):
+    import logging
+    import sys
+
+    from pipeline.predict import _cached_bundle
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    _cached_bundle.cache_clear()
+    caplog.set_level(logging.INFO, logger="pipeline.predict")
+    scene = write_scene(tmp_path / "s.tif", _scene(rng, 40, 40), nodata=None)
+    prob_path, _ = predict_scene(scene, ort_unet, tmp_path / "o",
+                                 cfg=PredictConfig(engine="onnxruntime", precision="float32"))
+    _cached_bundle.cache_clear()  # the next test imports onnxruntime again
+    assert _read(prob_path)[1]["tags"]["engine"] == "keras"
+    assert any("ONNX Runtime unavailable" in r.getMessage() and "using Keras" in r.getMessage()
+               for r in caplog.records)
+
+def test_engine_threads_are_the_process_share_of_cores(monkeypatch):
+    """A Dask worker's share (OMP_NUM_THREADS from worker_env), else the CPUs it may run on."""
+    import os
+
+    from pipeline.distributed import worker_env
+    from pipeline.model import process_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", worker_env(2)["OMP_NUM_THREADS"])
+    assert process_threads() == max(1, (os.cpu_count() or 1) // 2)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert process_threads() == len(os.sched_getaffinity(0))
+
+def test_onnxruntime_with_bfloat16_is_a_one_line_settings_error(ort_unet):
+    from pydantic import ValidationError
+
+    from pipeline.config import load_config
+
+    with pytest.raises(InputError, match=r"^--set predict.engine: predict.engine onnxruntime "
+                       r"runs float32 only: set predict.precision to float32 or auto"):
+        load_config(Path("configs/default.yaml"),
+                    ["predict.engine=onnxruntime", "predict.precision=bfloat16"])
+    with pytest.raises(ValidationError, match="onnxruntime runs float32 only"):
+        PredictConfig(engine="onnxruntime", precision="bfloat16")
+    with pytest.raises(InputError, match="onnxruntime runs float32 only"):
+        get_bundle(ort_unet, "bfloat16", "onnxruntime")
+    cfg = load_config(Path("configs/default.yaml"), ["predict.engine=onnxruntime"]).predict
+    assert (cfg.engine, cfg.precision) == ("onnxruntime", "auto")  # auto: float32 there
 
 def test_normalize_into_equals_the_bundle_normalisation(rng):
     """Predict normalises windows in place; the values must be training's, bit for bit."""
