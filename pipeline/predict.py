@@ -314,13 +314,32 @@ class _StripReader:
             raise InputError(f"{self.scene}: cannot read pixels ({first_line(exc)})") from None
         valid = valid_mask(data, self.src.nodata, mask)
         if pick is not None:
-            data = data[:, :, pick]
-            valid = valid[:, pick] & inside
+            # The reflected columns as a few slices (left mirror, scene, right mirror): the
+            # same pixels as ``data[:, :, pick]``, at copying speed rather than a gather's
+            # (which cost three times the read itself on a 4096 px strip).
+            runs = _runs(pick)
+            data = np.concatenate([data[:, :, r] for r in runs], axis=2)
+            valid = np.concatenate([valid[:, r] for r in runs], axis=1) & inside
         before, after = top - row, rows - n - (top - row)
         if before or after:
             data = np.pad(data, ((0, 0), (before, after), (0, 0)), mode="symmetric")
             valid = np.pad(valid, ((before, after), (0, 0)), constant_values=False)
         return data, valid
+
+
+def _runs(index: np.ndarray) -> list[slice]:
+    """``index`` (steps of +1 or -1, as reflected columns are) as the fewest slices."""
+    index = np.asarray(index, dtype=np.int64)
+    steps = np.diff(index)
+    runs, start = [], 0
+    while start < len(index):
+        step = int(steps[start]) if start < len(steps) and abs(steps[start]) == 1 else 1
+        rest = steps[start:] != step  # the run ends before the first other step
+        end = start + (int(np.argmax(rest)) if rest.any() else len(rest))
+        stop = int(index[end]) + step
+        runs.append(slice(int(index[start]), stop if stop >= 0 else None, step))
+        start = end + 1
+    return runs
 
 
 # === Inference ===

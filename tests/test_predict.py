@@ -767,3 +767,22 @@ def test_memory_is_flat_in_the_scene_width(tmp_path, rng, identity_model):
         finally:
             tracemalloc.stop()
     assert peaks[1] < 1.5 * peaks[0], peaks
+
+
+def test_reflected_columns_as_slices_equal_the_gather():
+    """``_runs`` (the strip reader's reflected columns as slices) picks what fancy indexing
+    picks, for scenes narrower than, as wide as and wider than the frame, at every offset."""
+    from pipeline.predict import _runs
+
+    rng = np.random.default_rng(0)
+    for width in (1, 2, 3, 5, 17, 100):
+        for col in range(-2 * width - 3, width + 3):
+            for cols in (1, 2, 7, width, 3 * width + 5):
+                frame = np.mod(np.arange(col, col + cols), 2 * width)
+                source = np.where(frame < width, frame, 2 * width - 1 - frame)
+                pick = source - source.min()
+                strip = rng.integers(0, 255, (2, 3, int(pick.max()) + 1))
+                runs = _runs(pick)
+                assert len(runs) <= 3 or width < cols / 2  # a few slices, not one per column
+                sliced = np.concatenate([strip[:, :, r] for r in runs], axis=2)
+                np.testing.assert_array_equal(sliced, strip[:, :, pick])
