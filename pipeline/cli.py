@@ -219,6 +219,11 @@ def cmd_tile(args) -> int:
         return 0
     # One writer of CHIPS at a time (index writes there too): a second run waits here.
     with folder_lock(args.chips, "tile"):
+        if _gone(args.chips, scenes):
+            # The chip index lists the chips of a scene that is gone, and nothing newer than it
+            # is left to say so: removed, so `index` rebuilds it (and `train` then retrains).
+            for name in (INDEX_FILE, STATS_FILE):
+                (args.chips / name).unlink(missing_ok=True)
         _prune(args.chips, scenes, "chips")
         return run_stage_batch(
             "tile", tile_scene, scenes, outputs=outputs,
