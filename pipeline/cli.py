@@ -92,6 +92,9 @@ def _stamp(args, cfg: Config, stage: str) -> list[Path]:
     return [args.settings]
 
 
+LABEL_FILES = "labels.json"  # in MASKS: the names of the label files the masks come from
+
+
 def _settings_changed(args, cfg: Config, stage: str) -> bool:
     """Whether :func:`_stamp` would write the stage's settings (they changed, or are new)."""
     settings = getattr(args, "settings", None)
@@ -257,20 +260,28 @@ def cmd_masks(args) -> int:
     def outputs(idx: Path) -> list[Path]:
         return [args.masks / idx.parent.name / MASKS_FILE]
 
+    # The label files the masks were burned from: one removed (or renamed) leaves no file
+    # newer than the masks, so only this list says that every scene's masks must be redone.
+    record, names = args.masks / LABEL_FILES, [p.name for p in label_files]
+    relabel = record.exists() and json_differs(record, names)
     status = 0
-    if gone or not _nothing_to_do(args, cfg, "masks", scene_indexes, outputs, label_files):
+    if (gone or relabel
+            or not _nothing_to_do(args, cfg, "masks", scene_indexes, outputs, label_files)):
         # One writer of MASKS at a time: a second run waits here, then finds them up to date.
         with folder_lock(args.masks, "masks"):
             if args.images is not None:
                 _prune(args.masks, scenes, "masks")
             stamp = _stamp(args, cfg, "masks")
-            stale = [p for p in scene_indexes
-                     if args.force or not is_fresh(outputs(p), [p, *label_files, *stamp])]
+            relabel = record.exists() and json_differs(record, names)
+            stale = [p for p in scene_indexes if args.force or relabel
+                     or not is_fresh(outputs(p), [p, *label_files, *stamp])]
             labels = load_labels(label_files, cfg=cfg.labels) if stale else None
             status = run_stage_batch(
                 "masks", rasterize_scene, stale, outputs=outputs,
                 extra_inputs=[], args=(labels, args.masks), kwargs={"cfg": cfg.labels},
                 cfg=cfg.distributed, force=True) if stale else 0
+            if status == 0:
+                write_if_changed(record, names)
     if status == 0:
         _check_labels_hit(scene_indexes, args.masks, label_files)
     return status

@@ -40,3 +40,26 @@ def test_a_removed_training_scene_leaves_the_chip_index(tmp_path):
     (images / "s1.tif").unlink()
     # Its chips and masks are pruned; the index (and so training) must not list them still.
     assert chain() == {"s0"}
+
+
+def test_a_removed_label_file_redoes_the_masks(tmp_path):
+    import json
+
+    images, chips, masks, labels = (tmp_path / d for d in ("images", "chips", "masks", "labels"))
+    write_scene(images / "s0.tif", np.full((3, 128, 128), 90, np.uint8))
+    labels.mkdir()
+    x0, y0 = ORIGIN
+    for name, dx in (("a.gpkg", 3), ("b.gpkg", 12)):
+        gpd.GeoDataFrame(geometry=[box(x0 + dx, y0 - 6, x0 + dx + 2, y0 - 3)],
+                         crs=UTM).to_file(labels / name)
+    run = ["--settings", str(tmp_path / "masks.json"), *SMALL, "--workers", "1"]
+    assert main(["tile", str(images), str(chips), *SMALL, "--workers", "1"]) == 0
+
+    def car_pixels() -> int:
+        assert main(["masks", str(chips), str(labels), str(masks), "--images", str(images),
+                     *run]) == 0
+        return sum(json.loads((masks / "s0" / "masks.json").read_text())["chips"].values())
+
+    both = car_pixels()
+    (labels / "b.gpkg").unlink()  # a wrong label file taken out: its cars must go too
+    assert 0 < car_pixels() < both
