@@ -913,7 +913,9 @@ def build_batch(images: Path, out_dir: Path, *, model_dir: Path, cfg: Config,
     prov = provenance(out_dir, model_dir, metadata, cfg, cache)
     catalog = write_catalog(infos, batch_dir, crs=crs, kept=merged, per_scene=per_scene,
                             products=products, prov=prov, cache=cache)
-    outputs = [p.relative_to(batch_dir).as_posix() for p in [*products, catalog]]
+    # The warped VRTs too: the mosaics read through them, so one gone is a batch to redo.
+    outputs = [p.relative_to(batch_dir).as_posix()
+               for p in [*products, catalog, *sorted(batch_dir.glob("warped/*/*.vrt"))]]
     # Checksums of files that no longer exist are dropped, so the cache does not grow forever.
     cache = {k: v for k, v in cache.items() if Path(k).exists()}
     write_json(manifest_path, {"signature": signature, "outputs": outputs, "checksums": cache,
