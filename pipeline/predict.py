@@ -241,9 +241,11 @@ def edge_ramp(size: int, overlap: int, margin: int | None = None) -> np.ndarray:
     ramp fills the rest of the overlap. A neighbour's trailing ramp is this one mirrored, and
     sin^2 + cos^2 = 1, so the blend is a partition of unity.
     """
-    ramp = np.ones(size, dtype=np.float32)
+    # Built at least one overlap long, then cut: a window narrower than the overlap (a scene
+    # of a few pixels, one window, no neighbour) gets the ramp's start, not a broadcast error.
+    ramp = np.ones(max(size, overlap), dtype=np.float32)
     if overlap <= 0:
-        return ramp
+        return ramp[:size]
     if margin is None:
         margin = max(overlap // 4, min(2, overlap // 2))
     ramp[:margin] = 0.0
@@ -251,7 +253,7 @@ def edge_ramp(size: int, overlap: int, margin: int | None = None) -> np.ndarray:
     if n > 0:
         t = (np.arange(n, dtype=np.float64) + 0.5) / n
         ramp[margin:margin + n] = (np.sin(np.pi / 2 * t) ** 2).astype(np.float32)
-    return ramp
+    return ramp[:size]
 
 
 def axis_weight(offset: int, size: int, length: int, overlap: int,
