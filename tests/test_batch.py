@@ -659,16 +659,22 @@ def test_scene_without_valid_pixels_is_empty_not_zero_cars(tmp_path):
                     force=True)
 
 
-def test_rotated_scene_enters_the_mosaic_north_up(tmp_path):
-    """A scene on a rotated grid is in the mosaics (through a warped VRT), where it lies."""
+def write_rotated_flight(root: Path) -> np.random.Generator:
+    """Scenes ``north`` (north-up) and ``rotated`` (300 m east, rotated 30 degrees about its
+    top-left corner) with a model; returns the generator, for drawing more from it."""
     rng = np.random.default_rng(11)
     truth = burn(flight_cars(rng), (HEIGHT, WIDTH), FLIGHT)
-    write_identity_scene(tmp_path, "north", truth, 0)
-    # 300 m east of the first, rotated 30 degrees about its top-left corner.
+    write_identity_scene(root, "north", truth, 0)
     rotated = (Affine.translation(ORIGIN[0] + 300, ORIGIN[1]) @ Affine.rotation(30)
                @ Affine.scale(GSD, -GSD))
-    write_identity_scene(tmp_path, "rotated", truth, 0, transform=rotated)
-    write_model(tmp_path / "model")
+    write_identity_scene(root, "rotated", truth, 0, transform=rotated)
+    write_model(root / "model")
+    return rng
+
+
+def test_rotated_scene_enters_the_mosaic_north_up(tmp_path):
+    """A scene on a rotated grid is in the mosaics (through a warped VRT), where it lies."""
+    rng = write_rotated_flight(tmp_path)
     build_batch(tmp_path / "images", tmp_path / "out", model_dir=tmp_path / "model",
                 cfg=Config())
     batch = tmp_path / "out" / "batch"

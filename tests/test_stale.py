@@ -67,27 +67,12 @@ def test_a_removed_label_file_redoes_the_masks(tmp_path):
 
 def test_a_deleted_warped_vrt_is_written_again(tmp_path):
     import rasterio
-    from affine import Affine
-    from conftest import GSD
-    from test_batch import (
-        FLIGHT,
-        HEIGHT,
-        WIDTH,
-        burn,
-        flight_cars,
-        write_identity_scene,
-        write_model,
-    )
+    from test_batch import write_rotated_flight
 
     from pipeline.batch import build_batch
     from pipeline.config import Config
 
-    truth = burn(flight_cars(np.random.default_rng(11)), (HEIGHT, WIDTH), FLIGHT)
-    write_identity_scene(tmp_path, "north", truth, 0)
-    rotated = (Affine.translation(ORIGIN[0] + 300, ORIGIN[1]) @ Affine.rotation(30)
-               @ Affine.scale(GSD, -GSD))
-    write_identity_scene(tmp_path, "rotated", truth, 0, transform=rotated)
-    write_model(tmp_path / "model")
+    write_rotated_flight(tmp_path)
 
     def batch() -> None:
         build_batch(tmp_path / "images", tmp_path / "out", model_dir=tmp_path / "model",
