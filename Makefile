@@ -96,7 +96,7 @@ $(INSTALLED): pyproject.toml
 	$(PY) -m pip install --quiet -e .
 	@touch $@
 
-install-dev: $(INSTALLED_DEV) ## install plus the dev extras (pytest, hypothesis, ruff, jax, onnxruntime)
+install-dev: $(INSTALLED_DEV) ## install plus the dev extras (pytest, hypothesis, ruff, jax)
 
 $(INSTALLED_DEV): $(INSTALLED) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'

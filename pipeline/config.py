@@ -182,11 +182,11 @@ class PredictConfig(_Section):
         None, gt=0, lt=1, description="Car threshold (None = the one stored in the model bundle)."
     )
     engine: Literal["auto", "keras", "openvino", "onnxruntime"] = Field(
-        "auto", description="Inference engine; 'auto' = Keras for bfloat16, else OpenVINO where "
-        "it is installed (pip install 'carseg[openvino]'), else Keras. 'onnxruntime' (pip install "
-        "'carseg[onnxruntime]') runs float32 only and is never picked by 'auto' (exact, but behind "
-        "OpenVINO float32 and Keras bfloat16, and 0.75-1.2x Keras float32 with the machine's load; "
-        "see bench.engines). Failures fall back to Keras.")
+        "auto", description="Inference engine; 'auto' = Keras for bfloat16 or on a GPU, else "
+        "OpenVINO where it is installed (pip install 'carseg[openvino]'), else ONNX Runtime on a "
+        "CPU without AVX-512 (2.6x Keras float32 there), else Keras. 'onnxruntime' runs float32 "
+        "only. Exported graphs are cached beside the model; failures fall back to Keras (see "
+        "bench.engines).")
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Inference arithmetic; 'auto' = bfloat16 on a CPU with AVX-512 BF16 "
         "or AMX (TensorFlow backend, no GPU), else float32; with engine openvino or onnxruntime "

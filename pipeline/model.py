@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -343,17 +344,33 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 FIRST_LAYER_FLOAT32 = True  # /proc/cpuinfo flags of CPUs with bf16 arithmetic
 
 
-def cpu_bf16_flags() -> list[str]:
-    """The bf16 instruction sets (AVX-512 BF16, AMX) this CPU reports; [] if none or unknown."""
+def _cpu_flags() -> set[str] | None:
+    """The instruction-set flags /proc/cpuinfo reports; None where that cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no cheap way to know, so assume none
-        return []
+    except OSError:  # not Linux: no cheap way to know
+        return None
     for line in text.splitlines():
         if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return [f for f in BF16_FLAGS if f in flags]
-    return []
+            return set(line.split(":", 1)[1].split())
+    return None
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The bf16 instruction sets (AVX-512 BF16, AMX) this CPU reports; [] if none or unknown."""
+    flags = _cpu_flags() or set()
+    return [f for f in BF16_FLAGS if f in flags]
+
+
+def cpu_lacks_avx512() -> bool:
+    """Whether this CPU is known to have no AVX-512 (most laptops and many cloud CPUs).
+
+    TensorFlow's PyPI build runs a U-Net about 3x slower there than ONNX Runtime or OpenVINO
+    (``bench.engines`` on an AVX2 EPYC: 8.0 s vs 2.6-3.1 s per 2048^2 window), while with
+    AVX-512 its oneDNN kernels are within 1.2x of them. Unknown (not Linux) counts as having it.
+    """
+    flags = _cpu_flags()
+    return flags is not None and "avx512f" not in flags
 
 
 def resolve_precision(precision: str) -> str:
@@ -370,14 +387,7 @@ def resolve_precision(precision: str) -> str:
         return precision
     import keras
 
-    if keras.backend.backend() != "tensorflow" or not cpu_bf16_flags():
-        return "float32"
-    try:
-        import tensorflow as tf
-
-        if tf.config.list_physical_devices("GPU"):
-            return "float32"
-    except Exception:  # noqa: BLE001 - a broken GPU probe just means: stay exact
+    if keras.backend.backend() != "tensorflow" or not cpu_bf16_flags() or _tensorflow_gpu():
         return "float32"
     return "bfloat16"
 
@@ -420,22 +430,51 @@ ENGINE_CACHE = ".engine-cache"  # beside model.keras; one folder per engine and 
 
 
 def resolve_engine(engine: str, precision: str = "float32") -> str:
-    """'openvino' or 'keras' for a resolved ``precision``; an explicit engine as it is.
+    """The engine predict runs for a resolved ``precision``; an explicit engine as it is.
 
-    ``auto``: Keras for bfloat16 (Keras keeps the first layer and the head in float32, which keeps
-    probabilities within 2/254 at 99.9% of pixels; OpenVINO's bf16 hint rounds the whole graph and
-    missed that, see ``bench.precision``), otherwise OpenVINO when its package is installed
-    (float32 there matches Keras to 1/254 and runs about 1.4x faster on a CPU), else Keras.
-    Never ONNX Runtime: exact, but behind OpenVINO float32 and Keras bfloat16, and only
-    0.75-1.2x Keras float32 on a 2-core CPU (faster when idle, slower under load; ``bench.engines``).
+    ``auto``, measured with ``bench.engines`` on 2-core EPYCs (ms per 2048^2 window):
+
+    - bfloat16: Keras. It keeps the first layer and the head in float32, which keeps
+      probabilities within 2/254 at 99.9% of pixels; OpenVINO's bf16 hint rounds the whole graph
+      and missed that (``bench.precision``).
+    - a GPU that TensorFlow sees: Keras (the exported engines here run on the CPU).
+    - OpenVINO where its package is installed: float32 matches Keras to 1e-6 and runs 1.4x
+      Keras on an AVX-512 CPU (2147 vs 2973 ms), 3.1x on an AVX2 one (2629 vs 8027 ms).
+    - ONNX Runtime (a core dependency) on a CPU without AVX-512: exact too, 2.6x Keras there
+      (3108 vs 8027 ms). With AVX-512 it is only 0.75-1.2x Keras (slower under load), so
+      Keras float32 stays.
     """
     if engine != "auto":
         return engine
-    if precision == "bfloat16":
+    if precision == "bfloat16" or _tensorflow_gpu():
         return "keras"
     import importlib.util
 
-    return "openvino" if importlib.util.find_spec("openvino") else "keras"
+    if importlib.util.find_spec("openvino"):
+        return "openvino"
+    # On TensorFlow only: the numbers above are TensorFlow's; JAX's XLA compiles for the CPU.
+    if (cpu_lacks_avx512() and keras_backend() == "tensorflow"
+            and importlib.util.find_spec("onnxruntime")):
+        return "onnxruntime"
+    return "keras"
+
+
+def keras_backend() -> str:
+    import keras
+
+    return keras.backend.backend()
+
+
+def _tensorflow_gpu() -> bool:
+    """Whether Keras runs on TensorFlow with a GPU it can see."""
+    if keras_backend() != "tensorflow":
+        return False
+    try:
+        import tensorflow as tf
+
+        return bool(tf.config.list_physical_devices("GPU"))
+    except Exception:  # noqa: BLE001 - a broken GPU probe: no GPU to use
+        return False
 
 
 class OpenVINOModel:
@@ -471,13 +510,18 @@ def cached_export(model, model_path: Path, engine: str, filename: str) -> Path:
             with temp_dir(root) as scratch:
                 tmp = scratch / "export"
                 tmp.mkdir()
-                if engine == "onnxruntime":
-                    # Explicit signature: the loaded functional model was never called, and its
-                    # input (None, None, None, bands) keeps batch, height and width dynamic.
-                    model.export(str(tmp / filename), format="onnx", verbose=False,
-                                 input_signature=list(model.inputs))
-                else:
-                    model.export(str(tmp / filename), format=engine, verbose=False)
+                # The exporters' own deprecation chatter (tf2onnx on NumPy 2) is not the user's
+                # to read: stderr keeps the pipeline's lines.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    if engine == "onnxruntime":
+                        # Explicit signature: the loaded functional model was never called, and
+                        # its input (None, None, None, bands) keeps batch, height and width
+                        # dynamic.
+                        model.export(str(tmp / filename), format="onnx", verbose=False,
+                                     input_signature=list(model.inputs))
+                    else:
+                        model.export(str(tmp / filename), format=engine, verbose=False)
                 try:
                     tmp.rename(target)
                 except OSError:  # another process finished first: use its export

@@ -228,9 +228,14 @@ def _frame_axis(length: int, phase: int, geometry: Geometry) -> tuple[int, list[
     The layout is ``geo.axis_windows``' ``past`` rule: windows on the pooling lattice, the
     fewest of at most ``geometry.window`` px, shrunk to the smallest lattice multiple that covers
     (a 700 px scene is one 704 px window, not a 1280 px one mostly made of padding).
+
+    A window may be one lattice step longer than ``geometry.window``: the frame starts up to
+    ``multiple - 1`` px before the scene, and without the step a scene of exactly ``window`` px
+    whose origin is off the lattice (almost every scene) would be cut into two windows a side,
+    four of them overlapping, computing ~1.2 times its pixels instead of ~1.02 times.
     """
-    layout = axis_windows(length, geometry.window, geometry.overlap, edge="past", phase=phase,
-                          multiple=geometry.multiple)
+    layout = axis_windows(length, geometry.window + geometry.multiple, geometry.overlap,
+                          edge="past", phase=phase, multiple=geometry.multiple)
     return layout.size, [s + phase for s in layout.starts]
 
 

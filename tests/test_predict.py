@@ -428,10 +428,22 @@ def test_overlap_comes_from_the_receptive_field():
 def test_windows_shrink_to_the_scene_and_stay_on_the_lattice(length, phase, window):
     geom = Geometry(window=window, overlap=32, margin=12, multiple=16, receptive_field=None)
     size, starts = _frame_axis(length, phase, geom)
-    assert size % 16 == 0 and size <= window and all(s % 16 == 0 for s in starts)
+    # One lattice step of slack over the window, for the frame's phase (see _frame_axis).
+    assert size % 16 == 0 and size <= window + 16 and all(s % 16 == 0 for s in starts)
     assert starts[-1] + size >= phase + length  # covered
     assert size - 16 < phase + length or len(starts) > 1  # no window all padding
     assert len(starts) == 1 or starts[-1] < phase + length - geom.overlap
+
+
+@pytest.mark.parametrize("phase", [1, 5, 15])
+def test_a_window_sized_scene_off_the_lattice_is_one_window(phase):
+    # The default 2048 px window over a 2048 px scene whose origin is 5 px off the lattice was
+    # two 1104 px windows a side (4 windows, 1.16x the pixels); one step of slack keeps it one.
+    geom = Geometry(window=2048, overlap=160, margin=48, multiple=16, receptive_field=None)
+    assert _frame_axis(2048, phase, geom) == (2064, [0])
+    # Past the slack the count grows as before, and the windows shrink to fit.
+    size, starts = _frame_axis(2048 + 16, phase, geom)
+    assert len(starts) == 2 and size < 2048
 
 
 @pytest.mark.parametrize("offset", [(37, 23), (64, 128)])
@@ -495,6 +507,28 @@ def test_training_policy_follows_the_setting_and_the_cpu():
         assert training_policy("auto") == "mixed_float16"
     else:
         assert training_policy("auto") == ("mixed_bfloat16" if cpu_bf16_flags() else None)
+
+
+def test_auto_engine_follows_the_cpu_and_the_installed_engines():
+    """auto: Keras for bf16; OpenVINO where installed; ONNX Runtime on a CPU without AVX-512.
+
+    TensorFlow's PyPI build is ~3x slower than ONNX Runtime without AVX-512 (bench.engines); an
+    auto that stayed on Keras float32 there left that on the table for most laptops.
+    """
+    import importlib.util
+
+    from pipeline.model import cpu_lacks_avx512, keras_backend, resolve_engine
+
+    assert resolve_engine("keras", "float32") == "keras"
+    assert resolve_engine("auto", "bfloat16") == "keras"
+    if importlib.util.find_spec("openvino"):
+        expected = "openvino"
+    elif cpu_lacks_avx512() and keras_backend() == "tensorflow":
+        expected = "onnxruntime"  # a core dependency: installed wherever carseg is
+    else:
+        expected = "keras"
+    assert resolve_engine("auto", "float32") == expected
+    assert cpu_lacks_avx512() == ("avx512f" not in Path("/proc/cpuinfo").read_text().split())
 
 
 def test_engine_falls_back_to_keras_quietly(small_unet, tmp_path, rng):
