@@ -37,7 +37,7 @@ log = logging.getLogger("bench")
 # name -> (module, keyword arguments for --quick). Full runs use each module's defaults.
 BENCHMARKS: dict[str, tuple[str, dict]] = {
     "tiling": ("bench.bench_tiling", {"size": 1024, "repeats": 1}),
-    "predict": ("bench.bench_predict", {"sizes": (128, 256), "throughput_size": 128,
+    "predict": ("bench.bench_predict", {"sizes": (128,), "throughput_size": 128,
                                          "repeats": 1}),
     # Quick: tile_scene keeps Keras out of the Dask workers, which would cost more than the work.
     "distributed": ("bench.bench_distributed",

@@ -5,8 +5,12 @@ the CPU, end to end (read, normalise, infer, blend, write COGs), medians of alte
 
 * ``baseline``: 256 px windows (the training chip), overlap 64, float32, i.e. the path before
   issue 14; ``big_window_float32``: the default window and receptive-field overlap in float32;
-  ``default``: the defaults, precision included (bfloat16 on a CPU with bf16 instructions);
+  ``big_window_keras_bf16``: the same in Keras bfloat16 (only on a CPU with bf16 instructions);
+  ``default``: the defaults, engine and precision included (Keras bfloat16 on a CPU with bf16
+  instructions, ONNX Runtime float32 on one without AVX-512);
 * ``speedup_default_vs_baseline`` (target >= 2.0);
+* ``speedup_default_model_only``: Keras float32 alone over the defaults alone (engine and
+  precision), each pixel once;
 * ``default_over_one_pass``: the default end-to-end time over the model alone computing each of
   the scene's pixels once (no overlap) at the same precision (target <= 1.25): overlap,
   reading, stitching and writing together;
@@ -182,6 +186,9 @@ def run(workdir: Path, *, sizes: tuple[int, ...] = (4000, 20000),
         "big_window_keras_bf16": PredictConfig(engine="keras", precision="bfloat16"),
         "default": PredictConfig(),
     }
+    if not cpu_bf16_flags():
+        # Emulated bf16 is slower than float32 (13.4 vs 9.2 s on an AVX2 EPYC); not worth timing.
+        configs.pop("big_window_keras_bf16")
     bundle_dir = workdir / "model_default"
     _default_bundle(bundle_dir)
     geometry = {}
@@ -191,12 +198,11 @@ def run(workdir: Path, *, sizes: tuple[int, ...] = (4000, 20000),
         geometry[name] = {"window": g.window, "overlap": g.overlap, "margin": g.margin,
                           "precision": bundle.metadata["inference_precision"],
                           "engine": bundle.metadata["inference_engine"]}
-        if name == "default" and geometry[name] in (geometry["big_window_keras_bf16"],
-                                                    geometry["big_window_float32"]):
+        same = [k for k in ("big_window_keras_bf16", "big_window_float32")
+                if name == "default" and geometry.get(k) == geometry[name]]
+        if same:
             configs.pop(name)  # the defaults resolve to a variant already measured
-            geometry[name]["same_as"] = next(
-                k for k in ("big_window_keras_bf16", "big_window_float32")
-                if geometry[k] == {x: y for x, y in geometry[name].items() if x != "same_as"})
+            geometry[name]["same_as"] = same[0]
     result: dict = {"predict_config": PredictConfig().model_dump(mode="json"),
                     "cpu_bf16_flags": cpu_bf16_flags(), "geometry": geometry}
 
@@ -233,13 +239,14 @@ def run(workdir: Path, *, sizes: tuple[int, ...] = (4000, 20000),
         "one_pass_default_s": round(once["default"], 3), "one_pass_tiles": tiles,
         "speedup_default_vs_baseline": round(med["baseline"] / med["default"], 3),
         "speedup_big_window_vs_baseline": round(med["baseline"] / med["big_window_float32"], 3),
-        "speedup_bf16_model_only": round(once["float32"] / once["default"], 3),
+        "speedup_default_model_only": round(once["float32"] / once["default"], 3),
         "default_over_one_pass": round(med["default"] / once["default"], 3),
         "baseline_over_one_pass_float32": round(med["baseline"] / once["float32"], 3),
         "targets": {"speedup_default_vs_baseline": ">= 2.0", "default_over_one_pass": "<= 1.25"},
     }
-    result["throughput"]["speedup_keras_bf16_vs_baseline"] = round(
-        med["baseline"] / med["big_window_keras_bf16"], 3)
+    if "big_window_keras_bf16" in med:
+        result["throughput"]["speedup_keras_bf16_vs_baseline"] = round(
+            med["baseline"] / med["big_window_keras_bf16"], 3)
     # Peak memory of the default U-Net at the default window and batch, in a fresh process.
     mib, _ = _memory_probe(scene, bundle_dir, workdir / "out_mem_default")
     result["throughput"]["default_peak_rss_mb"] = round(mib, 1)
