@@ -37,7 +37,10 @@ log = logging.getLogger("bench")
 # name -> (module, keyword arguments for --quick). Full runs use each module's defaults.
 BENCHMARKS: dict[str, tuple[str, dict]] = {
     "tiling": ("bench.bench_tiling", {"size": 1024, "repeats": 1}),
+    # Quick: a small U-Net, as exporting and tracing the default one is most of a smoke run.
     "predict": ("bench.bench_predict", {"sizes": (128,), "throughput_size": 128,
+                                         "unet": {"depth": 2, "base_filters": 8},
+                                         "probe_default_memory": False,
                                          "repeats": 1}),
     # Quick: tile_scene keeps Keras out of the Dask workers, which would cost more than the work.
     "distributed": ("bench.bench_distributed",

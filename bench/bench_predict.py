@@ -38,14 +38,17 @@ log = logging.getLogger(__name__)
 NORMALIZATION = {"mean": [90.0, 90.0, 90.0], "std": [40.0, 40.0, 40.0]}
 
 
-def _default_bundle(model_dir: Path) -> Path:
-    """Save the default-config U-Net (untrained) as a bundle, as train would."""
+def _default_bundle(model_dir: Path, **unet) -> Path:
+    """Save the default-config U-Net (untrained) as a bundle, as train would.
+
+    ``unet`` overrides ``TrainConfig`` fields (depth, base_filters) for a smoke run.
+    """
     import keras
 
     from pipeline.config import TileConfig, TrainConfig
     from pipeline.model import build_unet, save_bundle
 
-    train = TrainConfig()
+    train = TrainConfig(**unet)
     keras.utils.set_random_seed(0)
     model = build_unet(3, depth=train.depth, base_filters=train.base_filters,
                        batch_norm=train.batch_norm, dropout=train.dropout)
@@ -166,7 +169,8 @@ BASELINE = {"window": 256, "overlap": 64, "precision": "float32"}
 
 
 def run(workdir: Path, *, sizes: tuple[int, ...] = (4000, 20000),
-        throughput_size: int = 2048, repeats: int = 3) -> dict:
+        throughput_size: int = 2048, repeats: int = 3, unet: dict | None = None,
+        probe_default_memory: bool = True) -> dict:
     """Measure prediction speed and memory; returns the result dict (also logged).
 
     Args:
@@ -174,6 +178,9 @@ def run(workdir: Path, *, sizes: tuple[int, ...] = (4000, 20000),
         sizes: scene sizes (pixels per side) for the memory comparison, smallest first.
         throughput_size: side of the scene the default U-Net predicts for MPix/s and ratios.
         repeats: timed runs of each (the median is reported).
+        unet: ``TrainConfig`` overrides for the measured U-Net (``make bench --quick``'s smoke
+            run uses a small one; the real run measures the default).
+        probe_default_memory: measure that U-Net's peak memory in a fresh process too.
     """
     from pipeline.config import PredictConfig
     from pipeline.model import cpu_bf16_flags
@@ -190,7 +197,7 @@ def run(workdir: Path, *, sizes: tuple[int, ...] = (4000, 20000),
         # Emulated bf16 is slower than float32 (13.4 vs 9.2 s on an AVX2 EPYC); not worth timing.
         configs.pop("big_window_keras_bf16")
     bundle_dir = workdir / "model_default"
-    _default_bundle(bundle_dir)
+    _default_bundle(bundle_dir, **(unet or {}))
     geometry = {}
     for name, cfg in list(configs.items()):
         bundle = get_bundle(bundle_dir, cfg.precision, cfg.engine)
@@ -231,7 +238,8 @@ def run(workdir: Path, *, sizes: tuple[int, ...] = (4000, 20000),
     once = {name: statistics.median(t) for name, t in one_pass.items()}
     mpix = throughput_size**2 / 1e6
     result["throughput"] = {
-        "model": "build_unet(TrainConfig defaults: depth 4, base_filters 32, batch_norm), untrained",
+        "model": ("build_unet(TrainConfig defaults: depth 4, base_filters 32, batch_norm), "
+                  "untrained" if not unet else f"build_unet(TrainConfig with {unet}), untrained"),
         "scene_px": throughput_size, "repeats": repeats,
         **{f"{name}_s": round(t, 3) for name, t in med.items()},
         **{f"{name}_mpix_per_s": round(mpix / t, 4) for name, t in med.items()},
@@ -248,8 +256,9 @@ def run(workdir: Path, *, sizes: tuple[int, ...] = (4000, 20000),
         result["throughput"]["speedup_keras_bf16_vs_baseline"] = round(
             med["baseline"] / med["big_window_keras_bf16"], 3)
     # Peak memory of the default U-Net at the default window and batch, in a fresh process.
-    mib, _ = _memory_probe(scene, bundle_dir, workdir / "out_mem_default")
-    result["throughput"]["default_peak_rss_mb"] = round(mib, 1)
+    if probe_default_memory:
+        mib, _ = _memory_probe(scene, bundle_dir, workdir / "out_mem_default")
+        result["throughput"]["default_peak_rss_mb"] = round(mib, 1)
 
     if sizes:
         result["memory"] = memory_scaling(workdir, sizes)
