@@ -165,7 +165,7 @@ def memory_scaling(workdir: Path, sizes: tuple[int, ...] = (4000, 20000)) -> dic
 
 
 # The path before issue 14: chip-sized windows, the old fixed overlap, float32.
-BASELINE = {"window": 256, "overlap": 64, "precision": "float32"}
+BASELINE = {"window": 256, "overlap": 64, "precision": "float32", "engine": "keras"}
 
 
 def run(workdir: Path, *, sizes: tuple[int, ...] = (4000, 20000),

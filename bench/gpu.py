@@ -123,7 +123,6 @@ def predict_throughput(workdir: Path, *, scene_size: int, depth: int, base_filte
     from bench.harness import make_bundle, make_scene
     from pipeline import predict
     from pipeline.config import PredictConfig
-    from pipeline.geo import axis_windows
     from pipeline.model import read_metadata
     model_dir = workdir / "model"
     make_bundle(model_dir, depth=depth, base_filters=base_filters, chip_size=chip_size)
@@ -142,9 +141,7 @@ def predict_throughput(workdir: Path, *, scene_size: int, depth: int, base_filte
     # Bare forward pass: the same number of windows of the same size, already in memory.
     bundle = predict.get_bundle(model_dir, cfg.precision, cfg.engine)
     geometry = predict.window_geometry(cfg, read_metadata(model_dir), bundle.receptive_field)
-    layout = axis_windows(scene_size, geometry.window, geometry.overlap, edge="past",
-                          multiple=geometry.multiple)
-    window, rows = layout.size, layout.starts
+    window, rows = predict._frame_axis(scene_size, 0, geometry)
     n_windows = len(rows) ** 2
     model = bundle.model
     batch_size = max(1, min(cfg.batch_size, predict.MAX_BATCH_PIXELS // window**2))

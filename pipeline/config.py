@@ -171,8 +171,9 @@ class PredictConfig(_Section):
     """Sliding-window inference and stitching (``make predict``)."""
 
     window: int = Field(
-        2048, ge=16, description="Largest inference window in pixels, independent of the training "
-        "chip size (windows shrink to fit a smaller scene).")
+        2048, ge=16, description="Largest inference window in pixels (plus one lattice step, "
+        "2**depth, so a window-sized scene off the lattice stays one window), independent of the "
+        "training chip size (windows shrink to fit a smaller scene).")
     overlap: int | None = Field(
         None, ge=0, description="Pixels shared by neighbouring windows (None = from the model's "
         "receptive field).")

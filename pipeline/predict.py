@@ -81,7 +81,8 @@ CONTEXT_SHARE = 0.5
 RAMP_SHARE = 0.5
 DEFAULT_FIELD = 128  # receptive field assumed when a model's cannot be measured
 # Pixels per forward pass (batch x window area): one 2048^2 window (the default; never fewer
-# than one), 2 of 1024^2, 32 of 256^2; the default U-Net then peaks near 2 GB on a CPU.
+# than one), 1 of 1040^2 (a 1024 window plus a lattice step), 28 of 272^2; the default U-Net
+# then peaks near 2.3 GB on a CPU with Keras and near 3.6 GB with ONNX Runtime (its arena).
 MAX_BATCH_PIXELS = 2 * 1024 * 1024
 # GDAL's block cache defaults to 5% of RAM and fills up as large outputs stream through it; a
 # small one is enough for strip-by-strip writes and keeps memory flat whatever the scene size.
@@ -156,7 +157,8 @@ class Geometry:
     """How a scene is cut into inference windows.
 
     Attributes:
-        window: the largest window side (``predict.window`` rounded to the model's multiple).
+        window: ``predict.window`` rounded to the model's multiple; windows are at most one
+            multiple longer (see ``_frame_axis``).
         overlap: pixels shared by neighbouring windows (a multiple of the model's multiple).
         margin: pixels next to a window's inner edge that get no weight at all.
         multiple: window sides and strides are multiples of this (2 ** U-Net depth).
@@ -226,7 +228,7 @@ def _frame_axis(length: int, phase: int, geometry: Geometry) -> tuple[int, list[
     """Window side and starts along one axis, in frame coordinates (the scene starts at phase).
 
     The layout is ``geo.axis_windows``' ``past`` rule: windows on the pooling lattice, the
-    fewest of at most ``geometry.window`` px, shrunk to the smallest lattice multiple that covers
+    fewest of at most ``geometry.window`` px (but see below), shrunk to the smallest lattice multiple that covers
     (a 700 px scene is one 704 px window, not a 1280 px one mostly made of padding).
 
     A window may be one lattice step longer than ``geometry.window``: the frame starts up to

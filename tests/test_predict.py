@@ -517,18 +517,27 @@ def test_auto_engine_follows_the_cpu_and_the_installed_engines():
     """
     import importlib.util
 
-    from pipeline.model import cpu_lacks_avx512, keras_backend, resolve_engine
+    from pipeline.model import (
+        _cpu_flags,
+        _tensorflow_gpu,
+        cpu_lacks_avx512,
+        keras_backend,
+        resolve_engine,
+    )
 
     assert resolve_engine("keras", "float32") == "keras"
     assert resolve_engine("auto", "bfloat16") == "keras"
-    if importlib.util.find_spec("openvino"):
+    if _tensorflow_gpu():
+        expected = "keras"
+    elif importlib.util.find_spec("openvino"):
         expected = "openvino"
     elif cpu_lacks_avx512() and keras_backend() == "tensorflow":
         expected = "onnxruntime"  # a core dependency: installed wherever carseg is
     else:
         expected = "keras"
     assert resolve_engine("auto", "float32") == expected
-    assert cpu_lacks_avx512() == ("avx512f" not in Path("/proc/cpuinfo").read_text().split())
+    flags = _cpu_flags()  # None where /proc/cpuinfo has no x86 flags line (not Linux, ARM)
+    assert cpu_lacks_avx512() == (flags is not None and "avx512f" not in flags)
 
 
 def test_engine_falls_back_to_keras_quietly(small_unet, tmp_path, rng):
