@@ -385,9 +385,7 @@ def resolve_precision(precision: str) -> str:
     """
     if precision != "auto":
         return precision
-    import keras
-
-    if keras.backend.backend() != "tensorflow" or not cpu_bf16_flags() or _tensorflow_gpu():
+    if keras_backend() != "tensorflow" or not cpu_bf16_flags() or _tensorflow_gpu():
         return "float32"
     return "bfloat16"
 
@@ -460,6 +458,7 @@ def resolve_engine(engine: str, precision: str = "float32") -> str:
 
 
 def keras_backend() -> str:
+    """The Keras backend of this process ('tensorflow', 'jax', 'torch')."""
     import keras
 
     return keras.backend.backend()

@@ -228,8 +228,9 @@ def _frame_axis(length: int, phase: int, geometry: Geometry) -> tuple[int, list[
     """Window side and starts along one axis, in frame coordinates (the scene starts at phase).
 
     The layout is ``geo.axis_windows``' ``past`` rule: windows on the pooling lattice, the
-    fewest of at most ``geometry.window`` px (but see below), shrunk to the smallest lattice multiple that covers
-    (a 700 px scene is one 704 px window, not a 1280 px one mostly made of padding).
+    fewest of at most ``geometry.window`` px plus one lattice step (below), shrunk to the
+    smallest lattice multiple that covers (a 700 px scene is one 704 px window, not a 1280 px
+    one mostly made of padding).
 
     A window may be one lattice step longer than ``geometry.window``: the frame starts up to
     ``multiple - 1`` px before the scene, and without the step a scene of exactly ``window`` px
