@@ -205,8 +205,10 @@ def run(workdir: Path, *, sizes: tuple[int, ...] = (4000, 20000),
         geometry[name] = {"window": g.window, "overlap": g.overlap, "margin": g.margin,
                           "precision": bundle.metadata["inference_precision"],
                           "engine": bundle.metadata["inference_engine"]}
+        if name != "default":
+            continue
         same = [k for k in ("big_window_keras_bf16", "big_window_float32")
-                if name == "default" and geometry.get(k) == geometry[name]]
+                if geometry.get(k) == geometry[name]]
         if same:
             configs.pop(name)  # the defaults resolve to a variant already measured
             geometry[name]["same_as"] = same[0]

@@ -344,21 +344,25 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 FIRST_LAYER_FLOAT32 = True  # /proc/cpuinfo flags of CPUs with bf16 arithmetic
 
 
-def _cpu_flags() -> set[str] | None:
-    """The instruction-set flags /proc/cpuinfo reports; None where that cannot be read."""
+@functools.cache
+def _cpu_flags() -> frozenset[str] | None:
+    """The instruction-set flags /proc/cpuinfo reports; None where that cannot be read.
+
+    Read once per process: every scene's ``get_bundle`` asks, and the CPU does not change.
+    """
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux: no cheap way to know
         return None
     for line in text.splitlines():
         if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
+            return frozenset(line.split(":", 1)[1].split())
     return None
 
 
 def cpu_bf16_flags() -> list[str]:
     """The bf16 instruction sets (AVX-512 BF16, AMX) this CPU reports; [] if none or unknown."""
-    flags = _cpu_flags() or set()
+    flags = _cpu_flags() or frozenset()
     return [f for f in BF16_FLAGS if f in flags]
 
 
