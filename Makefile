@@ -1,9 +1,8 @@
 # carseg: cars from GeoTIFFs. `make help` lists the targets; INTERFACE.md is the contract.
 #
-# Make orders the stages; the CLI (python -m pipeline) lists the scenes of each folder and redoes
-# only the scenes whose outputs are older than their inputs, settings or model. Scene names
-# therefore never pass through Make, so any file name a GIS folder holds works (spaces, unicode,
-# dots, .tif/.tiff/.TIF), and Make and the CLI always agree on one list of scenes.
+# Make only names the folders; the CLI (python -m pipeline) lists the scenes of each folder and
+# redoes only what changed (pipeline/runner.py). Scene names therefore never pass through Make,
+# so any file name a GIS folder holds works (spaces, unicode, dots, .tif/.tiff/.TIF).
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DELETE_ON_ERROR:
@@ -37,47 +36,22 @@ CFG = --config $(call q,$(CONFIG)) $(if $(strip $(SET)),--sets $(call q,$(SET)))
 BATCH = --workers $(WORKERS) $(if $(strip $(DASK_SCHEDULER)),--scheduler $(call q,$(DASK_SCHEDULER)))
 CLI = $(PY) -m pipeline
 
-RAW_IMAGES := $(DATA)/raw/images
-LABELS := $(DATA)/raw/labels
-CHIPS := $(DATA)/interim/chips
-MASKS := $(DATA)/interim/masks
-SETTINGS := $(DATA)/interim/settings
 REPORT := $(REPORTS)/$(RUN)
-MODEL := $(MODEL_DIR)/model.keras
 
-# === Stage commands (each is incremental by itself) ===
-TILE = $(CLI) tile $(call q,$(RAW_IMAGES)) $(call q,$(CHIPS)) \
-  --settings $(call q,$(SETTINGS)/tile.json) $(CFG) $(BATCH)
-MASK = $(CLI) masks $(call q,$(CHIPS)) $(call q,$(LABELS)) $(call q,$(MASKS)) \
-  --images $(call q,$(RAW_IMAGES)) --settings $(call q,$(SETTINGS)/masks.json) $(CFG) $(BATCH)
-INDEX = $(CLI) index $(call q,$(CHIPS)) $(call q,$(MASKS)) \
-  --settings $(call q,$(SETTINGS)/masks.json) $(CFG)
-TRAIN = $(CLI) train $(call q,$(CHIPS)) $(call q,$(MASKS)) $(call q,$(MODEL_DIR)) \
-  --images $(call q,$(RAW_IMAGES)) --settings $(call q,$(MODEL_DIR)/settings.json) $(CFG)
-PREDICT = $(CLI) predict $(call q,$(IMAGES)) --model-dir $(call q,$(MODEL_DIR)) \
-  --out $(call q,$(OUT)) --settings $(call q,$(OUT)/settings/predict.json) $(CFG) $(BATCH)
-VECTORS = $(CLI) vectors --out $(call q,$(OUT)) --images $(call q,$(IMAGES)) \
-  --settings $(call q,$(OUT)/settings/vectors.json) $(CFG) $(BATCH)
-BATCHP = $(CLI) batch --images $(call q,$(IMAGES)) --out $(call q,$(OUT)) \
-  --model-dir $(call q,$(MODEL_DIR)) $(if $(strip $(ZONES)),--zones $(call q,$(ZONES))) \
-  --settings $(call q,$(OUT)/settings/batch.json) $(CFG) $(BATCH)
-EVALUATE = $(CLI) evaluate --out $(call q,$(OUT)) --truth $(call q,$(TRUTH)) \
-  --settings $(call q,$(OUT)/settings/evaluate.json) $(CFG)
-REPORTC = $(CLI) report $(call q,$(REPORT)) --model-dir $(call q,$(MODEL_DIR)) \
-  --out $(call q,$(OUT)) --data $(call q,$(DATA)) --settings $(call q,$(REPORT)/settings.json) $(CFG)
-# Refuse outputs that would write into or over an input, before any work.
-GUARD = $(CLI) paths --data $(call q,$(DATA)) --images $(call q,$(IMAGES)) --out $(call q,$(OUT)) \
+# === The one way in ===
+# Every stage target runs `python -m pipeline run TARGET...`, which applies each stage's guard,
+# lock and freshness rule (pipeline/runner.py), exactly as `python -m pipeline STAGE` by hand
+# does. Several pipeline targets named in one command run as one chain, by the first of them:
+# a scene that fails in predict does not keep the good scenes from vectors and batch, and the
+# command exits non-zero at the end.
+PATHS = --data $(call q,$(DATA)) --images $(call q,$(IMAGES)) --out $(call q,$(OUT)) \
   --model-dir $(call q,$(MODEL_DIR)) --report $(call q,$(REPORT)) --truth $(call q,$(TRUTH)) \
   $(if $(strip $(ZONES)),--zones $(call q,$(ZONES)))
-
-# $(call step,COMMAND): run a batch stage. Exit 3 means some scenes failed and the rest are
-# done: the following stages still run on those, and the target fails at the end (rc=3).
-step = { $(1) || { s=$$?; [ $$s -eq 3 ] || exit $$s; rc=3; }; }
-# Training data to a model: chips, masks, index, then train (which says why it (re)trains);
-# without training scenes, an existing bundle is used as it is.
-TRAIN_ALL = if $(CLI) scenes --any $(call q,$(RAW_IMAGES)); then $(TILE); $(MASK); $(INDEX); fi; \
-  $(TRAIN)
-HAS_TRUTH = test -f $(call q,$(TRUTH))
+PIPELINE_GOALS := sample tiles masks train predict vectors batch evaluate report all
+GOALS := $(filter $(PIPELINE_GOALS),$(MAKECMDGOALS))
+# $(call chain,TARGET): the command's pipeline targets as one run, once (by the first).
+chain = $(if $(filter $(1),$(firstword $(or $(GOALS),$(1)))),$(CLI) run $(or $(GOALS),$(1)) \
+  $(PATHS) $(CFG) $(BATCH),true)
 
 .PHONY: help install install-dev guard sample tiles masks train predict vectors batch evaluate \
         report all demo bench bench-gpu test lint clean
@@ -102,52 +76,39 @@ $(INSTALLED_DEV): $(INSTALLED) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $@
 
-guard: $(INSTALLED)
-	@$(GUARD) $(CFG)
+guard: $(INSTALLED) ## refuse outputs that would write into or over an input (every stage does)
+	@$(CLI) paths $(PATHS)
 
 # === Stages ===
-sample: guard ## write the generated sample scenes and labels into DATA
-	@$(CLI) sample $(call q,$(DATA)) --settings $(call q,$(SETTINGS)/sample.json) $(CFG)
+sample: $(INSTALLED) ## write the generated sample scenes and labels into DATA
+	@$(call chain,sample)
 
-tiles: guard ## chips from every scene in DATA/raw/images
-	@$(TILE)
+tiles: $(INSTALLED) ## chips from every scene in DATA/raw/images
+	@$(call chain,tiles)
 
-masks: guard ## a binary car mask for every chip, from DATA/raw/labels
-	@$(TILE); $(MASK); $(INDEX)
+masks: $(INSTALLED) ## a binary car mask for every chip, from DATA/raw/labels
+	@$(call chain,masks)
 
-train: guard ## the model in MODEL_DIR (the only target, with all, that trains)
-	@$(TRAIN_ALL)
+train: $(INSTALLED) ## the model in MODEL_DIR (the only target, with all, that trains)
+	@$(call chain,train)
 
-predict: guard ## probability and mask rasters for every scene in IMAGES (never trains)
-	@rc=0; $(call step,$(PREDICT)); exit $$rc
+predict: $(INSTALLED) ## probability and mask rasters for every scene in IMAGES (never trains)
+	@$(call chain,predict)
 
-vectors: guard ## car polygons for every predicted scene (predicts first; never trains)
-	@rc=0; $(call step,$(PREDICT)); $(call step,$(VECTORS)); exit $$rc
+vectors: $(INSTALLED) ## car polygons for every predicted scene (predicts first; never trains)
+	@$(call chain,vectors)
 
-batch: guard ## one car layer, mosaics, counts and a STAC catalog for IMAGES (never trains)
-	@rc=0; $(call step,$(PREDICT)); $(call step,$(VECTORS)); $(call step,$(BATCHP)); exit $$rc
+batch: $(INSTALLED) ## one car layer, mosaics, counts and a STAC catalog for IMAGES (never trains)
+	@$(call chain,batch)
 
-evaluate: guard ## metrics of the predicted scenes against TRUTH (never trains)
-	@rc=0; $(call step,$(PREDICT)); $(call step,$(VECTORS)); \
-	  $(HAS_TRUTH) || { echo "error: $(TRUTH): ground truth not found" >&2; exit 2; }; \
-	  $(EVALUATE); exit $$rc
+evaluate: $(INSTALLED) ## metrics of the predicted scenes against TRUTH (never trains)
+	@$(call chain,evaluate)
 
-report: guard ## an HTML report with plots and overlays (never trains)
-	@rc=0; $(call step,$(PREDICT)); $(call step,$(VECTORS)); $(call step,$(BATCHP)); \
-	  if $(HAS_TRUTH); then $(EVALUATE); fi; $(REPORTC); exit $$rc
+report: $(INSTALLED) ## an HTML report with plots and overlays (never trains)
+	@$(call chain,report)
 
-all: guard ## train, predict + vectors + batch on IMAGES, evaluate where TRUTH exists, report
-	@rc=0; $(TRAIN_ALL); $(call step,$(PREDICT)); $(call step,$(VECTORS)); \
-	  $(call step,$(BATCHP)); if $(HAS_TRUTH); then $(EVALUATE); fi; $(REPORTC); \
-	  echo "outputs:"; \
-	  echo "  model        $(MODEL_DIR)/model.keras (+ metadata.json)"; \
-	  echo "  probability  $(OUT)/probability/<scene>.tif"; \
-	  echo "  masks        $(OUT)/masks/<scene>.tif"; \
-	  echo "  cars         $(OUT)/cars/<scene>.gpkg, $(OUT)/cars/summary.csv"; \
-	  echo "  batch        $(OUT)/batch/ (cars.gpkg, cars.parquet, mosaics, counts, catalog.json)"; \
-	  if $(HAS_TRUTH); then echo "  metrics      $(OUT)/evaluation/metrics.json"; fi; \
-	  echo "  report       $(REPORT)/index.html"; \
-	  exit $$rc
+all: $(INSTALLED) ## train, predict + vectors + batch on IMAGES, evaluate where TRUTH exists, report
+	@$(call chain,all)
 
 # The demo has its own RUN (models/demo, reports/demo), so it never touches a user's default
 # model, and `make predict IMAGES=new/ RUN=demo` predicts with it afterwards.
@@ -167,9 +128,7 @@ test: $(INSTALLED_DEV) ## run the test suite (slow end-to-end tests included)
 lint: $(INSTALLED_DEV) ## ruff
 	$(PY) -m ruff check pipeline tests bench
 
-# Only the pipeline's own folders under OUT go (a folder of the user's inside OUT stays), and only
-# after the same guard as every stage: clean never deletes IMAGES, raw data or a model.
-OUT_FOLDERS := probability masks cars batch evaluation settings logs .carseg-tmp
-clean: guard ## remove generated data (interim, OUT's outputs) and this RUN's report; keeps raw data and models
-	rm -rf $(call q,$(DATA)/interim) $(foreach d,$(OUT_FOLDERS),$(call q,$(OUT)/$(d))) \
-	  $(call q,$(REPORT))
+# Only what a stage wrote goes (each stage's manifest lists its files): a user's own file or
+# folder in OUT, CHIPS, MASKS or the report folder stays; raw data and models are never touched.
+clean: $(INSTALLED) ## remove what the stages wrote (chips, masks, OUT's outputs, this RUN's report); keeps raw data, models and anything of yours
+	@$(CLI) clean $(PATHS)

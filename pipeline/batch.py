@@ -53,11 +53,12 @@ from pipeline.io import (
     InputError,
     atomic_path,
     find_cars_file,
-    is_fresh,
     list_scenes,
     read_json,
     read_json_if_any,
     read_vector,
+    scene_name,
+    staged_dir,
     temp_dir,
     write_json,
     write_vector,
@@ -738,69 +739,22 @@ def _signature(scenes: list[str], zones: Path | None, cfg: Config) -> dict:
             "settings": cfg.batch.model_dump(mode="json")}
 
 
-def _fresh(scenes: list[tuple[str, Path]], out_dir: Path, model_dir: Path, cfg: Config,
-           zones: Path | None, settings: Path | None, previous: dict | None) -> bool:
-    """Whether the last run's batch products (its manifest ``previous``) are up to date."""
-    batch_dir = out_dir / BATCH_DIR
-    inputs = [model_dir / MODEL_FILE, model_dir / METADATA_FILE]
-    for scene, image in scenes:
-        inputs += [image, out_dir / "probability" / f"{scene}.tif",
-                   out_dir / "masks" / f"{scene}.tif", find_cars_file(out_dir, scene)]
-    # The settings of the stages the batch is made from (evaluate's come after it).
-    inputs += [out_dir / "settings" / f"{stage}.json" for stage in ("predict", "vectors")]
-    inputs += [p for p in (zones, settings) if p is not None]
-    return (previous is not None
-            and previous.get("signature") == _signature([s for s, _ in scenes], zones, cfg)
-            and is_fresh([batch_dir / p for p in previous.get("outputs", [])]
-                         + [batch_dir / MANIFEST], inputs))
-
-
-def batch_up_to_date(images: Path, out_dir: Path, *, model_dir: Path, cfg: Config,
-                     zones: Path | None = None, settings: Path | None = None) -> bool:
-    """Whether :func:`build_batch` would write nothing, looked at quietly before the command
-    takes OUT's lock (so a rerun with nothing to do neither waits nor writes).
-
-    Any doubt (a scene not ready, bad input) is "no": build_batch then says why, under the lock.
-    """
-    images, out_dir, model_dir = Path(images), Path(out_dir), Path(model_dir)
-    needed = [model_dir / MODEL_FILE, model_dir / METADATA_FILE, *([zones] if zones else [])]
-    if not all(Path(p).exists() for p in needed):
-        return False
-    try:
-        scenes = [(p.stem, p) for p in list_scenes(images)]
-    except InputError:
-        return False
-    ready = [(s, p) for s, p in scenes
-             if (out_dir / "probability" / f"{s}.tif").exists()
-             and (out_dir / "masks" / f"{s}.tif").exists() and find_cars_file(out_dir, s)]
-    if not ready or len(ready) < len(scenes):
-        return False
-    manifest = out_dir / BATCH_DIR / MANIFEST
-    try:
-        previous = json.loads(manifest.read_text())
-    except (OSError, ValueError):
-        return False
-    return _fresh(ready, out_dir, model_dir, cfg, zones, settings, previous)
-
-
-def _complete_scenes(images: Path, out_dir: Path) -> list[tuple[str, Path]]:
+def complete_scenes(images: Path, out_dir: Path) -> list[tuple[str, Path, Path]]:
+    """The batch's scenes that predict and vectors finished: (scene, image, car layer)."""
     scenes = list_scenes(images)
     if not scenes:
         raise InputError(f"{images}: no GeoTIFF scenes (*.tif) in the batch")
-    stems = [p.stem for p in scenes]
-    dupes = sorted({s for s in stems if stems.count(s) > 1})
-    if dupes:
-        raise InputError(f"{images}: two scenes share the name {dupes[0]!r}")
     done = []
     for image in scenes:
-        scene = image.stem
+        scene = scene_name(image)
         missing = [p for p in (out_dir / "probability" / f"{scene}.tif",
                                out_dir / "masks" / f"{scene}.tif") if not p.exists()]
-        if missing or find_cars_file(out_dir, scene) is None:
+        cars = find_cars_file(out_dir, scene)
+        if missing or cars is None:
             log.warning("%s: no %s; left out of the batch (run `make vectors`)", scene,
                         "prediction" if missing else "car layer")
             continue
-        done.append((scene, image))
+        done.append((scene, image, cars))
     if not done:
         raise InputError(f"{out_dir}: no scene of {images} has been predicted and vectorized; "
                          "run `make vectors` first")
@@ -808,13 +762,12 @@ def _complete_scenes(images: Path, out_dir: Path) -> list[tuple[str, Path]]:
 
 
 def build_batch(images: Path, out_dir: Path, *, model_dir: Path, cfg: Config,
-                zones: Path | None = None, settings: Path | None = None,
-                force: bool = False) -> Path:
-    """Write the batch products into ``out_dir/batch``; returns ``catalog.json``.
+                zones: Path | None = None) -> Path:
+    """Write the batch products into ``out_dir/batch`` as one unit; returns ``catalog.json``.
 
-    Nothing is written when every output is newer than every input (per-scene COGs and car
-    layers, the model, settings, zones) and the batch's scenes, zones and settings are those
-    of the last run.
+    Every product is written into a folder staged beside ``batch/`` and swapped in whole at
+    the end, so a failure part-way (bad zones, a full disk) leaves the previous set and its
+    catalog as they were. Whether the batch is up to date is the stage runner's question.
 
     Raises:
         InputError: no scene is ready, the model is missing, or the zones are unusable.
@@ -829,15 +782,24 @@ def build_batch(images: Path, out_dir: Path, *, model_dir: Path, cfg: Config,
     # Bad zones are refused before any output is replaced, so the catalog never lists a file
     # that a failed run removed.
     zone_table = read_zones(Path(zones)) if zones is not None else None
-    scenes = _complete_scenes(images, out_dir)
+    scenes = [(s, image) for s, image, _ in complete_scenes(images, out_dir)]
     names = [s for s, _ in scenes]
     signature = _signature(names, zones, cfg)
+    previous = read_json_if_any(batch_dir / MANIFEST) or {}
+    cache = previous.get("checksums", {})
+    # The names in batch/ that the last run wrote: replaced; anything else there is the user's.
+    owned = {Path(p).parts[0] for p in previous.get("outputs", [])} | {MANIFEST}
+    with staged_dir(batch_dir, owned=owned) as staged:
+        catalog = _write_products(scenes, staged, out_dir=out_dir, model_dir=model_dir,
+                                  cfg=cfg, metadata=metadata, zone_table=zone_table,
+                                  signature=signature, cache=cache)
+    return batch_dir / catalog.name
+
+
+def _write_products(scenes, batch_dir: Path, *, out_dir: Path, model_dir: Path, cfg: Config,
+                    metadata: dict, zone_table, signature: dict, cache: dict) -> Path:
+    """Write every batch product into ``batch_dir`` (the staged folder); returns the catalog."""
     manifest_path = batch_dir / MANIFEST
-    previous = read_json_if_any(manifest_path)
-    if not force and _fresh(scenes, out_dir, model_dir, cfg, zones, settings, previous):
-        log.info("batch: up to date (%d scenes)", len(names))
-        return batch_dir / CATALOG
-    cache = (previous or {}).get("checksums", {})
 
     # Per-scene reading: one pass over each mask for its valid-data footprint.
     infos = _map(_scene_info, [(s, img, out_dir, cfg.vectors.window) for s, img in scenes],
@@ -847,7 +809,7 @@ def build_batch(images: Path, out_dir: Path, *, model_dir: Path, cfg: Config,
     empty = [i.scene for i in infos if i.footprint.is_empty]
     infos = [i for i in infos if not i.footprint.is_empty]
     if not infos:
-        raise InputError(f"{images}: no scene has a valid pixel (every pixel is nodata or "
+        raise InputError(f"{out_dir / 'masks'}: no scene has a valid pixel (every pixel is nodata or "
                          "masked); check the scenes' nodata value and mask")
     if empty:
         log.info("batch: left out %d scenes without valid pixels: %s", len(empty),
@@ -902,10 +864,6 @@ def build_batch(images: Path, out_dir: Path, *, model_dir: Path, cfg: Config,
         counts = [write_zones(table, batch_dir / "zones.gpkg")]
     else:
         counts = write_densities(merged, infos, batch_dir, crs, cfg.batch.density_cell_m)
-    for stale in [batch_dir / "zones.gpkg", *batch_dir.glob("density*.tif")]:
-        if stale not in counts:  # the other count product of a past run
-            stale.unlink(missing_ok=True)
-            stale.with_suffix(".qml").unlink(missing_ok=True)
     products += counts
     for info in infos:  # QGIS styles beside every per-scene COG
         write_qml(info.prob, probability_qml())

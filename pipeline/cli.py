@@ -14,21 +14,9 @@ import sys
 from pathlib import Path
 
 from pipeline.config import STAGE_SECTIONS, Config, load_config, split_overrides, stage_settings
-from pipeline.io import (
-    CHIPS_FILE,
-    INDEX_FILE,
-    MASKS_FILE,
-    STATS_FILE,
-    InputError,
-    check_outputs_apart,
-    first_line,
-    folder_lock,
-    is_fresh,
-    json_differs,
-    list_scenes,
-    scene_name,
-    write_if_changed,
-)
+from pipeline.io import InputError, first_line, list_scenes, scene_name, write_if_changed
+from pipeline.layout import Layout
+from pipeline.runner import Job, check_layout, clean, run_stage, run_targets, run_train
 
 log = logging.getLogger("pipeline")
 
@@ -62,91 +50,13 @@ def _cfg(args) -> Config:
     return cfg
 
 
-def _import_keras_quietly(debug: bool) -> None:
-    """Import Keras (and its TensorFlow backend) with C++ start-up chatter kept off stderr.
-
-    TensorFlow's native logger prints oneDNN/CUDA notices before any Python setting can reach
-    it; a GIS user needs none of them, so stderr is pointed at /dev/null for the import only.
-    """
-    if debug or "keras" in sys.modules:
-        return
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        import keras  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+def _job(args, layout: Layout, stage: str | None = None) -> Job:
+    if stage is not None:
+        layout = layout.with_settings(stage, getattr(args, "settings", None))
+    return Job(layout, _cfg(args), force=getattr(args, "force", False), debug=args.debug)
 
 
-def _stamp(args, cfg: Config, stage: str) -> list[Path]:
-    """Write the stage's settings to ``--settings`` when they changed; it is then an input.
-
-    Its mtime changes only when the stage's own sections change, so changing ``train.epochs``
-    redoes training and nothing before it.
-    """
-    if not getattr(args, "settings", None):
-        return []
-    write_if_changed(args.settings, stage_settings(cfg, stage))
-    return [args.settings]
-
-
-LABEL_FILES = "labels.json"  # in MASKS: the names of the label files the masks come from
-
-
-def _settings_changed(args, cfg: Config, stage: str) -> bool:
-    """Whether :func:`_stamp` would write the stage's settings (they changed, or are new)."""
-    settings = getattr(args, "settings", None)
-    return bool(settings) and json_differs(settings, stage_settings(cfg, stage))
-
-
-def _nothing_to_do(args, cfg: Config, stage: str, items: list[Path], outputs,
-                   extra_inputs: list[Path] | None = None) -> bool:
-    """Whether a per-scene stage would skip every item, looked at before its folder lock.
-
-    Without the lock and without stamping: a rerun with nothing to do neither waits for another
-    run nor writes anything (the lock records its holder). When there is work, the stage takes
-    the lock and looks again; a run it waited for has usually done that work by then.
-    """
-    if getattr(args, "force", False) or _settings_changed(args, cfg, stage):
-        return False
-    inputs = [*(extra_inputs or []), *([args.settings] if getattr(args, "settings", None) else [])]
-    return all(is_fresh(outputs(item), [item, *inputs]) for item in items)
-
-
-def _gone(folder: Path, scenes: list[Path]) -> list[Path]:
-    """The derived folders (chips, masks) of scenes no longer in the training folder."""
-    from pipeline.io import TEMP_DIR
-
-    keep = {scene_name(s) for s in scenes}
-    if not folder.is_dir():
-        return []
-    return [sub for sub in sorted(folder.iterdir())
-            if sub.is_dir() and sub.name != TEMP_DIR and sub.name not in keep]
-
-
-def _prune(folder: Path, scenes: list[Path], what: str) -> None:
-    """Remove the derived folders (chips, masks) of scenes no longer in the training folder, so
-    the chip index and training see exactly the scenes that are there now."""
-    import shutil
-
-    for sub in _gone(folder, scenes):
-        log.info("%s: scene %s is gone from the training folder; removing its %s",
-                 folder, sub.name, what)
-        shutil.rmtree(sub)
-
-
-def _scenes(folder: Path, what: str) -> list[Path]:
-    if not folder.is_dir():
-        raise InputError(f"{folder}: folder not found")
-    scenes = list_scenes(folder)
-    if not scenes:
-        raise InputError(f"{folder}: no GeoTIFF scenes (.tif/.tiff) {what}")
-    return scenes
-
-
-# === Commands ===
+# === Commands: each parses, names the paths, and goes through the stage runner ===
 
 def cmd_scenes(args) -> int:
     """Print the scene names of a folder, one per line (the one list Make and the CLI share)."""
@@ -158,26 +68,53 @@ def cmd_scenes(args) -> int:
     return 0
 
 
-# Folders under OUT that the batch stages write.
-OUT_FOLDERS = ("probability", "masks", "cars", "batch", "evaluation", "settings", "logs")
+def _make_layout(args) -> Layout:
+    return Layout.for_make(data=args.data, images=args.images, out=args.out,
+                           model_dir=args.model_dir, truth=args.truth, zones=args.zones,
+                           report=args.report)
 
 
 def cmd_paths(args) -> int:
     """Refuse, before any work, outputs that would write into or over an input folder."""
-    # TRUTH and ZONES are files: an output beside them (project/truth.gpkg, project/out) is fine.
-    inputs = {"IMAGES": args.images, "DATA/raw": args.data / "raw" if args.data else None,
-              "TRUTH": args.truth, "ZONES": args.zones}
-    outputs: dict[str, Path | None] = {}
-    if args.out:
-        outputs.update({f"OUT/{name}": args.out / name for name in OUT_FOLDERS})
-    outputs.update({"MODEL_DIR": args.model_dir, "REPORTS/RUN": args.report,
-                    "DATA/interim": args.data / "interim" if args.data else None})
-    check_outputs_apart(outputs, inputs)
+    check_layout(_make_layout(args))
+    return 0
+
+
+def cmd_run(args) -> int:
+    """Run make targets (several as one chain) on the layout of INTERFACE.md."""
+    layout = _make_layout(args)
+    check_layout(layout)
+    job = _job(args, layout)
+    status = run_targets(args.targets, job)
+    if "all" in args.targets:
+        _print_outputs(layout)
+    return status
+
+
+def _print_outputs(lay: Layout) -> None:
+    print("outputs:")
+    print(f"  model        {lay.model_dir}/model.keras (+ metadata.json)")
+    print(f"  probability  {lay.out}/probability/<scene>.tif")
+    print(f"  masks        {lay.out}/masks/<scene>.tif")
+    print(f"  cars         {lay.out}/cars/<scene>.gpkg, {lay.summary}")
+    print(f"  batch        {lay.out}/batch/ (cars.gpkg, cars.parquet, mosaics, counts, "
+          "catalog.json)")
+    if lay.truth is not None and lay.truth.exists():
+        print(f"  metrics      {lay.metrics}")
+    print(f"  report       {lay.report}/index.html")
+
+
+def cmd_clean(args) -> int:
+    """Remove what the stages wrote (their manifests list it), and nothing else."""
+    layout = _make_layout(args)
+    check_layout(layout)
+    removed = clean(layout)
+    log.info("clean: removed %d files and folders the pipeline wrote", len(removed))
     return 0
 
 
 def cmd_settings(args) -> int:
-    """Write a stage's settings only when they changed (Make uses its mtime)."""
+    """Write a stage's settings only when they changed."""
     cfg = _cfg(args)
     changed = write_if_changed(args.dst, stage_settings(cfg, args.stage))
     log.debug("%s settings %s", args.stage, "changed" if changed else "unchanged")
@@ -185,372 +122,51 @@ def cmd_settings(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from pipeline.sample import make_sample
-
-    cfg = _cfg(args)
-    manifest = args.data / "sample-manifest.json"
-
-    def fresh() -> bool:
-        return bool(args.settings) and not args.force and is_fresh([manifest], [args.settings])
-
-    if not _settings_changed(args, cfg, "sample") and fresh():
-        log.info("sample: %s is up to date", manifest)
-        return 0
-    # One writer of DATA's sample at a time: a second `make sample` waits, then finds it there.
-    with folder_lock(args.data, "sample"):
-        _stamp(args, cfg, "sample")
-        if fresh():
-            log.info("sample: %s is up to date", manifest)
-            return 0
-        manifest = make_sample(args.data, cfg=cfg.sample, force=args.force)
-    log.info("sample written: %s", manifest)
-    return 0
+    return run_stage("sample", _job(args, Layout(data=args.data), "sample"))
 
 
 def cmd_tile(args) -> int:
-    from pipeline.distributed import run_stage_batch
-    from pipeline.tile import tile_scene
-
-    cfg = _cfg(args)
-    scenes = _scenes(args.images, "to tile")
-
-    def outputs(s: Path) -> list[Path]:
-        return [args.chips / scene_name(s) / CHIPS_FILE]
-
-    if not _gone(args.chips, scenes) and _nothing_to_do(args, cfg, "tile", scenes, outputs):
-        log.info("tile: all %d up to date", len(scenes))
-        return 0
-    # One writer of CHIPS at a time (index writes there too): a second run waits here.
-    with folder_lock(args.chips, "tile"):
-        if _gone(args.chips, scenes):
-            # The chip index lists the chips of a scene that is gone, and nothing newer than it
-            # is left to say so: removed, so `index` rebuilds it (and `train` then retrains).
-            for name in (INDEX_FILE, STATS_FILE):
-                (args.chips / name).unlink(missing_ok=True)
-        _prune(args.chips, scenes, "chips")
-        return run_stage_batch(
-            "tile", tile_scene, scenes, outputs=outputs,
-            extra_inputs=_stamp(args, cfg, "tile"),
-            args=(args.chips,), kwargs={"cfg": cfg.tile}, cfg=cfg.distributed, force=args.force)
+    return run_stage("tile", _job(args, Layout(raw_images=args.images, chips=args.chips), "tile"))
 
 
 def cmd_masks(args) -> int:
-    from pipeline.distributed import run_stage_batch
-    from pipeline.io import list_vectors
-    from pipeline.rasterize import load_labels, rasterize_scene
-
-    cfg = _cfg(args)
-    label_files = list_vectors(args.labels)
-    if not label_files:
-        raise InputError(f"{args.labels}: no label files (.gpkg, .geojson, .shp, .parquet)")
-    gone: list[Path] = []
-    if args.images is not None:
-        # The scenes of the training folder now, not every folder a past run left in chips/.
-        scenes = _scenes(args.images, "to rasterize labels for")
-        gone = _gone(args.masks, scenes)
-        scene_indexes = [args.chips / scene_name(s) / CHIPS_FILE for s in scenes]
-    else:
-        scene_indexes = sorted(p for p in args.chips.glob(f"*/{CHIPS_FILE}")
-                               if not p.parent.name.startswith(".carseg"))
-    missing = [p for p in scene_indexes if not p.exists()]
-    if not scene_indexes or missing:
-        raise InputError(f"{missing[0] if missing else args.chips}: no chips; "
-                         "run `make tiles` first")
-
-    def outputs(idx: Path) -> list[Path]:
-        return [args.masks / idx.parent.name / MASKS_FILE]
-
-    # The label files the masks were burned from: one removed (or renamed) leaves no file
-    # newer than the masks, so only this list says that every scene's masks must be redone.
-    record, names = args.masks / LABEL_FILES, [p.name for p in label_files]
-    relabel = record.exists() and json_differs(record, names)
-    status = 0
-    if (gone or relabel
-            or not _nothing_to_do(args, cfg, "masks", scene_indexes, outputs, label_files)):
-        # One writer of MASKS at a time: a second run waits here, then finds them up to date.
-        with folder_lock(args.masks, "masks"):
-            if args.images is not None:
-                _prune(args.masks, scenes, "masks")
-            stamp = _stamp(args, cfg, "masks")
-            relabel = record.exists() and json_differs(record, names)
-            stale = [p for p in scene_indexes if args.force or relabel
-                     or not is_fresh(outputs(p), [p, *label_files, *stamp])]
-            labels = load_labels(label_files, cfg=cfg.labels) if stale else None
-            status = run_stage_batch(
-                "masks", rasterize_scene, stale, outputs=outputs,
-                extra_inputs=[], args=(labels, args.masks), kwargs={"cfg": cfg.labels},
-                cfg=cfg.distributed, force=True) if stale else 0
-            if status == 0:
-                write_if_changed(record, names)
-    if status == 0:
-        _check_labels_hit(scene_indexes, args.masks, label_files)
-    return status
-
-
-def _check_labels_hit(scene_indexes: list[Path], masks_dir: Path, label_files: list[Path]) -> None:
-    """Refuse labels that burn no car pixel in any chip (wrong CRS, other place, other scenes)."""
-    from pipeline.io import read_json
-
-    burned = 0
-    for idx in scene_indexes:
-        summary = read_json(masks_dir / idx.parent.name / MASKS_FILE, missing="masks missing")
-        burned += sum(summary.get("chips", {}).values())
-    if not burned:
-        names = ", ".join(p.name for p in label_files)
-        raise InputError(f"{label_files[0].parent}: no chip holds a car: the labels ({names}) "
-                         "fall outside every training scene; check their CRS and extent")
+    layout = Layout(chips=args.chips, labels=args.labels, masks=args.masks,
+                    raw_images=args.images)
+    return run_stage("masks", _job(args, layout, "masks"))
 
 
 def cmd_index(args) -> int:
-    from pipeline.tile import build_index
-
-    cfg = _cfg(args)
-    outputs = [args.chips / INDEX_FILE, args.chips / STATS_FILE]
-
-    def inputs() -> list[Path]:
-        return [*args.chips.glob(f"*/{CHIPS_FILE}"), *args.masks.glob(f"*/{MASKS_FILE}"),
-                *([args.settings] if args.settings else [])]
-
-    if (not args.force and not _settings_changed(args, cfg, "masks")
-            and is_fresh(outputs, inputs())):
-        log.info("chip index: up to date")
-        return 0
-    # It writes into CHIPS, so it waits for a tile (or index) of another run there.
-    with folder_lock(args.chips, "index"):
-        _stamp(args, cfg, "masks")
-        if not args.force and is_fresh(outputs, inputs()):
-            log.info("chip index: up to date")
-            return 0
-        path = build_index(args.chips, args.masks, cfg=cfg.tile)
-    log.info("chip index: %s", path)
-    return 0
+    return run_stage("index", _job(args, Layout(chips=args.chips, masks=args.masks), "index"))
 
 
 def cmd_train(args) -> int:
-    from pipeline.io import json_differs
-    from pipeline.model import MODEL_FILE, train_lock
-
-    cfg = _cfg(args)
-    model = args.model_dir / MODEL_FILE
-    if args.images is not None and not list_scenes(args.images):
-        # A bundle trained elsewhere, and no training data here: it is used as it is.
-        if model.exists():
-            log.info("train: no training scenes in %s; using %s as it is", args.images, model)
-            return 0
-        raise InputError(f"{args.images}: no training scenes (.tif/.tiff) and no model in "
-                         f"{args.model_dir}")
-    inputs = {"the chip index": args.chips / INDEX_FILE, "the band statistics":
-              args.chips / STATS_FILE}
-    if args.settings:
-        inputs["the training settings"] = args.settings
-    # Looked at first without the lock (and without stamping), so a rerun with nothing to do
-    # neither waits for another run nor touches MODEL_DIR.
-    if (not args.force and _train_reason(model, inputs) is None
-            and not (args.settings and json_differs(args.settings,
-                                                     stage_settings(cfg, "train")))):
-        log.info("train: %s is up to date", model)
-        return 0
-    # One training per MODEL_DIR: a second run waits here for the first, then looks again
-    # (the settings stamp too is written under the lock, so it always matches the model).
-    with train_lock(args.model_dir):
-        _stamp(args, cfg, "train")
-        reason = _train_reason(model, inputs)
-        if reason is None and not args.force:
-            log.info("train: %s is up to date", model)
-            return 0
-        log.info("train: %s", reason or "--force")
-        _import_keras_quietly(args.debug)
-        from pipeline.train import train
-
-        path = train(args.chips, args.masks, args.model_dir, cfg=cfg)
-    log.info("model: %s", path)
-    return 0
-
-
-def _train_reason(model: Path, inputs: dict[str, Path]) -> str | None:
-    """Why the model must be (re)trained, in words, or None when it is up to date."""
-    if not model.exists():
-        return f"no model in {model.parent}; training one"
-    newer = [name for name, path in inputs.items()
-             if path.exists() and path.stat().st_mtime > model.stat().st_mtime]
-    if newer:
-        return (f"{' and '.join(newer)} changed since {model} was trained; retraining "
-                f"(the previous bundle is kept in {model.parent / 'previous'})")
-    return None
+    layout = Layout(chips=args.chips, masks=args.masks, model_dir=args.model_dir,
+                    raw_images=args.images)
+    return run_train(_job(args, layout, "train"))
 
 
 def cmd_predict(args) -> int:
-    from pipeline.distributed import run_stage_batch
-    from pipeline.model import METADATA_FILE, MODEL_FILE, check_bundle
-    from pipeline.predict import predict_scene
-
-    cfg = _cfg(args)
-    check_outputs_apart({"OUT/probability": args.out / "probability",
-                         "OUT/masks": args.out / "masks"},
-                        {"IMAGES": args.images, "MODEL_DIR": args.model_dir})
-    scenes = _scenes(args.images, "to predict")
-    model_dir = args.model_dir
-    check_bundle(model_dir)  # predict never trains: no model is one line, before any work
-
-    def outputs(s: Path) -> list[Path]:
-        return [args.out / "probability" / f"{scene_name(s)}.tif",
-                args.out / "masks" / f"{scene_name(s)}.tif"]
-
-    model_files = [model_dir / MODEL_FILE, model_dir / METADATA_FILE]
-    if _nothing_to_do(args, cfg, "predict", scenes, outputs, model_files):
-        log.info("predict: all %d up to date", len(scenes))
-        return 0
-    # One writer of OUT at a time (predict, vectors, batch, evaluate): a second run waits here.
-    with folder_lock(args.out, "predict"):
-        return run_stage_batch(
-            "predict", predict_scene, scenes, outputs=outputs,
-            extra_inputs=model_files + _stamp(args, cfg, "predict"),
-            args=(model_dir, args.out), kwargs={"cfg": cfg.predict}, cfg=cfg.distributed,
-            force=args.force, log_dir=args.out / "logs",
-            prepare=lambda: _import_keras_quietly(args.debug))
+    layout = Layout(images=args.images, model_dir=args.model_dir, out=args.out)
+    return run_stage("predict", _job(args, layout, "predict"))
 
 
 def cmd_vectors(args) -> int:
-    from pipeline.distributed import run_stage_batch
-    from pipeline.io import VECTOR_SUFFIX, find_cars_file
-    from pipeline.vectorize import vectorize_scene, write_summary
-
-    cfg = _cfg(args)
-    masks_dir = args.out / "masks"
-    suffix = VECTOR_SUFFIX[cfg.vectors.format]
-
-    def masks_now() -> tuple[list[Path], list[Path]]:
-        """The masks to vectorize, and the car layers of scenes without a mask (stale)."""
-        if args.images is None:
-            return list_scenes(masks_dir), []
-        # The batch's scenes that predict has finished (a failed scene has no mask; it is
-        # reported in the summary from its log).
-        masks = [masks_dir / f"{scene_name(s)}.tif" for s in _scenes(args.images, "")]
-        # Its predict failed (or was never run): an old car layer would be stale.
-        stale = [find_cars_file(args.out, scene_name(m)) for m in masks if not m.exists()]
-        return [m for m in masks if m.exists()], [p for p in stale if p is not None]
-
-    def outputs(m: Path) -> list[Path]:
-        return [args.out / "cars" / f"{scene_name(m)}{suffix}"]
-
-    def summarise() -> Path:
-        # Rewritten only when it changes, so a rerun with nothing to do (no lock) leaves it.
-        return write_summary(args.out, [scene_name(s) for s in list_scenes(args.images)]
-                             if args.images is not None else None)
-
-    masks, stale = masks_now()
-    if masks and not stale and _nothing_to_do(args, cfg, "vectors", masks, outputs):
-        log.info("vectors: all %d up to date", len(masks))
-        status, summary = 0, summarise()
-    else:
-        # One writer of OUT at a time: a second run waits here, then finds the cars up to date.
-        with folder_lock(args.out, "vectors"):
-            masks, stale = masks_now()
-            for path in stale:
-                path.unlink()
-            if not masks:
-                raise InputError(f"{masks_dir}: no predicted masks; run `make predict` first")
-            status = run_stage_batch(
-                "vectors", vectorize_scene, masks, outputs=outputs,
-                extra_inputs=_stamp(args, cfg, "vectors"),
-                args=(args.out,), kwargs={"cfg": cfg.vectors}, cfg=cfg.distributed,
-                force=args.force, log_dir=args.out / "logs")
-            summary = summarise()
-    _warn_empty(summary, args.images)
-    return status
-
-
-def _warn_empty(summary: Path, images: Path | None) -> None:
-    """One warning per scene without a valid pixel, naming its file.
-
-    Such a scene is no failure (a tile of a delivery grid outside the flown area is normal, and
-    failing the batch for it would make users prune their archive), so the stage still exits 0;
-    but it is not a scene with zero cars either, and the user must hear that it was not looked at.
-    """
-    import csv
-
-    from pipeline.io import EMPTY_REASON, EMPTY_STATUS
-
-    files = {scene_name(p): p for p in list_scenes(images)} if images is not None else {}
-    with open(summary, newline="") as fh:
-        for row in csv.DictReader(fh):
-            if row["status"] == EMPTY_STATUS:
-                path = files.get(row["scene"]) or summary.parents[1] / "masks" / f"{row['scene']}.tif"
-                log.warning("%s: %s; listed as %s in %s, and left out of car counts and batch "
-                            "products", path, EMPTY_REASON, EMPTY_STATUS, summary)
+    return run_stage("vectors", _job(args, Layout(images=args.images, out=args.out), "vectors"))
 
 
 def cmd_batch(args) -> int:
-    from pipeline.batch import CATALOG, batch_up_to_date, build_batch
-
-    cfg = _cfg(args)
-    if (not args.force and not _settings_changed(args, cfg, "batch")
-            and batch_up_to_date(args.images, args.out, model_dir=args.model_dir, cfg=cfg,
-                                 zones=args.zones, settings=args.settings)):
-        log.info("batch: up to date")
-        log.info("batch catalog: %s", args.out / "batch" / CATALOG)
-        return 0
-    # One writer of OUT at a time: a second run waits here, then finds the batch up to date.
-    with folder_lock(args.out, "batch"):
-        _stamp(args, cfg, "batch")
-        path = build_batch(args.images, args.out, model_dir=args.model_dir, cfg=cfg,
-                           zones=args.zones, settings=args.settings, force=args.force)
-    log.info("batch catalog: %s", path)
-    return 0
+    layout = Layout(images=args.images, out=args.out, model_dir=args.model_dir, zones=args.zones)
+    return run_stage("batch", _job(args, layout, "batch"))
 
 
 def cmd_evaluate(args) -> int:
-    from pipeline.evaluate import evaluate
-
-    cfg = _cfg(args)
-    metrics = args.out / "evaluation" / "metrics.json"
-
-    def fresh() -> bool:
-        inputs = [args.truth, *(args.out / "cars").glob("*"),
-                  *([args.settings] if args.settings else [])]
-        return not args.force and is_fresh([metrics], inputs)
-
-    if not _settings_changed(args, cfg, "evaluate") and fresh():
-        log.info("evaluate: %s is up to date", metrics)
-        return 0
-    # One writer of OUT at a time: OUT/evaluation is replaced as a whole.
-    with folder_lock(args.out, "evaluate"):
-        _stamp(args, cfg, "evaluate")
-        if fresh():
-            log.info("evaluate: %s is up to date", metrics)
-            return 0
-        path = evaluate(args.out, args.truth, cfg=cfg.evaluate)
-    log.info("metrics: %s", path)
-    return 0
+    layout = Layout(out=args.out, truth=args.truth, images=args.images)
+    return run_stage("evaluate", _job(args, layout, "evaluate"))
 
 
 def cmd_report(args) -> int:
-    from pipeline.model import METADATA_FILE, MODEL_FILE
-    from pipeline.report import build_report
-
-    cfg = _cfg(args)
-    page = args.dst / "index.html"
-
-    def fresh() -> bool:
-        inputs = [args.model_dir / MODEL_FILE, args.model_dir / METADATA_FILE,
-                  args.out / "cars" / "summary.csv", args.out / "evaluation" / "metrics.json",
-                  *(args.out / "batch").glob("*"), *([args.settings] if args.settings else [])]
-        return not args.force and is_fresh([page], inputs)
-
-    if not _settings_changed(args, cfg, "report") and fresh():
-        log.info("report: %s is up to date", page)
-        return 0
-    # One writer of the report folder at a time (it reads OUT, whose files are each replaced
-    # whole, so it needs no lock there).
-    with folder_lock(args.dst, "report"):
-        _stamp(args, cfg, "report")
-        if fresh():
-            log.info("report: %s is up to date", page)
-            return 0
-        path = build_report(args.dst, model_dir=args.model_dir, out_dir=args.out,
-                            data_dir=args.data, cfg=cfg.report)
-    log.info("report: %s", path)
-    return 0
+    layout = Layout(report=args.dst, model_dir=args.model_dir, out=args.out, data=args.data)
+    return run_stage("report", _job(args, layout, "report"))
 
 
 # === Parser ===
@@ -573,6 +189,15 @@ def _finish(p: argparse.ArgumentParser, func, *, settings: str | None = SETTINGS
     p.set_defaults(func=func)
 
 
+def _layout_flags(p: argparse.ArgumentParser) -> None:
+    """The make variables' roots (INTERFACE.md); DATA's layout is derived (layout.Layout)."""
+    p.add_argument("--data", type=Path, required=True, help="DATA: the data root")
+    for flag, what in (("--images", "IMAGES: the batch to predict"), ("--out", "OUT"),
+                       ("--model-dir", "MODEL_DIR"), ("--report", "the report folder"),
+                       ("--truth", "TRUTH"), ("--zones", "ZONES")):
+        p.add_argument(flag, type=Path, default=None, help=what)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
@@ -592,10 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
     _finish(p, cmd_scenes, settings=None)
 
     p = sub.add_parser("paths", help="refuse output folders that would write over an input")
-    for flag in ("--data", "--images", "--out", "--model-dir", "--report", "--truth",
-                 "--zones"):
-        p.add_argument(flag, type=Path, default=None)
+    _layout_flags(p)
     _finish(p, cmd_paths, settings=None)
+
+    p = sub.add_parser("run", help="run make targets on DATA/IMAGES/OUT, several as one chain")
+    p.add_argument("targets", nargs="+", metavar="TARGET",
+                   help="make targets: sample tiles masks train predict vectors batch evaluate "
+                        "report all")
+    _layout_flags(p)
+    _finish(p, cmd_run, settings=None, batch=True)
+
+    p = sub.add_parser("clean", help="remove what the stages wrote (and nothing else)")
+    _layout_flags(p)
+    _finish(p, cmd_clean, settings=None)
 
     p = sub.add_parser("sample", help="generate sample scenes, labels and truth into DATA")
     p.add_argument("data", type=Path, help="data root (raw/, incoming/, truth/ are written)")
@@ -653,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="pixel and object metrics against ground truth")
     p.add_argument("--out", type=Path, required=True, help="output root of predictions")
     p.add_argument("--truth", type=Path, required=True, help="ground-truth car footprints")
+    p.add_argument("--images", type=Path, default=None,
+                   help="the batch's folder: evaluate its scenes (default: every mask in OUT)")
     _finish(p, cmd_evaluate, force="evaluate even when up to date")
 
     p = sub.add_parser("report", help="HTML report with plots and overlays")

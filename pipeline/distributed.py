@@ -21,10 +21,8 @@ from typing import Any
 
 from pipeline.config import DistributedConfig
 from pipeline.io import (
-    EXIT_PARTIAL,
     InputError,
     first_line,
-    is_fresh,
     progress_bar,
     scene_name,
     stage_log,
@@ -189,25 +187,18 @@ def _record(result: BatchResult, key: str, outcome: Any) -> None:
         result.failed[key] = str(outcome)
 
 
-def run_stage_batch(stage: str, func: Callable, items: Sequence[Path], *,
-                    outputs: Callable[[Path], list[Path]], extra_inputs: Sequence[Path],
-                    args: tuple, kwargs: dict, cfg: DistributedConfig, force: bool = False,
-                    log_dir: Path | None = None, prepare: Callable[[], None] | None = None
-                    ) -> int:
-    """Run a per-scene stage over the stale items; return the CLI exit status.
+def run_items(stage: str, func: Callable, items: Sequence[Any], *, args: tuple, kwargs: dict,
+              cfg: DistributedConfig, name: Callable[[Any], str] = scene_name,
+              log_dir: Path | None = None, prepare: Callable[[], None] | None = None
+              ) -> BatchResult:
+    """Run a per-scene stage over ``items`` (the stale ones; :mod:`pipeline.runner` chose them).
 
-    An item is stale when one of its outputs is missing or older than the item itself or one of
-    ``extra_inputs`` (model, settings, labels). Each finished item's time, or its error, goes to
-    ``log_dir/<scene>.<stage>.json`` for the summary table.
+    Each finished item's time, or its error, goes to ``log_dir/<scene>.<stage>.json`` for the
+    summary table, and each error to stderr as one line.
     """
-    stale = [i for i in items if force or not is_fresh(outputs(i), [i, *extra_inputs])]
-    if not stale:
-        log.info("%s: all %d up to date", stage, len(items))
-        return 0
-    log.info("%s: %d of %d to do", stage, len(stale), len(items))
-    name = (lambda i: i.parent.name) if stage == "masks" else scene_name
+    log.info("%s: %d to do", stage, len(items))
     # Heavy set-up (importing Keras) only when there is work, and on every worker.
-    result = run_batch(func, stale, args=args, kwargs=kwargs, cfg=cfg, name=name,
+    result = run_batch(func, items, args=args, kwargs=kwargs, cfg=cfg, name=name,
                        prepare=prepare)
     if log_dir is not None:
         for key, seconds in result.done.items():
@@ -216,16 +207,6 @@ def run_stage_batch(stage: str, func: Callable, items: Sequence[Path], *,
         for key, error in result.failed.items():
             write_json(stage_log(log_dir, key, stage), {"scene": key, "error": error,
                                                        "status": "failed"})
-    for item in stale:
-        if name(item) in result.failed:
-            # A failed scene keeps no outputs of an earlier run: later stages (vectors, the
-            # batch layer) must not use results that no longer match its input.
-            for path in outputs(item):
-                Path(path).unlink(missing_ok=True)
     for key, error in result.failed.items():
         print(f"error: {stage}: {key}: {error}", file=sys.stderr)
-    if not result.failed:
-        return 0
-    # Some scenes failed and the rest are done: the next stage goes on with those (make reads
-    # EXIT_PARTIAL), and the run still ends non-zero.
-    return EXIT_PARTIAL if len(result.failed) < len(items) else 2
+    return result

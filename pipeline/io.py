@@ -15,7 +15,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -140,17 +140,63 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: Path | str) -> Iterator[Path]:
-    """Yield a temporary folder for ``target``; swap it in for ``target`` on success."""
+def atomic_dir(target: Path | str, *, owned: Collection[str] | None = None) -> Iterator[Path]:
+    """Yield a temporary folder for ``target``; swap it in for ``target`` on success.
+
+    Args:
+        owned: the names in ``target`` that this writer owns (None: all of them). Any other
+            entry of the old folder (a user's note in OUT/evaluation) is carried over into
+            the new one, never deleted.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with temp_dir(target.parent) as scratch:
         tmp = scratch / target.name
         tmp.mkdir()
         yield tmp
-        if target.exists():
-            os.replace(target, scratch / f"{target.name}.old")  # removed with the scratch
-        os.replace(tmp, target)
+        _swap_in(tmp, target, scratch / f"{target.name}.old", owned)  # .old goes with scratch
+
+
+def _swap_in(new: Path, target: Path, old: Path, owned: Collection[str] | None) -> None:
+    """Put folder ``new`` in place of ``target``; the replaced folder goes to ``old``."""
+    if target.exists():
+        if owned is not None:
+            for entry in target.iterdir():
+                if entry.name not in owned and not (new / entry.name).exists():
+                    os.replace(entry, new / entry.name)
+        os.replace(target, old)
+    os.replace(new, target)
+
+
+# A folder staged beside its target (same depth, so relative paths written inside it hold
+# after the move): `.carseg-stage-<host>-<pid>-<token>-<name>`, swept like TEMP_DIR.
+STAGE_PREFIX = ".carseg-stage-"
+
+
+@contextlib.contextmanager
+def staged_dir(target: Path | str, *, owned: Collection[str] | None = None) -> Iterator[Path]:
+    """Yield an empty folder beside ``target``; swap it in for ``target`` as one unit.
+
+    For a set of products that must change together (the batch's layers, mosaics and the
+    catalog listing them): a failure part-way leaves the previous set whole. ``owned`` as
+    in :func:`atomic_dir`.
+    """
+    target = Path(target)
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for entry in parent.glob(f"{STAGE_PREFIX}*"):  # left by a killed run on this host
+        host, pid = (entry.name[len(STAGE_PREFIX):].split("-") + ["", ""])[:2]
+        if host == _HOST and pid.isdigit() and not _pid_alive(int(pid)):
+            _remove(entry)
+    token = f"{STAGE_PREFIX}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    new, old = parent / f"{token}-{target.name}", parent / f"{token}-old"
+    new.mkdir()
+    try:
+        yield new
+        _swap_in(new, target, old, owned)
+    finally:
+        _remove(new)
+        _remove(old)
 
 
 # === One writer per output folder ===
