@@ -788,7 +788,8 @@ def build_batch(images: Path, out_dir: Path, *, model_dir: Path, cfg: Config,
     previous = read_json_if_any(batch_dir / MANIFEST) or {}
     cache = previous.get("checksums", {})
     # The names in batch/ that the last run wrote: replaced; anything else there is the user's.
-    owned = {Path(p).parts[0] for p in previous.get("outputs", [])} | {MANIFEST}
+    owned = {Path(p).parts[0] for p in previous.get("files", previous.get("outputs", []))}
+    owned |= {MANIFEST}
     with staged_dir(batch_dir, owned=owned) as staged:
         catalog = _write_products(scenes, staged, out_dir=out_dir, model_dir=model_dir,
                                   cfg=cfg, metadata=metadata, zone_table=zone_table,
@@ -876,7 +877,12 @@ def _write_products(scenes, batch_dir: Path, *, out_dir: Path, model_dir: Path, 
                for p in [*products, catalog, *sorted(batch_dir.glob("warped/*/*.vrt"))]]
     # Checksums of files that no longer exist are dropped, so the cache does not grow forever.
     cache = {k: v for k, v in cache.items() if Path(k).exists()}
-    write_json(manifest_path, {"signature": signature, "outputs": outputs, "checksums": cache,
+    # Every file of the set (styles and STAC items too): what the next run replaces, and all
+    # that clean removes; anything else in batch/ is the user's.
+    files = sorted([p.relative_to(batch_dir).as_posix() for p in batch_dir.rglob("*")
+                    if p.is_file()] + [MANIFEST])
+    write_json(manifest_path, {"signature": signature, "outputs": outputs, "files": files,
+                               "checksums": cache,
                                "crs": crs.to_string(), "cars": int(len(merged)),
                                "detections": int(len(cars)),
                                "merged": int((dropped_by >= 0).sum()),

@@ -196,7 +196,6 @@ def run_items(stage: str, func: Callable, items: Sequence[Any], *, args: tuple, 
     Each finished item's time, or its error, goes to ``log_dir/<scene>.<stage>.json`` for the
     summary table, and each error to stderr as one line.
     """
-    log.info("%s: %d to do", stage, len(items))
     # Heavy set-up (importing Keras) only when there is work, and on every worker.
     result = run_batch(func, items, args=args, kwargs=kwargs, cfg=cfg, name=name,
                        prepare=prepare)

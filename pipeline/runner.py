@@ -186,6 +186,7 @@ def _run_stale(stage: Stage, job: Job, plan: dict[str, Item], stale: list[str],
         new = [relative(p, folder) for p in plan[key].outputs]
         manifest.items[key] = Made(sorted({*new, *(was.outputs if was else [])}), None)
     manifest.save()
+    log.info("%s: %d of %d to do", stage.name, len(stale), len(plan))
     outcome = stage.run(job, {k: plan[k] for k in stale})
     for key in outcome.done:
         new = [relative(p, folder) for p in plan[key].outputs]
@@ -423,6 +424,8 @@ def run_train(job: Job) -> int:
     from pipeline.model import MODEL_FILE
 
     lay = job.layout
+    train = STAGES["train"]
+    check_outputs_apart(train.writes(lay), train.reads(lay))
     if lay.raw_images is not None and not list_scenes(lay.raw_images):
         model = lay.model_dir / MODEL_FILE
         if model.exists():  # a bundle trained elsewhere, and no training data here
@@ -532,7 +535,7 @@ def _warn_empty(summary: Path, images: Path | None) -> None:
 # --- batch ---
 
 def _plan_batch(job: Job) -> dict[str, Item]:
-    from pipeline.batch import complete_scenes
+    from pipeline.batch import MANIFEST, complete_scenes
 
     lay = job.layout
     inputs: dict[str, Any] = {**_bundle_inputs(lay),
@@ -545,15 +548,22 @@ def _plan_batch(job: Job) -> dict[str, Item]:
     for scene, image, cars in complete_scenes(lay.images, lay.out):
         inputs.update({f"scene/{scene}": image, f"probability/{scene}": lay.probability(scene),
                        f"masks/{scene}": lay.mask(scene), f"cars/{scene}": cars})
-    return {STAGE_ITEM: Item(None, inputs, [lay.out / BATCH])}
+    # The products are named by the run that writes them (zones or density, one mosaic per
+    # CRS); the manifest's list of the last run is what must still be there.
+    return {STAGE_ITEM: Item(None, inputs, [lay.out / BATCH / MANIFEST])}
 
 
 def _run_batch(job: Job, items: dict[str, Item]) -> Outcome:
-    from pipeline.batch import build_batch
+    from pipeline.batch import MANIFEST, build_batch
+    from pipeline.io import read_json
 
     lay = job.layout
     path = build_batch(lay.images, lay.out, model_dir=lay.model_dir, cfg=job.cfg,
                        zones=lay.zones)
+    # Each file by name (batch.json lists them), so one deleted is a batch to redo, and
+    # clean removes exactly these and leaves a user's file in batch/.
+    written = read_json(lay.out / BATCH / MANIFEST, missing="batch manifest missing")
+    items[STAGE_ITEM].outputs = [lay.out / BATCH / rel for rel in written["files"]]
     log.info("batch catalog: %s", path)
     return Outcome(done=[STAGE_ITEM])
 
@@ -655,12 +665,16 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
 ]}
 
 
-def check_layout(lay: Layout) -> None:
+def check_layout(lay: Layout, stages: list[str] | None = None) -> None:
     """Refuse, before any work, a layout whose outputs would write into or over an input.
 
     Every stage checks its own outputs against its own inputs as it runs; this is the whole
-    layout at once, so ``make all`` fails before the first stage, not after training.
+    chain at once, so ``make all`` fails before the first stage, not after training: first
+    each stage's own check (the same line as by hand), then the layout's folders together.
     """
+    for name in stages or ORDER:
+        stage = STAGES[name.rstrip("?")]
+        check_outputs_apart(stage.writes(lay), stage.reads(lay))
     # TRUTH and ZONES are files: an output beside them (project/truth.gpkg, project/out) is fine.
     inputs = {"IMAGES": lay.images, "DATA/raw": lay.data / "raw" if lay.data else None,
               "TRUTH": lay.truth, "ZONES": lay.zones}
@@ -710,6 +724,7 @@ def run_targets(targets: list[str], job: Job) -> int:
     """
     lay = job.layout
     status = 0
+    check_layout(lay, stages_for(targets))
     for stage in stages_for(targets):
         if stage.endswith("?"):
             stage = stage[:-1]

@@ -312,6 +312,15 @@ def test_zones_counts_with_interval(flight, tmp_path):
         assert z.covered_ha == pytest.approx(geom.area / 1e4, rel=0.01)
 
 
+def batch_stage(images: Path, out: Path, model_dir: Path, cfg, zones: Path | None = None) -> int:
+    """The batch stage as every entry point runs it (guard, freshness, lock): runner.run_stage."""
+    from pipeline.layout import Layout
+    from pipeline.runner import Job, run_stage
+
+    layout = Layout(images=images, out=out, model_dir=model_dir, zones=zones)
+    return run_stage("batch", Job(layout, cfg))
+
+
 def test_incremental_and_new_scene_redoes_merge(flight, tmp_path):
     import shutil
 
@@ -319,15 +328,15 @@ def test_incremental_and_new_scene_redoes_merge(flight, tmp_path):
     shutil.copytree(flight["root"], root)
     batch = root / "out" / "batch"
     cfg = Config()
-    build_batch(root / "images", root / "out", model_dir=root / "model", cfg=cfg)
+    batch_stage(root / "images", root / "out", root / "model", cfg)
     before = {p: p.stat().st_mtime_ns for p in batch.rglob("*")}
-    build_batch(root / "images", root / "out", model_dir=root / "model", cfg=cfg)
+    batch_stage(root / "images", root / "out", root / "model", cfg)
     after = {p: p.stat().st_mtime_ns for p in batch.rglob("*")}
     assert before == after, "an up-to-date batch must write nothing"
 
     # A third scene of the flight arrives: the merge is redone with it.
     write_identity_scene(root, "c", flight["truth"], 2 * STEP)
-    build_batch(root / "images", root / "out", model_dir=root / "model", cfg=cfg)
+    batch_stage(root / "images", root / "out", root / "model", cfg)
     merged = read_vector(batch / "cars.gpkg")
     union = box(ORIGIN[0], ORIGIN[1] - HEIGHT * GSD, ORIGIN[0] + (2 * STEP + SCENE_W) * GSD,
                 ORIGIN[1])
@@ -655,8 +664,7 @@ def test_scene_without_valid_pixels_is_empty_not_zero_cars(tmp_path):
     # A batch of nothing but empty scenes is refused with one line, not "0 cars".
     (tmp_path / "images" / "a.tif").unlink()
     with pytest.raises(InputError, match="no scene has a valid pixel"):
-        build_batch(tmp_path / "images", out, model_dir=tmp_path / "model", cfg=Config(),
-                    force=True)
+        build_batch(tmp_path / "images", out, model_dir=tmp_path / "model", cfg=Config())
 
 
 def write_rotated_flight(root: Path) -> np.random.Generator:

@@ -13,9 +13,11 @@ import rasterio
 
 import pipeline.distributed
 from bench.harness import make_bundle, make_scene
-from pipeline.config import DistributedConfig, PredictConfig, TileConfig
-from pipeline.distributed import BatchResult, is_fresh, run_batch, run_stage_batch
-from pipeline.io import EXIT_PARTIAL, InputError
+from pipeline.config import Config, DistributedConfig, PredictConfig, TileConfig
+from pipeline.distributed import BatchResult, run_batch
+from pipeline.io import EXIT_PARTIAL, InputError, is_fresh
+from pipeline.layout import Layout
+from pipeline.runner import Job, run_stage
 
 # Dask workers are fresh processes that cannot import this test module by name, so the helper
 # functions below travel to them by value.
@@ -80,18 +82,14 @@ def _no_temporaries(root: Path) -> None:
 
 @pytest.mark.slow
 def test_predict_batch_on_cluster_matches_serial(tmp_path, batch, cluster):
-    predict = pytest.importorskip("pipeline.predict")
     model_dir = tmp_path / "model"
     make_bundle(model_dir, depth=2, base_filters=4, chip_size=64)
-    cfg = PredictConfig(overlap=16, batch_size=4)
 
     def run(out: Path, dist: DistributedConfig) -> int:
-        return run_stage_batch(
-            "predict", predict.predict_scene, batch,
-            outputs=lambda s: [out / "probability" / f"{s.stem}.tif",
-                               out / "masks" / f"{s.stem}.tif"],
-            extra_inputs=[model_dir / "model.keras"], args=(model_dir, out),
-            kwargs={"cfg": cfg}, cfg=dist, log_dir=out / "logs")
+        # The predict stage as every entry point runs it (runner.run_stage), on each cluster.
+        cfg = Config(predict=PredictConfig(overlap=16, batch_size=4), distributed=dist)
+        layout = Layout(images=batch[0].parent, model_dir=model_dir, out=out)
+        return run_stage("predict", Job(layout, cfg))
 
     serial_out, dask_out = tmp_path / "serial", tmp_path / "dask"
     # workers=1 takes the in-process path; scheduler= sends the same work to the running cluster.
@@ -123,15 +121,11 @@ def test_predict_batch_on_cluster_matches_serial(tmp_path, batch, cluster):
 
 
 @pytest.mark.slow
-def test_tile_batch_on_embedded_cluster_matches_serial(tmp_path, batch):
-    tile = pytest.importorskip("pipeline.tile")
-    cfg = TileConfig(chip_size=64, overlap=16, min_valid_fraction=0.0)
-
+def test_tile_batch_on_embedded_cluster_matches_serial(tmp_path, batch, capfd):
     def run(chips: Path, dist: DistributedConfig) -> int:
-        return run_stage_batch(
-            "tile", tile.tile_scene, batch,
-            outputs=lambda s: [chips / s.stem / "chips.gpkg"], extra_inputs=[],
-            args=(chips,), kwargs={"cfg": cfg}, cfg=dist, log_dir=chips / "logs")
+        cfg = Config(tile=TileConfig(chip_size=64, overlap=16, min_valid_fraction=0.0),
+                     distributed=dist)
+        return run_stage("tile", Job(Layout(raw_images=batch[0].parent, chips=chips), cfg))
 
     serial, dask = tmp_path / "serial", tmp_path / "dask"
     assert run(serial, DistributedConfig(workers=1)) == EXIT_PARTIAL
@@ -146,8 +140,8 @@ def test_tile_batch_on_embedded_cluster_matches_serial(tmp_path, batch):
         for chip in serial_chips:
             _assert_same_raster(serial / scene / chip, dask / scene / chip)
     assert not (dask / "corrupt").exists() or not list((dask / "corrupt").iterdir())
-    logs = _logs(dask / "logs", "tile")
-    assert logs["corrupt"]["status"] == "failed" and "corrupt.tif" in logs["corrupt"]["error"]
+    errors = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("error: tile:")]
+    assert len(errors) == 2 and all("corrupt.tif" in ln for ln in errors), errors
     _no_temporaries(dask)
 
 

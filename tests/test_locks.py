@@ -76,7 +76,7 @@ def _tree(folder: Path) -> dict[str, str]:
     GeoPackage by its features, since SQLite pages carry write times."""
     out = {}
     for path in sorted(folder.rglob("*")):
-        if not path.is_file() or path.name == LOCK_FILE:
+        if not path.is_file() or path.name.startswith(".carseg."):  # lock, manifests
             continue
         if path.suffix == ".gpkg":
             import geopandas as gpd
@@ -111,7 +111,8 @@ def test_two_tiles_at_once_give_one_runs_chips(tmp_path):
     assert len(tree) == 3 * (1 + 25)  # per scene: chips.gpkg and 5 x 5 chips
     assert tree == _tree(reference)  # chip GeoTIFFs byte for byte
     assert _strays(chips) == []
-    assert sorted(p.name for p in chips.iterdir()) == [LOCK_FILE, "scene0", "scene1", "scene2"]
+    assert sorted(p.name for p in chips.iterdir()) == [LOCK_FILE, ".carseg.tile.json", "scene0",
+                                                       "scene1", "scene2"]
 
     # A rerun with nothing to do neither waits for a holder of the lock nor writes anything.
     with folder_lock(chips, "test"):

@@ -30,12 +30,22 @@ def test_variables_reach_the_commands(tmp_path):
     out = run_make("-n", "predict", f"IMAGES={images}", f"OUT={tmp_path}/out",
                    f"MODEL_DIR={tmp_path}/m", "SET=predict.tta=true tile.bands=[1, 2, 3]",
                    "DASK_SCHEDULER=tcp://s:8786", "WORKERS=3")
-    predict = [line for line in out.splitlines() if " -m pipeline predict " in line]
+    predict = [line for line in out.splitlines() if " -m pipeline run predict " in line]
     assert len(predict) == 1
     cmd = predict[0]
-    for part in (f"'{images}'", f"--model-dir '{tmp_path}/m'", f"--out '{tmp_path}/out'",
+    for part in (f"--images '{images}'", f"--model-dir '{tmp_path}/m'",
+                 f"--out '{tmp_path}/out'",
                  "--sets 'predict.tta=true tile.bands=[1, 2, 3]'",
                  "--scheduler 'tcp://s:8786'", "--workers 3"):
         assert part in cmd, part
-    # predict never trains: no train, tile or masks command in its recipe.
-    assert " -m pipeline train " not in out and " -m pipeline tile " not in out
+    # predict never trains: its one command runs the predict target alone.
+    assert cmd.split(" -m pipeline run ")[1].startswith("predict --data ")
+    assert len([ln for ln in out.splitlines() if " -m pipeline " in ln]) == 1
+
+
+def test_several_targets_run_as_one_chain(tmp_path):
+    """`make predict vectors batch`: one command runs the three (so a failed scene in predict
+    does not stop vectors and batch for the others); the other recipes do nothing."""
+    out = run_make("-n", "predict", "vectors", "batch", f"OUT={tmp_path}/out")
+    runs = [ln for ln in out.splitlines() if " -m pipeline " in ln]
+    assert len(runs) == 1 and " -m pipeline run predict vectors batch --data " in runs[0]

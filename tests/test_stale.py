@@ -67,16 +67,15 @@ def test_a_removed_label_file_redoes_the_masks(tmp_path):
 
 def test_a_deleted_warped_vrt_is_written_again(tmp_path):
     import rasterio
-    from test_batch import write_rotated_flight
+    from test_batch import batch_stage, write_rotated_flight
 
-    from pipeline.batch import build_batch
     from pipeline.config import Config
 
     write_rotated_flight(tmp_path)
 
     def batch() -> None:
-        build_batch(tmp_path / "images", tmp_path / "out", model_dir=tmp_path / "model",
-                    cfg=Config())
+        assert batch_stage(tmp_path / "images", tmp_path / "out", tmp_path / "model",
+                           Config()) == 0
 
     batch()
     warped = tmp_path / "out" / "batch" / "warped" / "masks" / "rotated.vrt"
