@@ -69,8 +69,6 @@ def test_make_all_is_real_and_incremental(tiny_run, tmp_path):
     assert snapshot(data, model, reports) == before
 
     # One incoming scene changed: only its outputs are redone; the model is not retrained.
-    import rasterio
-
     with rasterio.open(data / "incoming" / f"{changed}.tif", "r+") as dst:
         window = rasterio.windows.Window(0, 0, 8, 8)
         dst.write(255 - dst.read(window=window), window=window)

@@ -14,12 +14,15 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pytest
+import test_hostile
 from affine import Affine
 from conftest import ORIGIN, UTM, write_scene
 from shapely.geometry import Polygon, box
-from test_hostile import bright_model, car_scene, cli, make, read_summary  # noqa: F401
+from test_hostile import car_scene, cli, make, read_summary
 
 from pipeline.cli import main
+
+bright_model = test_hostile.bright_model  # the fixture: a one-layer bundle that finds cars
 
 SMALL = ["--set", "tile.chip_size=64", "--set", "tile.overlap=8", "--workers", "1"]
 
@@ -263,7 +266,10 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_the_same_refusal_through_make_and_by_hand(tmp_path, case):
     target, variables, args = CASES[case]
-    fill = (lambda s: s.replace("{t}", str(tmp_path)))
+
+    def fill(text: str) -> str:
+        return text.replace("{t}", str(tmp_path))
+
     for folder in ("x", "m", "o", "d/raw/images", "o/masks/x", "o/cars/x",
                    "d/interim/chips/x"):
         (tmp_path / folder).mkdir(parents=True, exist_ok=True)
