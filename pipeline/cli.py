@@ -1,7 +1,8 @@
 """``python -m pipeline STAGE ...``: one thin command per stage.
 
-Each command parses its arguments, loads the settings (YAML + ``--set``), calls the stage and
-turns known errors into one line on stderr. Heavy libraries (TensorFlow, Dask) are imported
+Each command parses its arguments, names the folders (:class:`pipeline.layout.Layout`) and
+calls :func:`pipeline.runner.run_stage`, which owns the guard, the lock and freshness for every
+entry point; known errors become one line on stderr. Heavy libraries (TensorFlow, Dask) are imported
 inside the commands that need them, so ``--help`` and no-op reruns stay fast.
 """
 
@@ -305,9 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING if args.quiet else logging.DEBUG if args.debug else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    for noisy in ("pyogrio", "rasterio", "matplotlib", "PIL", "distributed", "absl", "h5py"):
-        # Libraries' INFO chatter ("Created 99 records") hides the pipeline's own lines.
-        logging.getLogger(noisy).setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    for noisy in ("pyogrio", "rasterio", "matplotlib", "PIL", "distributed", "absl", "h5py",
+                  "tornado", "asyncio"):
+        # Libraries' INFO chatter ("Created 99 records") hides the pipeline's own lines; a
+        # cluster shutting down (a missed heartbeat) logs tracebacks that are no error of ours.
+        quiet = logging.CRITICAL if noisy in ("distributed", "tornado", "asyncio") \
+            else logging.WARNING
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.debug else quiet)
     if not args.debug:
         # GDAL's errors reach the user as the stage's one line (io.first_line); its own log
         # lines ("_tiffWriteProc: No space left on device.") would only repeat them.

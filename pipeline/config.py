@@ -397,7 +397,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise SettingsError(f"--set {item!r}: {part!r} is not a section")
-        node[parts[-1]] = _parse_value(value.strip())
+        try:
+            node[parts[-1]] = _parse_value(value.strip())
+        except yaml.YAMLError as exc:  # a backtick, an unclosed bracket: YAML's own words
+            problem = getattr(exc, "problem", None) or exc.__class__.__name__
+            raise SettingsError(f"--set {item!r}: not a valid value ({problem}); quote it, "
+                                "e.g. key='text'") from None
     return data
 
 

@@ -480,7 +480,13 @@ def scene_name(path: Path | str) -> str:
 
 
 def is_scene_file(path: Path) -> bool:
-    return path.suffix.lower() in SCENE_SUFFIXES and path.is_file()
+    """A GeoTIFF by its name; a link to a missing file counts too, so it fails as a scene
+    (named, in the summary) instead of being skipped without a word."""
+    return path.suffix.lower() in SCENE_SUFFIXES and (path.is_file() or path.is_symlink())
+
+
+# Names the pipeline keeps for itself beside the scenes' outputs (temporaries, locks, stamps).
+RESERVED_PREFIX = ".carseg"
 
 
 def list_scenes(folder: Path | str) -> list[Path]:
@@ -498,6 +504,9 @@ def list_scenes(folder: Path | str) -> list[Path]:
     scenes = sorted(p for p in folder.iterdir() if is_scene_file(p))
     seen: dict[str, Path] = {}
     for path in scenes:
+        if path.name.startswith(RESERVED_PREFIX):
+            raise InputError(f"{path}: names starting with {RESERVED_PREFIX!r} are reserved for "
+                             "the pipeline's own files; rename the scene")
         # Case-folded: on a case-insensitive disk `A.tif` and `a.tif` outputs are one file.
         key = scene_name(path).casefold()
         if key in seen:
@@ -579,6 +588,8 @@ def open_scene(path: Path | str, *, allow_geographic: bool = False):
     from rasterio.errors import RasterioIOError
 
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise InputNotFound(f"{path}: a link to a missing file ({os.readlink(path)})")
     if not path.exists():
         raise InputNotFound(f"{path}: file not found")
     try:

@@ -314,3 +314,30 @@ def test_a_users_file_in_every_output_folder_survives_a_full_run_and_clean(tiny_
     assert not list(out.glob("probability/*.tif"))
     assert (tmp_path / "run" / "model" / "model.keras").exists()
     assert sorted(data.joinpath("raw", "images").glob("*.tif")) == scenes[:-1]
+
+
+# === Example 10: one clear line ===
+
+def test_a_backtick_in_set_is_one_line_naming_the_setting(tmp_path, capsys):
+    assert main(["tile", str(tmp_path), str(tmp_path / "chips"), "--set",
+                 "tile.seed=`1`"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tile.seed" in err[0] and "ScannerError" not in err[0], err
+
+
+def test_a_scene_named_like_the_temporaries_is_refused_in_one_line(tmp_path, capsys):
+    images = tmp_path / "images"
+    car_scene(images / ".carseg-tmp.tif")
+    assert main(["tile", str(images), str(tmp_path / "chips"), *SMALL]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ".carseg-tmp.tif" in err[0] and "reserved" in err[0], err
+
+
+def test_a_dangling_link_is_a_failed_scene_not_a_silent_skip(tmp_path, bright_model, capsys):
+    images, out = tmp_path / "images", tmp_path / "out"
+    car_scene(images / "a.tif")
+    (images / "b.tif").symlink_to(tmp_path / "gone.tif")
+    assert main(predict_args(images, out, bright_model)) == 3
+    err = capsys.readouterr().err
+    assert "b.tif" in err and "missing" in err, err
+    assert (out / "masks" / "a.tif").exists()
