@@ -350,6 +350,9 @@ def _clean(value):
     return value
 
 
+EVALUATION_FILES = ("metrics.json", "per_scene.csv", "objects.csv", "thresholds.csv")
+
+
 def evaluate(out_dir: Path, truth: Path, *, cfg: EvaluateConfig) -> Path:
     """Evaluate every predicted scene in ``out_dir`` against ``truth``.
 
@@ -421,7 +424,9 @@ def evaluate(out_dir: Path, truth: Path, *, cfg: EvaluateConfig) -> Path:
                   "object_fn": r["object"]["fn"]} for r in results]
     objects = [o for r in results for o in r["_objects"]]
     target = out_dir / "evaluation"
-    with atomic_dir(target) as tmp:
+    # Only these four are evaluate's: anything else in the folder (a user's notes, the
+    # folder's lock and manifest) is carried into the new one.
+    with atomic_dir(target, owned=EVALUATION_FILES) as tmp:
         write_json(tmp / "metrics.json", _clean(metrics))
         _write_csv(tmp / "per_scene.csv", _clean(per_scene), list(per_scene[0]))
         _write_csv(tmp / "objects.csv", objects,

@@ -146,8 +146,10 @@ def run_stage(stage: Stage | str, job: Job) -> int:
 
 
 def _up_to_date(plan: dict[str, Item]) -> str:
-    return f"all {len(plan)} up to date" if len(plan) != 1 or STAGE_ITEM not in plan \
-        else "up to date"
+    if len(plan) != 1 or STAGE_ITEM not in plan:
+        return f"all {len(plan)} up to date"
+    outputs = plan[STAGE_ITEM].outputs
+    return f"{outputs[0]} is up to date" if outputs else "up to date"
 
 
 def _stale(stage: Stage, job: Job, plan: dict[str, Item], manifest: Manifest

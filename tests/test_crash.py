@@ -18,7 +18,7 @@ import pytest
 import rasterio
 from conftest import ROOT
 
-from pipeline.io import LOCK_FILE, TEMP_DIR
+from pipeline.io import RESERVED_PREFIX, TEMP_DIR
 from pipeline.model import TRAIN_LOCK, check_bundle
 
 
@@ -119,11 +119,12 @@ COMPARED = ("interim/chips", "interim/masks", "processed/probability", "processe
 
 def _outputs(folder: Path) -> dict[str, str]:
     skip = ("logs", "settings")
-    # A folder's lock file is no output: it names the last process that wrote there.
+    # A folder's lock and its stage manifests are bookkeeping, no output: they name the last
+    # process that wrote there and the identities (inodes, mtimes) of the inputs it read.
     return {str(p.relative_to(folder)): _content(p) for part in COMPARED
             for p in sorted((folder / part).rglob("*"))
             if p.is_file() and not set(p.relative_to(folder).parts) & set(skip)
-            and p.name not in ("summary.csv", LOCK_FILE)}
+            and p.name != "summary.csv" and not p.name.startswith(RESERVED_PREFIX)}
 
 
 def _strays(folder: Path) -> list[Path]:
