@@ -572,10 +572,9 @@ def _run_batch(job: Job, items: dict[str, Item]) -> Outcome:
 
 # --- evaluate ---
 
-EVALUATION_FILES = ("metrics.json", "per_scene.csv", "objects.csv", "thresholds.csv")
-
-
 def _plan_evaluate(job: Job) -> dict[str, Item]:
+    from pipeline.evaluate import EVALUATION_FILES
+
     lay = job.layout
     if lay.truth is None or not Path(lay.truth).exists():
         raise InputError(f"{lay.truth}: ground truth not found")
