@@ -107,6 +107,7 @@ class Stage:
     run: Callable[[Job, dict[str, Item]], Outcome]
     finish: Callable[[Job], int] | None = None  # after every run, fresh or not (summary.csv)
     what: str = "written"  # "<folder> is being <what> by ..." while another run holds it
+    why: Callable[[Job], str | None] | None = None  # said before a run (why train retrains)
 
 
 def settings_digest(job: Job, stage: str) -> str:
@@ -181,6 +182,8 @@ def _own(manifest: Manifest, path: Path) -> bool:
 def _run_stale(stage: Stage, job: Job, plan: dict[str, Item], stale: list[str],
                manifest: Manifest) -> int:
     folder = manifest.folder
+    if stage.why is not None:  # asked before the manifest marks the items as under way
+        log.info("%s: %s", stage.name, stage.why(job) or "--force")
     identities = {k: record(plan[k].inputs) for k in stale}  # before the run: a scene
     # overwritten while it runs is redone next time
     for key in stale:  # listed before any write, so clean finds a crashed run's files too
@@ -408,7 +411,6 @@ def train_reason(job: Job) -> str | None:
 
 def _run_train(job: Job, items: dict[str, Item]) -> Outcome:
     lay = job.layout
-    log.info("train: %s", train_reason(job) or "--force")
     import_keras_quietly(job.debug)
     from pipeline.train import train
 
@@ -641,7 +643,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("train", lambda lay: lay.model_dir,
           lambda lay: {"CHIPS": lay.chips, "MASKS": lay.masks, "IMAGES": lay.raw_images},
           lambda lay: {"MODEL_DIR": lay.model_dir}, _plan_train, _run_train,
-          what="trained into"),
+          what="trained into", why=train_reason),
     Stage("predict", lambda lay: lay.out,
           lambda lay: {"IMAGES": lay.images, "MODEL_DIR": lay.model_dir},
           lambda lay: {f"OUT/{n}": _out(n)(lay) for n in (PROBABILITY, OUT_MASKS, LOGS)},
