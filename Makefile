@@ -14,7 +14,8 @@ DATA ?= data
 CONFIG ?= configs/default.yaml
 SET ?=
 RUN ?= default
-MODEL_DIR ?= models/$(RUN)
+# RUN=base is the shipped base model (`make base` made it): it finds cars with no labels.
+MODEL_DIR ?= $(if $(filter base,$(RUN)),pipeline/base_model,models/$(RUN))
 IMAGES ?= $(DATA)/incoming
 TRUTH ?= $(DATA)/truth/cars.gpkg
 OUT ?= $(DATA)/processed
@@ -54,7 +55,7 @@ chain = $(if $(filter $(1),$(firstword $(or $(GOALS),$(1)))),$(CLI) run $(or $(G
   $(PATHS) $(CFG) $(BATCH),true)
 
 .PHONY: help install install-dev guard sample tiles masks train predict vectors batch evaluate \
-        report all demo bench bench-gpu test lint clean
+        report all base demo bench bench-gpu test lint clean
 
 help: ## list every target with one line
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -109,6 +110,15 @@ report: $(INSTALLED) ## an HTML report with plots and overlays (never trains)
 
 all: $(INSTALLED) ## train, predict + vectors + batch on IMAGES, evaluate where TRUTH exists, report
 	@$(call chain,all)
+
+# The base model (pipeline/base.py): generated scenes only, trained with configs/base.yaml in
+# BASE, then copied into the package (pipeline/base_model/, committed), which RUN=base uses.
+BASE ?= build/base
+BASE_CONFIG ?= configs/base.yaml
+BASE_SHIP ?= pipeline/base_model
+base: $(INSTALLED) ## train the base model on generated scenes and ship it in pipeline/base_model (RUN=base uses it)
+	@$(CLI) base --data $(call q,$(BASE)) --model-dir $(call q,$(BASE)/model) --ship $(call q,$(BASE_SHIP)) \
+	  --config $(call q,$(BASE_CONFIG)) $(if $(strip $(SET)),--sets $(call q,$(SET))) $(BATCH)
 
 # The demo has its own RUN (models/demo, reports/demo), so it never touches a user's default
 # model, and `make predict IMAGES=new/ RUN=demo` predicts with it afterwards.

@@ -17,7 +17,16 @@ from pathlib import Path
 from pipeline.config import STAGE_SECTIONS, Config, load_config, split_overrides, stage_settings
 from pipeline.io import InputError, first_line, list_scenes, scene_name, write_if_changed
 from pipeline.layout import Layout
-from pipeline.runner import Job, check_layout, clean, run_stage, run_targets, run_train
+from pipeline.base import BASE_BUNDLE
+from pipeline.runner import (
+    Job,
+    check_layout,
+    clean,
+    run_base,
+    run_stage,
+    run_targets,
+    run_train,
+)
 
 log = logging.getLogger("pipeline")
 
@@ -123,6 +132,12 @@ def cmd_settings(args) -> int:
 
 def cmd_sample(args) -> int:
     return run_stage("sample", _job(args, Layout(data=args.data), "sample"))
+
+
+def cmd_base(args) -> int:
+    """The base model: generated scenes in DATA, trained in MODEL_DIR, shipped to --ship."""
+    layout = Layout.for_make(data=args.data, model_dir=args.model_dir)
+    return run_base(_job(args, layout), args.ship)
 
 
 def cmd_tile(args) -> int:
@@ -234,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate sample scenes, labels and truth into DATA")
     p.add_argument("data", type=Path, help="data root (raw/, incoming/, truth/ are written)")
     _finish(p, cmd_sample, force="overwrite an existing sample")
+
+    p = sub.add_parser("base", help="train the base model on generated scenes and ship it")
+    p.add_argument("--data", type=Path, required=True, help="where the generated scenes go")
+    p.add_argument("--model-dir", type=Path, required=True, help="where it trains")
+    p.add_argument("--ship", type=Path, default=BASE_BUNDLE,
+                   help=f"the bundle folder it is copied to (default {BASE_BUNDLE})")
+    _finish(p, cmd_base, batch=True)
 
     p = sub.add_parser("tile", help="cut every scene in IMAGES into chips")
     p.add_argument("images", type=Path, help="folder of GeoTIFF scenes")

@@ -39,6 +39,29 @@ class SampleConfig(_Section):
         "sparse residential street: cars on 1-3% of the pixels.")
 
 
+class BaseConfig(_Section):
+    """The base model's generated training set (``make base``): many small samples, each with
+    its own seed, GSD, light and UTM zone, so the base learns cars rather than one scene."""
+
+    variants: int = Field(12, ge=1, description="Generated samples the base trains on.")
+    seed: int = Field(1000, description="Seed of the first variant (the next ones count up).")
+    gsd_min: float = Field(0.05, gt=0, description="Finest GSD of the variants, metres.")
+    gsd_max: float = Field(0.30, gt=0, description="Coarsest GSD of the variants, metres.")
+    styles: list[Literal["default", "overcast", "evening", "faded"]] = Field(
+        ["default", "overcast", "evening"], min_length=1,
+        description="Light and camera styles, in turn ('faded' is held out to test the base on).")
+    train_scenes: int = Field(2, ge=1, description="Training scenes per variant.")
+    width: int = Field(800, ge=64, description="Scene width in pixels.")
+    height: int = Field(800, ge=64, description="Scene height in pixels.")
+
+    @model_validator(mode="after")
+    def _range(self) -> BaseConfig:
+        if self.gsd_min > self.gsd_max:
+            raise ValueError(f"base.gsd_min ({self.gsd_min}) must not exceed base.gsd_max "
+                             f"({self.gsd_max})")
+        return self
+
+
 class TileConfig(_Section):
     """Cutting scenes into chips (``make tiles``)."""
 
@@ -128,6 +151,9 @@ class TrainConfig(_Section):
         0.7, ge=0, le=1, description="Share of chips with cars per batch (None = natural ratio)."
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    init: str = Field(
+        "base", description="Starting weights: 'base' (the shipped base model, when the U-Net "
+        "has its shape), 'scratch', or the folder of another bundle to fine-tune.")
     pretrained_encoder: str | None = Field(
         None, description="keras.applications encoder name (e.g. 'ResNet50'); None = from scratch."
     )
@@ -295,6 +321,7 @@ class Config(_Section):
     """All settings. Each stage reads only its own section."""
 
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    base: BaseConfig = Field(default_factory=BaseConfig)
     tile: TileConfig = Field(default_factory=TileConfig)
     labels: LabelConfig = Field(default_factory=LabelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -329,6 +356,7 @@ class Config(_Section):
 # settings, so changing `train.epochs` never redoes tiling.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "sample": ("sample",),
+    "base": ("sample", "base"),
     "tile": ("tile",),
     "masks": ("tile", "labels"),
     "train": ("tile", "labels", "train"),

@@ -691,12 +691,22 @@ def _has_mask(src) -> bool:
     return MaskFlags.per_dataset in flags or MaskFlags.alpha in flags
 
 
+def gsd_to_predict_at(scene_gsd: float, metadata: dict) -> float | None:
+    """The GSD a scene is predicted at: the bundle's, or (for a bundle trained over a range
+    of GSDs, like the base) the scene's own inside that range and the nearest end outside.
+    None: the scene's own."""
+    if metadata.get("gsd_range"):
+        low, high = metadata["gsd_range"]
+        return None if low <= scene_gsd <= high else min(max(scene_gsd, low), high)
+    return metadata.get("gsd")
+
+
 def _predict_into(src, scene: Path, bundle: Bundle, writer: _PairWriter, tmp: Path, *,
                   geometry: Geometry, cfg: PredictConfig) -> None:
     """Predict on the scene's grid, or on the model's GSD and bring the result back."""
     opts = dict(geometry=geometry, batch_size=cfg.batch_size, tta=cfg.tta)
     src_gsd = gsd_m(src.transform, src.crs)  # metres, like the bundle's, in any CRS unit
-    model_gsd = bundle.gsd
+    model_gsd = gsd_to_predict_at(src_gsd, bundle.metadata)
     if not model_gsd or abs(src_gsd - model_gsd) / model_gsd <= GSD_TOLERANCE:
         predict_grid(_StripReader(src, scene, bundle.bands), bundle, emit=writer,
                      phase=lattice_phase(src.transform, geometry.multiple), **opts)

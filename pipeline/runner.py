@@ -108,6 +108,13 @@ class Stage:
     finish: Callable[[Job], int] | None = None  # after every run, fresh or not (summary.csv)
     what: str = "written"  # "<folder> is being <what> by ..." while another run holds it
     why: Callable[[Job], str | None] | None = None  # said before a run (why train retrains)
+    guard: Callable[[Layout], None] | None = None  # a refusal of its own, beside outputs-apart
+
+    def check(self, lay: Layout) -> None:
+        """Refuse, before any work, outputs over its inputs (and what the stage refuses)."""
+        check_outputs_apart(self.writes(lay), self.reads(lay))
+        if self.guard is not None:
+            self.guard(lay)
 
 
 def settings_digest(job: Job, stage: str) -> str:
@@ -123,7 +130,7 @@ def _settings_key(name: str) -> str:
 def run_stage(stage: Stage | str, job: Job) -> int:
     """Guard, plan, prune, lock, run what is stale, stamp; return the exit status."""
     stage = STAGES[stage] if isinstance(stage, str) else stage
-    check_outputs_apart(stage.writes(job.layout), stage.reads(job.layout))
+    stage.check(job.layout)
     folder = stage.folder(job.layout)
     plan = stage.plan(job)
     stale, gone = _stale(stage, job, plan, Manifest.load(folder, stage.name))
@@ -279,6 +286,42 @@ def _run_sample(job: Job, items: dict[str, Item]) -> Outcome:
     return Outcome(done=[STAGE_ITEM])
 
 
+# --- base (the generated set the base model trains on) ---
+
+def _plan_base(job: Job) -> dict[str, Item]:
+    from pipeline.base import BASE_MANIFEST
+
+    return {STAGE_ITEM: Item(None, {"settings": settings_digest(job, "base")},
+                             [job.layout.data / BASE_MANIFEST])}
+
+
+def _run_base(job: Job, items: dict[str, Item]) -> Outcome:
+    from pipeline.base import make_base_sample
+
+    lay = job.layout
+    manifest = make_base_sample(lay.data, job.cfg)
+    # Every scene and label file is the stage's own: a smaller set next time removes the rest.
+    written = [p for sub in (lay.raw_images, lay.labels) for p in sorted(sub.iterdir())
+               if p.is_file() and p.name.startswith("v")]
+    items[STAGE_ITEM].outputs = [manifest, *written]
+    return Outcome(done=[STAGE_ITEM])
+
+
+def run_base(job: Job, ship_to: Path) -> int:
+    """``make base``: the generated set, the training chain on it, then the bundle shipped."""
+    from pipeline.base import provenance, ship
+
+    lay = job.layout
+    check_outputs_apart({"the shipped base": ship_to},
+                        {"DATA": lay.data, "MODEL_DIR": lay.model_dir})
+    rc = run_stage("base", job) or _train_chain(job)
+    if rc:
+        return rc
+    import_keras_quietly(job.debug)
+    ship(lay.model_dir, ship_to, provenance(lay.data, job.cfg))
+    return 0
+
+
 # --- tile ---
 
 def _plan_tile(job: Job) -> dict[str, Item]:
@@ -387,6 +430,12 @@ def _plan_train(job: Job) -> dict[str, Item]:
                              [lay.model_dir / MODEL_FILE, lay.model_dir / METADATA_FILE])}
 
 
+def _not_the_shipped_base(lay: Layout) -> None:
+    from pipeline.base import check_not_shipped
+
+    check_not_shipped(lay.model_dir)
+
+
 def train_reason(job: Job) -> str | None:
     """Why the model must be (re)trained, in words, or None when it is up to date."""
     from pipeline.model import MODEL_FILE
@@ -428,8 +477,7 @@ def run_train(job: Job) -> int:
     from pipeline.model import MODEL_FILE
 
     lay = job.layout
-    train = STAGES["train"]
-    check_outputs_apart(train.writes(lay), train.reads(lay))
+    STAGES["train"].check(lay)
     if lay.raw_images is not None and not list_scenes(lay.raw_images):
         model = lay.model_dir / MODEL_FILE
         if model.exists():  # a bundle trained elsewhere, and no training data here
@@ -633,6 +681,8 @@ def _out(name: str) -> Callable[[Layout], Path | None]:
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("sample", lambda lay: lay.data, lambda lay: {}, lambda lay: {},
           _plan_sample, _run_sample),
+    Stage("base", lambda lay: lay.data, lambda lay: {}, lambda lay: {"DATA": lay.data},
+          _plan_base, _run_base),
     Stage("tile", lambda lay: lay.chips, lambda lay: {"IMAGES": lay.raw_images},
           lambda lay: {"CHIPS": lay.chips}, _plan_tile, _run_tile),
     Stage("masks", lambda lay: lay.masks,
@@ -643,7 +693,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("train", lambda lay: lay.model_dir,
           lambda lay: {"CHIPS": lay.chips, "MASKS": lay.masks, "IMAGES": lay.raw_images},
           lambda lay: {"MODEL_DIR": lay.model_dir}, _plan_train, _run_train,
-          what="trained into", why=train_reason),
+          what="trained into", why=train_reason, guard=_not_the_shipped_base),
     Stage("predict", lambda lay: lay.out,
           lambda lay: {"IMAGES": lay.images, "MODEL_DIR": lay.model_dir},
           lambda lay: {f"OUT/{n}": _out(n)(lay) for n in (PROBABILITY, OUT_MASKS, LOGS)},
@@ -676,8 +726,7 @@ def check_layout(lay: Layout, stages: list[str] | None = None) -> None:
     each stage's own check (the same line as by hand), then the layout's folders together.
     """
     for name in stages or ORDER:
-        stage = STAGES[name.rstrip("?")]
-        check_outputs_apart(stage.writes(lay), stage.reads(lay))
+        STAGES[name.rstrip("?")].check(lay)
     # TRUTH and ZONES are files: an output beside them (project/truth.gpkg, project/out) is fine.
     inputs = {"IMAGES": lay.images, "DATA/raw": lay.data / "raw" if lay.data else None,
               "TRUTH": lay.truth, "ZONES": lay.zones}

@@ -659,6 +659,12 @@ def _run(chips_dir, model_dir, cfg, records, train_recs, val_recs, stats, normal
             model.load_weights(ckpt_dir / "last.keras")
             log.info("resuming from epoch %d (best val IoU %.4f)", initial_epoch,
                      state["best_iou"])
+        else:
+            from pipeline.base import start_weights
+
+            # Fine-tuning from the base (or another bundle) when the U-Net has its shape;
+            # kept in the checkpoint state so a resumed run records the same start.
+            state["init"] = start_weights(model, t.init)
     steps = state.get("steps_per_epoch") or _auto_steps(model, train_data,
                                                            len(val_data), t)
     if steps:
@@ -748,6 +754,7 @@ def _run(chips_dir, model_dir, cfg, records, train_recs, val_recs, stats, normal
                         "labels_are_boxes": bool(labels_are_boxes),
                         "object_match": "envelope IoU 0.5" if labels_are_boxes else "IoU 0.5",
                         "val_chips": len(val_recs), "train_chips": len(train_recs)},
+        "init": state.get("init", {"from": "scratch"}),
         "versions": _versions(),
         "data_fingerprint": data_fingerprint(records),
         "keras_backend": _backend(),
