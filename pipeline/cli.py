@@ -14,10 +14,10 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline.base import BASE_BUNDLE
 from pipeline.config import STAGE_SECTIONS, Config, load_config, split_overrides, stage_settings
 from pipeline.io import InputError, first_line, list_scenes, scene_name, write_if_changed
 from pipeline.layout import Layout
-from pipeline.base import BASE_BUNDLE
 from pipeline.runner import (
     Job,
     check_layout,
