@@ -1,7 +1,7 @@
 """Post-processing chosen for objects: threshold, minimum car area and mean probability, by F1.
 
 After training, the validation chips' probabilities are turned into cars the way ``vectorize``
-does it (threshold, 8-connected blobs, touching cars split with ``vectorize.split_component``,
+does it (threshold, 8-connected blobs, touching cars split with ``splitting.split_component``,
 blobs outside ``[min_area_m2, max_area_m2]`` dropped, and cars whose mean probability is below
 ``min_mean_prob``) for every candidate, and the combination with the best object F1 at IoU 0.5
 wins. Pixel IoU rewards fat masks and
@@ -67,7 +67,7 @@ def find_objects(cars: np.ndarray, *, gsd: float, cfg: VectorConfig, valid: np.n
         prob: car probability in [0, 1], used to split touching cars and for ``mean_prob``.
         split: split touching cars (False: blobs as they are, several times faster).
     """
-    from pipeline.vectorize import split_component
+    from pipeline.splitting import split_component
 
     if cfg.min_area_m2 is None:
         cfg = cfg.resolve()

@@ -399,7 +399,7 @@ def _blob_raster(cars, gsd: float, size_m: float = 30.0) -> np.ndarray:
 
 def _count_cars(mask: np.ndarray, gsd: float, **kw) -> list[int]:
     """Cars per 8-connected blob after split_component, as vectorize splits them."""
-    from pipeline.vectorize import split_component
+    from pipeline.splitting import split_component
 
     cfg = VectorConfig(**kw).resolve()
     comps, n = ndimage.label(mask, structure=np.ones((3, 3)))
