@@ -80,6 +80,22 @@ class Layout:
     def log(self, scene: str, stage: str) -> Path:
         return self.out / LOGS / f"{scene}.{stage}.json"
 
+    def find_cars(self, scene: str) -> Path | None:
+        """The scene's car layer in OUT/cars, whatever its format; None when there is none."""
+        for suffix in VECTOR_SUFFIX.values():
+            path = self.out / CARS / f"{scene}{suffix}"
+            if path.exists():
+                return path
+        return None
+
+    @property
+    def logs(self) -> Path:
+        return self.out / LOGS
+
+    @property
+    def out_masks(self) -> Path:
+        return self.out / OUT_MASKS
+
     @property
     def summary(self) -> Path:
         return self.out / CARS / "summary.csv"

@@ -49,6 +49,7 @@ from pipeline.io import (
     scene_name,
     temp_dir,
 )
+from pipeline.layout import Layout
 from pipeline.model import (
     METADATA_FILE,
     MODEL_FILE,
@@ -641,8 +642,8 @@ def predict_scene(scene: Path, model_dir: Path, out_dir: Path, *,
     """
     scene, model_dir, out_dir = Path(scene), Path(model_dir), Path(out_dir)
     metadata = read_metadata(model_dir)
-    prob_out = out_dir / "probability" / f"{scene_name(scene)}.tif"
-    mask_out = out_dir / "masks" / f"{scene_name(scene)}.tif"
+    lay = Layout(out=out_dir)
+    prob_out, mask_out = lay.probability(scene_name(scene)), lay.mask(scene_name(scene))
     with rasterio.Env(**_GDAL_ENV):
         src = open_scene(scene)
         try:

@@ -24,13 +24,12 @@ import numpy as np
 from pipeline.config import ReportConfig
 from pipeline.io import (
     atomic_path,
-    find_cars_file,
     list_scenes,
     list_vectors,
     read_json_if_any,
     read_vector,
-    stage_log,
 )
+from pipeline.layout import BATCH, EVALUATION, Layout
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +163,8 @@ def plot_cars(summary: list[dict], dst_dir: Path) -> str | None:
 
 def scene_path(scene: str, out_dir: Path, data_dir: Path | None) -> Path | None:
     """The RGB scene a prediction came from (see the module docstring for the lookup order)."""
-    entry = dict(read_json_if_any(stage_log(out_dir / "logs", scene, "predict")) or {})
-    prob_tif = out_dir / "probability" / f"{scene}.tif"
+    entry = dict(read_json_if_any(Layout(out=out_dir).log(scene, "predict")) or {})
+    prob_tif = Layout(out=out_dir).probability(scene)
     if prob_tif.exists():
         import rasterio
 
@@ -243,8 +242,8 @@ def plot_crops(scene: str, *, out_dir: Path, data_dir: Path | None, truth, objec
     src_path = scene_path(scene, out_dir, data_dir)
     if src_path is None:
         return None, f"{scene}: RGB scene not found (looked in logs and DATA/incoming)"
-    mask_path = out_dir / "masks" / f"{scene}.tif"
-    cars_file = find_cars_file(out_dir, scene)
+    mask_path = Layout(out=out_dir).mask(scene)
+    cars_file = Layout(out=out_dir).find_cars(scene)
     cars = read_vector(cars_file) if cars_file else None
     with rasterio.open(mask_path) as msk:
         height, width, to_pixel = msk.height, msk.width, ~msk.transform
@@ -366,8 +365,8 @@ def build_report(dst_dir: Path, *, model_dir: Path, out_dir: Path, data_dir: Pat
     data_dir = Path(data_dir) if data_dir is not None else None
     dst_dir.mkdir(parents=True, exist_ok=True)
     metadata = read_json_if_any(model_dir / "metadata.json")
-    metrics = read_json_if_any(out_dir / "evaluation" / "metrics.json")
-    summary = _read_csv(out_dir / "cars" / "summary.csv")
+    metrics = read_json_if_any(Layout(out=out_dir).metrics)
+    summary = _read_csv(Layout(out=out_dir).summary)
     parts = [f"<h1>Car detection report: {html.escape(dst_dir.name)}</h1>",
              f"<p>Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. Model "
              f"<code>{html.escape(str(model_dir))}</code>, predictions "
@@ -378,7 +377,7 @@ def build_report(dst_dir: Path, *, model_dir: Path, out_dir: Path, data_dir: Pat
     parts.append(_section("Evaluation", _evaluation_section, metrics, metadata, out_dir, dst_dir))
     parts.append(_section("Predictions over truth", _crops_section, summary, metrics, metadata,
                           out_dir, data_dir, cfg, dst_dir))
-    if (out_dir / "batch" / "batch.json").exists():
+    if (Layout(out=out_dir).out_folder(BATCH) / "batch.json").exists():
         parts.append(_section("Batch", _batch_section, out_dir, dst_dir))
     if data_dir is not None:
         parts.append(_section("Training data", _training_data_section, data_dir, dst_dir))
@@ -436,10 +435,10 @@ def _evaluation_section(metrics: dict | None, metadata: dict | None, out_dir: Pa
                   "<h3>Recall by car size (m²)</h3>",
                   _table(overall.get("recall_by_size", []),
                          ["min_m2", "max_m2", "truth_cars", "recall"])]
-    per_scene = _read_csv(out_dir / "evaluation" / "per_scene.csv")
+    per_scene = _read_csv(Layout(out=out_dir).out_folder(EVALUATION) / "per_scene.csv")
     html_parts += ["<h3>Per scene</h3>", _table(per_scene)]
     thr = (metadata or {}).get("threshold")
-    png = plot_thresholds(_read_csv(out_dir / "evaluation" / "thresholds.csv"),
+    png = plot_thresholds(_read_csv(Layout(out=out_dir).out_folder(EVALUATION) / "thresholds.csv"),
                           float(thr) if thr is not None else None, dst_dir)
     html_parts += ["<h3>Precision and recall against threshold (pixels)</h3>",
                    _figure(png, "precision and recall against threshold")
@@ -451,13 +450,13 @@ def _crops_section(summary: list[dict], metrics: dict | None, metadata: dict | N
                    out_dir: Path, data_dir: Path | None, cfg: ReportConfig, dst_dir: Path) -> str:
     if cfg.crops == 0:
         return _note("crops are turned off (report.crops=0)")
-    scenes = [p.stem for p in list_scenes(out_dir / "masks")]
+    scenes = [p.stem for p in list_scenes(Layout(out=out_dir).out_masks)]
     if not scenes:
         return _note("no predicted scenes")
     truth = None
     if metrics and metrics.get("truth") and Path(metrics["truth"]).exists():
         truth = read_vector(metrics["truth"])
-    objects = _read_csv(out_dir / "evaluation" / "objects.csv") if metrics else []
+    objects = _read_csv(Layout(out=out_dir).out_folder(EVALUATION) / "objects.csv") if metrics else []
     bands = (metadata or {}).get("bands") or [1, 2, 3]
     if not all(isinstance(b, int) for b in bands):
         bands = [1, 2, 3]  # band names, not indexes: the first three are the RGB convention
@@ -486,7 +485,7 @@ def plot_batch_map(out_dir: Path, dst_dir: Path) -> str | None:
 
     from pipeline.styles import quiet_style_table
 
-    batch = out_dir / "batch"
+    batch = Layout(out=out_dir).out_folder(BATCH)
     catalog = read_json_if_any(batch / "catalog.json")
     manifest = read_json_if_any(batch / "batch.json") or {}
     if catalog is None or not manifest.get("crs"):
@@ -538,7 +537,7 @@ def plot_batch_map(out_dir: Path, dst_dir: Path) -> str | None:
 def _batch_section(out_dir: Path, dst_dir: Path) -> str:
     from pipeline.styles import quiet_style_table
 
-    batch = out_dir / "batch"
+    batch = Layout(out=out_dir).out_folder(BATCH)
     manifest = read_json_if_any(batch / "batch.json") or {}
     summary = [{"scenes": len(manifest.get("per_scene", {})), "crs": manifest.get("crs"),
                 "detections": manifest.get("detections"), "cars": manifest.get("cars"),

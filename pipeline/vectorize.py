@@ -43,10 +43,8 @@ from pipeline.cars import COLUMNS, edge_distances, empty_cars, valid_footprint, 
 from pipeline.config import VectorConfig
 from pipeline.geo import NODATA, PROB_SCALE, grid_windows, gsd_m, metres_per_unit
 from pipeline.io import (
-    VECTOR_SUFFIX,
     InputError,
     atomic_path,
-    find_cars_file,
     list_scenes,
     open_scene,
     read_json_if_any,
@@ -54,6 +52,7 @@ from pipeline.io import (
     scene_name,
     stage_log,
 )
+from pipeline.layout import Layout
 from pipeline.splitting import _EIGHT, rectangle_attributes, split_component
 
 log = logging.getLogger(__name__)
@@ -269,8 +268,8 @@ def vectorize_scene(mask_tif: Path, out_dir: Path, *, cfg: VectorConfig) -> Path
 
     mask_tif, out_dir = Path(mask_tif), Path(out_dir)
     scene = mask_tif.stem
-    prob_tif = out_dir / "probability" / f"{scene}.tif"
-    target = out_dir / "cars" / f"{scene}{VECTOR_SUFFIX[cfg.format]}"
+    lay = Layout(out=out_dir)
+    prob_tif, target = lay.probability(scene), lay.cars(scene, cfg.format)
     with open_scene(mask_tif) as mask_src:
         if mask_src.count != 1 or mask_src.dtypes[0] != "uint8":
             raise InputError(f"{mask_tif}: expected a single-band uint8 car mask, got "
@@ -338,10 +337,10 @@ def write_summary(out_dir: Path, scenes: list[str] | None = None) -> Path:
     """
     from pipeline.io import EMPTY_REASON, EMPTY_STATUS, has_valid_pixels
 
-    out_dir = Path(out_dir)
-    logs = out_dir / "logs"
+    lay = Layout(out=Path(out_dir))
+    logs = lay.logs
     if scenes is None:
-        scenes = {scene_name(p) for p in list_scenes(out_dir / "masks")}
+        scenes = {scene_name(p) for p in list_scenes(lay.out_masks)}
         # Scene names may hold dots (city.2026.tile7): take the name from the log's name less
         # its fixed ".<stage>.json" ending, never from the first dot.
         for stage in ("predict", "vectors"):
@@ -358,7 +357,7 @@ def write_summary(out_dir: Path, scenes: list[str] | None = None) -> Path:
                 seconds += float(entry.get("seconds", 0.0))
             else:
                 errors.append(f"{stage}: {entry.get('error', 'failed')}")
-        cars_file = find_cars_file(out_dir, scene)
+        cars_file = lay.find_cars(scene)
         cars, area = 0, 0.0
         if cars_file is None and not errors:
             errors.append("vectors: no car file")
@@ -372,7 +371,7 @@ def write_summary(out_dir: Path, scenes: list[str] | None = None) -> Path:
                 cars = len(gdf)
             except InputError as exc:
                 errors.append(f"vectors: {exc}")
-        mask = out_dir / "masks" / f"{scene}.tif"
+        mask = lay.mask(scene)
         # A scene with no valid pixel was not looked at: no car count, and not "ok, 0 cars".
         empty = not errors and mask.exists() and not has_valid_pixels(mask)
         counted = not errors and not empty
@@ -381,7 +380,7 @@ def write_summary(out_dir: Path, scenes: list[str] | None = None) -> Path:
                      "seconds": round(seconds, 3),
                      "status": "failed" if errors else EMPTY_STATUS if empty else "ok",
                      "error": "; ".join(errors) if errors else EMPTY_REASON if empty else ""})
-    target = out_dir / "cars" / "summary.csv"
+    target = lay.summary
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=["scene", "cars", "car_area_m2", "seconds",
                                               "status", "error"], lineterminator="\n")
