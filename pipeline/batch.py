@@ -52,7 +52,6 @@ from pipeline.geo import NODATA, metres_per_unit
 from pipeline.io import (
     InputError,
     atomic_path,
-    find_cars_file,
     list_scenes,
     read_json,
     read_json_if_any,
@@ -63,6 +62,7 @@ from pipeline.io import (
     write_json,
     write_vector,
 )
+from pipeline.layout import Layout
 from pipeline.model import METADATA_FILE, MODEL_FILE, file_sha256, read_metadata
 from pipeline.styles import (
     density_qml,
@@ -109,7 +109,7 @@ class SceneInfo:
 def _scene_info(scene: str, image: Path | None, out_dir: Path, window: int) -> SceneInfo:
     prob = out_dir / "probability" / f"{scene}.tif"
     mask = out_dir / "masks" / f"{scene}.tif"
-    cars = find_cars_file(out_dir, scene)
+    cars = Layout(out=Path(out_dir)).find_cars(scene)
     with rasterio.open(mask) as mask_src, rasterio.open(prob) as prob_src:
         if mask_src.crs is None:
             raise InputError(f"{mask}: mask has no CRS")
@@ -749,7 +749,7 @@ def complete_scenes(images: Path, out_dir: Path) -> list[tuple[str, Path, Path]]
         scene = scene_name(image)
         missing = [p for p in (out_dir / "probability" / f"{scene}.tif",
                                out_dir / "masks" / f"{scene}.tif") if not p.exists()]
-        cars = find_cars_file(out_dir, scene)
+        cars = Layout(out=Path(out_dir)).find_cars(scene)
         if missing or cars is None:
             log.warning("%s: no %s; left out of the batch (run `make vectors`)", scene,
                         "prediction" if missing else "car layer")

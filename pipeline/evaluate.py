@@ -34,7 +34,6 @@ from pipeline.io import (
     EMPTY_REASON,
     InputError,
     atomic_dir,
-    find_cars_file,
     has_valid_pixels,
     list_scenes,
     open_scene,
@@ -42,6 +41,7 @@ from pipeline.io import (
     scene_name,
     write_json,
 )
+from pipeline.layout import Layout
 from pipeline.scores import prf
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ def _scene_pass(mask_tif: Path, out_dir: Path, truth, *, cfg: EvaluateConfig) ->
                 prob_src.close()
     cover = {tid: float(n * pixel_area / g.area) if g.area > 0 else 0.0
              for (tid, g), n in zip(candidates, valid_px, strict=True)}
-    cars_file = find_cars_file(out_dir, scene)
+    cars_file = Layout(out=Path(out_dir)).find_cars(scene)
     pred_geoms: list = []
     pred_prob: list = []
     if cars_file is None:

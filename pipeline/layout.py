@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pipeline.errors import OutputConflict
 from pipeline.io import VECTOR_SUFFIX
 
 # Folders under OUT that the stages write (each with its stage in runner.STAGES).
@@ -103,3 +104,34 @@ class Layout:
     @property
     def metrics(self) -> Path:
         return self.out / EVALUATION / "metrics.json"
+
+
+def check_outputs_apart(outputs: dict[str, Path | str | None],
+                        inputs: dict[str, Path | str | None]) -> None:
+    """Refuse outputs that would write into or over an input, or into each other.
+
+    Args:
+        outputs: name (e.g. ``"OUT/masks"``) -> a folder the run writes into (and may replace).
+        inputs: name (e.g. ``"IMAGES"``) -> a folder or file the run reads and must never write.
+
+    Raises:
+        OutputConflict: naming both places, before any work starts.
+    """
+    def nested(a: Path, b: Path) -> bool:
+        return a == b or a in b.parents or b in a.parents
+
+    outs = {name: Path(p).expanduser().resolve() for name, p in outputs.items() if p is not None}
+    for out_name, o in outs.items():
+        for in_name, src in inputs.items():
+            if src is not None and nested(o, Path(src).expanduser().resolve()):
+                raise OutputConflict(
+                    f"{outputs[out_name]}: {out_name} would write into or over {in_name} "
+                    f"({src}); choose an output folder apart from the inputs")
+    names = list(outs)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            # e.g. MODEL_DIR inside OUT/evaluation, which evaluate replaces as a whole.
+            if nested(outs[a], outs[b]):
+                raise OutputConflict(
+                    f"{outputs[a]}: {a} and {b} ({outputs[b]}) are the same folder or one holds "
+                    "the other; give each its own folder")

@@ -37,7 +37,6 @@ from pipeline.io import (
     STATS_FILE,
     TEMP_DIR,
     InputError,
-    check_outputs_apart,
     folder_lock,
     list_scenes,
     list_vectors,
@@ -53,6 +52,7 @@ from pipeline.layout import (
     OUT_MASKS,
     PROBABILITY,
     Layout,
+    check_outputs_apart,
 )
 from pipeline.stamps import (
     STAGE_FILES,

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
-from pipeline.io import atomic_path
+from pipeline.files import atomic_path
 
 QGIS_VERSION = "3.34.0"
 _HEADER = "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"

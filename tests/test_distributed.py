@@ -15,7 +15,7 @@ import pipeline.distributed
 from bench.harness import make_bundle, make_scene
 from pipeline.config import Config, DistributedConfig, PredictConfig, TileConfig
 from pipeline.distributed import BatchResult, run_batch
-from pipeline.io import EXIT_PARTIAL, InputError, is_fresh
+from pipeline.io import EXIT_PARTIAL, InputError
 from pipeline.layout import Layout
 from pipeline.runner import Job, run_stage
 
@@ -172,18 +172,6 @@ def test_serial_retry_and_bad_input_not_retried(tmp_path, batch):
                        cfg=DistributedConfig(workers=1, retries=2))
     assert isinstance(result, BatchResult) and sorted(result.failed) == sorted(s.stem for s in good)
     assert all("FileNotFoundError" in e for e in result.failed.values())
-
-
-def test_is_fresh_follows_make(tmp_path):
-    src, out = tmp_path / "in.tif", tmp_path / "out.tif"
-    src.write_text("a")
-    assert not is_fresh([out], [src])
-    out.write_text("b")
-    assert is_fresh([out], [src, tmp_path / "absent"])
-    import os
-
-    os.utime(src, (out.stat().st_mtime + 10,) * 2)
-    assert not is_fresh([out], [src])
 
 
 def test_unreachable_scheduler_is_one_clear_error(tmp_path, monkeypatch):

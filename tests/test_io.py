@@ -15,12 +15,12 @@ from pipeline.io import (
     OutputConflict,
     atomic_dir,
     atomic_path,
-    check_outputs_apart,
     list_scenes,
     open_scene,
     read_vector,
     scene_name,
 )
+from pipeline.layout import check_outputs_apart
 
 
 def test_atomic_path_keeps_old_file_on_failure(tmp_path):
