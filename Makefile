@@ -122,9 +122,11 @@ base: $(INSTALLED) ## train the base model on generated scenes and ship it in pi
 
 # The demo has its own RUN (models/demo, reports/demo), so it never touches a user's default
 # model, and `make predict IMAGES=new/ RUN=demo` predicts with it afterwards.
-demo: ## sample, then all on the sample data with configs/demo.yaml and RUN=demo (2-core CPU)
+demo: ## sample, then all on the sample data with configs/demo.yaml and RUN=demo (2-core CPU), then the shipped base on the same scenes
 	@$(MAKE) --no-print-directory sample CONFIG=configs/demo.yaml RUN=demo
 	@$(MAKE) --no-print-directory all CONFIG=configs/demo.yaml RUN=demo
+	@echo "the shipped base model (no training, no labels) on the same scenes:"
+	@$(MAKE) --no-print-directory evaluate RUN=base OUT=$(DATA)/processed-base
 
 bench: $(INSTALLED_DEV) ## the benchmark suite; results under reports/bench/
 	$(PY) -m bench $(CFG)

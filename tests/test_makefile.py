@@ -5,7 +5,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["install", "sample", "tiles", "masks", "train", "predict", "vectors", "batch",
-           "evaluate", "report", "all", "demo", "bench", "test", "clean", "help"]
+           "evaluate", "report", "all", "base", "demo", "bench", "test", "clean", "help"]
 
 
 def run_make(*args: str) -> str:
