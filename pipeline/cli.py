@@ -15,7 +15,14 @@ import sys
 from pathlib import Path
 
 from pipeline.config import STAGE_SECTIONS, Config, load_config, split_overrides, stage_settings
-from pipeline.io import InputError, first_line, list_scenes, scene_name, write_if_changed
+from pipeline.io import (
+    InputError,
+    first_line,
+    list_scenes,
+    scene_name,
+    vector_file,
+    write_if_changed,
+)
 from pipeline.layout import Layout
 from pipeline.runner import Job, check_layout, clean, run_stage, run_targets, run_train
 
@@ -99,7 +106,7 @@ def _print_outputs(lay: Layout) -> None:
     print(f"  cars         {lay.out}/cars/<scene>.gpkg, {lay.summary}")
     print(f"  batch        {lay.out}/batch/ (cars.gpkg, cars.parquet, mosaics, counts, "
           "catalog.json)")
-    if lay.truth is not None and lay.truth.exists():
+    if lay.truth is not None and vector_file(lay.truth).exists():
         print(f"  metrics      {lay.metrics}")
     print(f"  report       {lay.report}/index.html")
 
