@@ -48,7 +48,7 @@ from rasterio.crs import CRS
 from pipeline.calibration import apply_calibration, count_interval
 from pipeline.cars import BATCH_COLUMNS, edge_distances, empty_cars, valid_footprint, write_cars
 from pipeline.config import Config, DistributedConfig
-from pipeline.geo import NODATA, metres_per_unit
+from pipeline.geo import NODATA, areal_part, metres_per_unit
 from pipeline.io import (
     InputError,
     atomic_path,
@@ -59,6 +59,7 @@ from pipeline.io import (
     scene_name,
     staged_dir,
     temp_dir,
+    vector_file,
     write_json,
     write_vector,
 )
@@ -435,7 +436,7 @@ def write_mosaics(infos: list[SceneInfo], batch_dir: Path, main_crs: CRS) -> lis
 def read_zones(zones_path: Path):
     """The zones' polygons, checked (read before any batch output is replaced)."""
     with quiet_style_table():
-        zones = read_vector(zones_path)
+        zones = read_vector(zones_path, role="zones")
     if not len(zones):
         raise InputError(f"{zones_path}: no zones in the file")
     polygonal = zones.geometry.geom_type.isin(["Polygon", "MultiPolygon"])
@@ -444,7 +445,27 @@ def read_zones(zones_path: Path):
                          f"{', '.join(sorted(set(zones.geometry.geom_type.dropna())))}")
     if (~polygonal).any():
         log.warning("%s: %d non-polygon features ignored", zones_path, int((~polygonal).sum()))
-    return zones[polygonal].reset_index(drop=True)
+    zones = _repair_zones(zones[polygonal], zones_path).reset_index(drop=True)
+    zones.attrs["source"] = str(zones_path)  # named in zone_counts' warnings
+    return zones
+
+
+def _repair_zones(zones, zones_path: Path):
+    """Invalid zones repaired as labels are (``make_valid``, areal part kept): a bow-tie drawn
+    in QGIS would otherwise stop the batch with a raw GEOS TopologyException."""
+    invalid = ~zones.geometry.is_valid
+    if not invalid.any():
+        return zones
+    fixed = [areal_part(g) for g in shapely.make_valid(zones.geometry[invalid].to_numpy())]
+    for row, geom in zip(zones.index[invalid], fixed, strict=True):
+        if geom is None:
+            raise InputError(f"{zones_path}: zone {row + 1} is not a valid polygon and has no "
+                             "area once repaired; fix or remove it")
+    zones = zones.copy()
+    zones.loc[invalid, zones.geometry.name] = fixed
+    log.warning("%s: repaired %d invalid zone polygons (make_valid)", zones_path,
+                int(invalid.sum()))
+    return zones
 
 
 def zone_counts(zones, cars, footprint, crs: CRS, *, calibration: dict | None, level: float):
@@ -470,9 +491,22 @@ def zone_counts(zones, cars, footprint, crs: CRS, *, calibration: dict | None, l
         rows.append(row)
     import pandas as pd
 
+    _warn_missed(zones, rows)
     stats = pd.DataFrame(rows, index=zones.index)
     keep = [c for c in zones.columns if c != zones.geometry.name and c not in stats.columns]
     return zones[keep].join(stats).set_geometry(zones.geometry)
+
+
+def _warn_missed(zones, rows: list[dict]) -> None:
+    """Zones off the imagery count no car for want of any look, not for want of cars."""
+    missed = sum(r["covered_ha"] <= 0 for r in rows)
+    if not missed:
+        return
+    source = zones.attrs.get("source", "zones")
+    what = ("none of the zones meets" if missed == len(rows)
+            else f"{missed} of {len(rows)} zones do not meet")
+    log.warning("%s: %s the batch's imagery (their counts are 0 and cars per ha empty); "
+                "check the zones' CRS and extent", source, what)
 
 
 def write_zones(zones, target: Path) -> Path:
@@ -777,7 +811,7 @@ def build_batch(images: Path, out_dir: Path, *, model_dir: Path, cfg: Config,
     metadata = read_metadata(model_dir)
     if not (model_dir / MODEL_FILE).exists():
         raise InputError(f"{model_dir / MODEL_FILE}: model not found; run `make train` first")
-    if zones is not None and not Path(zones).exists():
+    if zones is not None and not vector_file(zones).exists():
         raise InputError(f"{zones}: zones file not found")
     # Bad zones are refused before any output is replaced, so the catalog never lists a file
     # that a failed run removed.

@@ -16,7 +16,14 @@ from pathlib import Path
 
 from pipeline.base import BASE_BUNDLE
 from pipeline.config import STAGE_SECTIONS, Config, load_config, split_overrides, stage_settings
-from pipeline.io import InputError, first_line, list_scenes, scene_name, write_if_changed
+from pipeline.io import (
+    InputError,
+    first_line,
+    list_scenes,
+    scene_name,
+    vector_file,
+    write_if_changed,
+)
 from pipeline.layout import Layout
 from pipeline.runner import (
     Job,
@@ -108,7 +115,7 @@ def _print_outputs(lay: Layout) -> None:
     print(f"  cars         {lay.out}/cars/<scene>.gpkg, {lay.summary}")
     print(f"  batch        {lay.out}/batch/ (cars.gpkg, cars.parquet, mosaics, counts, "
           "catalog.json)")
-    if lay.truth is not None and lay.truth.exists():
+    if lay.truth is not None and vector_file(lay.truth).exists():
         print(f"  metrics      {lay.metrics}")
     print(f"  report       {lay.report}/index.html")
 

@@ -353,23 +353,17 @@ def _clean(value):
 EVALUATION_FILES = ("metrics.json", "per_scene.csv", "objects.csv", "thresholds.csv")
 
 
-def evaluate(out_dir: Path, truth: Path, *, cfg: EvaluateConfig) -> Path:
-    """Evaluate every predicted scene in ``out_dir`` against ``truth``.
-
-    Writes ``out_dir/evaluation/`` (atomically, as one folder): ``metrics.json`` (overall and
-    per scene), ``per_scene.csv``, ``objects.csv`` (every truth and predicted car with its match
-    and IoU) and ``thresholds.csv`` (pixel precision/recall/F1 for thresholds 0.05..0.95).
-
-    Returns:
-        The path of ``metrics.json``.
-
-    Raises:
-        InputError: no predicted masks, or an unreadable truth file.
-    """
-    out_dir, truth = Path(out_dir), Path(truth)
+def _masks_to_score(out_dir: Path, images: Path | None) -> tuple[list[Path], list[str]]:
+    """The predicted masks to score (of the scenes in ``images`` when given, so a scene
+    removed from the batch is not scored on an old mask) and the empty scenes left out."""
     masks = list_scenes(out_dir / "masks")
+    if images is not None:
+        batch = {scene_name(p) for p in list_scenes(images)}
+        masks = [m for m in masks if scene_name(m) in batch]
     if not masks:
-        raise InputError(f"{out_dir / 'masks'}: no predicted masks; run `make predict` first")
+        where = f" of the scenes in {images}" if images is not None else ""
+        raise InputError(f"{out_dir / 'masks'}: no predicted masks{where}; run `make predict` "
+                         "first")
     # A scene without one valid pixel was never looked at: listing it with 0 truth and 0
     # predicted cars would read as a perfect scene (summary.csv gives it status "empty").
     empty = [scene_name(m) for m in masks if not has_valid_pixels(m)]
@@ -379,13 +373,59 @@ def evaluate(out_dir: Path, truth: Path, *, cfg: EvaluateConfig) -> Path:
     if not masks:
         raise InputError(f"{out_dir / 'masks'}: no predicted scene has a valid pixel; "
                          "nothing to evaluate")
-    truth_gdf = read_vector(truth)
-    if len(truth_gdf):
-        polys = truth_gdf.geometry.geom_type.isin(["Polygon", "MultiPolygon"])
-        if not polys.all():
-            log.warning("%s: %d non-polygon truth features ignored", truth, int((~polys).sum()))
-            truth_gdf = truth_gdf[polys]
+    return masks, empty
+
+
+def _read_truth(truth: Path):
+    """The truth's polygons; an empty file warns (evaluate then finds no car to score)."""
+    truth_gdf = read_vector(truth, role="truth")
+    if not len(truth_gdf):
+        log.warning("%s: the ground truth holds no car", truth)
+        return truth_gdf
+    polys = truth_gdf.geometry.geom_type.isin(["Polygon", "MultiPolygon"])
+    if not polys.all():
+        log.warning("%s: %d non-polygon truth features ignored", truth, int((~polys).sum()))
+        truth_gdf = truth_gdf[polys]
+    return truth_gdf
+
+
+def _check_truth_seen(truth: Path, firsts: list[dict]) -> None:
+    """Warn per scene without a truth car on its valid pixels; refuse when no scene has one:
+    scores against no truth (recall of nothing, every car a false alarm) measure where the
+    truth lies (wrong CRS, another place), not the model."""
+    seen = [any(c > 0 for c in first["cover"].values()) for first in firsts]
+    for first, ok in zip(firsts, seen, strict=True):
+        if not ok:
+            log.warning("%s: no truth car of %s in this scene's footprint", first["scene"], truth)
+    if not any(seen):
+        raise InputError(f"{truth}: no truth car lies in the footprint of the "
+                         f"{len(firsts)} scenes evaluated; check its CRS and extent")
+
+
+def evaluate(out_dir: Path, truth: Path, *, cfg: EvaluateConfig,
+             images: Path | None = None) -> Path:
+    """Evaluate the predicted scenes in ``out_dir`` against ``truth``.
+
+    Writes ``out_dir/evaluation/`` (atomically, as one folder): ``metrics.json`` (overall and
+    per scene), ``per_scene.csv``, ``objects.csv`` (every truth and predicted car with its match
+    and IoU) and ``thresholds.csv`` (pixel precision/recall/F1 for thresholds 0.05..0.95).
+
+    Args:
+        truth: a vector file or ``file:layer``, any CRS.
+        images: the batch's folder: only its scenes are scored (default every mask in OUT).
+
+    Returns:
+        The path of ``metrics.json``.
+
+    Raises:
+        InputError: no predicted masks, an unreadable truth file, or no truth car in the
+            footprint of the scenes evaluated.
+    """
+    out_dir, truth = Path(out_dir), Path(truth)
+    masks, empty = _masks_to_score(out_dir, Path(images) if images is not None else None)
+    truth_gdf = _read_truth(truth)
     firsts = [_scene_pass(m, out_dir, truth_gdf, cfg=cfg) for m in masks]
+    _check_truth_seen(truth, firsts)
     results = [_scene_objects(f, owned, cfg)
                for f, owned in zip(firsts, assign_truth(firsts), strict=True)]
 

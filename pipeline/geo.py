@@ -199,3 +199,20 @@ def valid_mask(data: np.ndarray, nodata: float | None, dataset_mask: np.ndarray 
     if dataset_mask is not None:
         valid &= dataset_mask > 0
     return valid
+
+
+AREAL = ("Polygon", "MultiPolygon")
+
+
+def areal_part(geom):
+    """The areal part of a repaired geometry (``make_valid`` may return a GeometryCollection,
+    or a line for a polygon with no area); None when nothing areal is left."""
+    from shapely.geometry import MultiPolygon
+
+    if geom is None:
+        return None
+    if geom.geom_type in AREAL:
+        return None if geom.is_empty else geom
+    parts = [g for g in getattr(geom, "geoms", []) if g.geom_type in AREAL]
+    polys = [p for g in parts for p in (g.geoms if g.geom_type == "MultiPolygon" else [g])]
+    return MultiPolygon(polys) if polys else None

@@ -103,35 +103,106 @@ def write_vector(gdf, path: Path | str, *, layer: str | None = None, style: str 
     return path
 
 
-def read_vector(path: Path | str):
+# === Vector sources: ``file.gpkg:layer`` ===
+# QGIS keeps layer styles in a table of the GeoPackage itself; it is never the data.
+STYLE_LAYER = "layer_styles"
+# The layer each role takes from a file with several layers when none is named (INTERFACE.md);
+# the pipeline's own files (role None) have one data layer.
+ROLE_LAYERS = {"labels": ("cars",), "zones": ("zones",), "truth": ("truth", "cars")}
+
+
+def split_layer(spec: Path | str) -> tuple[Path, str | None]:
+    """``(file, layer)`` of a vector source ``file`` or ``file:layer``; the one parser of it.
+
+    Split on the last ``:`` only when the whole is no existing file, the part before it is
+    one, and the part after is a name, not a path: ``C:\\data\\cars.gpkg``, ``a:b.gpkg`` (a
+    file so named) and ``./x:/y`` stay whole.
+    """
+    text = str(spec)
+    head, sep, tail = text.rpartition(":")
+    if (sep and head and tail and not Path(text).exists() and Path(head).is_file()
+            and not any(c in tail for c in "/\\")):
+        return Path(head), tail
+    return Path(text), None
+
+
+def vector_file(spec: Path | str | None) -> Path | None:
+    """The file part of a vector source (for existence checks and the output guard)."""
+    return None if spec is None else split_layer(spec)[0]
+
+
+def vector_layers(path: Path) -> list[str]:
+    """The data layers of a vector file (QGIS's style table is never one); [] if unknown."""
+    if path.suffix.lower() == ".parquet":
+        return []
+    import pyogrio
+
+    with gdal_safe_name(path) as safe:
+        try:
+            names = [str(name) for name, _ in pyogrio.list_layers(safe)]
+        except Exception:  # noqa: BLE001 - unreadable: read_vector says why, in one line
+            return []
+    return [n for n in names if n != STYLE_LAYER]
+
+
+def choose_layer(spec: Path | str, role: str | None = None) -> tuple[Path, str | None]:
+    """The file and layer to read for ``role`` ('labels', 'zones', 'truth', or None).
+
+    A named layer must exist; a file with one layer gives it; with several, the layer named
+    for the role, else :class:`VectorInputError` naming the file and its layers: never the
+    first layer silently (an AOI written before the cars would burn as one car).
+    """
+    path, layer = split_layer(spec)
+    if not path.exists():
+        raise InputNotFound(f"{spec}: file not found")
+    layers = vector_layers(path)
+    if layer is not None:
+        if layers and layer not in layers:
+            raise VectorInputError(f"{path}: no layer {layer!r} (layers: {', '.join(layers)})")
+        return path, layer
+    if len(layers) <= 1:
+        return path, layers[0] if layers else None
+    for wanted in ROLE_LAYERS.get(role or "", ()):
+        if wanted in layers:
+            return path, wanted
+    hint = f" (or a layer named {' or '.join(ROLE_LAYERS[role])})" if role in ROLE_LAYERS else ""
+    raise VectorInputError(f"{path}: {len(layers)} layers ({', '.join(layers)}); name one as "
+                           f"{path}:LAYER{hint}")
+
+
+def read_vector(path: Path | str, *, role: str | None = None):
     """Read any vector file GeoPandas can (GeoPackage, GeoJSON, Shapefile, GeoParquet).
 
+    Args:
+        path: a file, or ``file:layer`` (:func:`split_layer`).
+        role: what the file is for ('labels', 'zones', 'truth'): which layer of a file with
+            several is taken when none is named (:func:`choose_layer`).
+
     Raises:
-        InputError: unreadable, or no CRS.
+        InputError: unreadable, several layers and none chosen, or no CRS.
     """
     import geopandas as gpd
 
-    path = Path(path)
-    if not path.exists():
-        raise InputNotFound(f"{path}: file not found")
+    spec = path
+    path, layer = choose_layer(spec, role)
     try:
         if path.suffix == ".parquet":
             gdf = gpd.read_parquet(path)
         else:
             with gdal_safe_name(path) as safe:
-                gdf = gpd.read_file(safe, engine="pyogrio", layer=_data_layer(safe))
+                gdf = gpd.read_file(safe, engine="pyogrio", layer=layer)
     except Exception as exc:  # pyogrio/arrow raise many types; the user needs the file and why
-        raise VectorInputError(f"{path}: not a readable vector file ({first_line(exc)})") from None
+        raise VectorInputError(f"{spec}: not a readable vector file ({first_line(exc)})") from None
     if gdf.crs is None and len(gdf):
         raise VectorInputError(
-            f"{path}: vector file has no CRS; set one (e.g. with ogr2ogr -a_srs)")
+            f"{spec}: vector file has no CRS; set one (e.g. with ogr2ogr -a_srs)")
     if len(gdf) and gdf.crs.is_geographic:
         minx, miny, maxx, maxy = gdf.total_bounds
         if minx < -181 or maxx > 361 or miny < -91 or maxy > 91:
             # GeoJSON without a "crs" member is WGS 84 by definition, so a file in metres that
             # lost its CRS reads as degrees far off the globe and would burn nothing.
             raise VectorInputError(
-                f"{path}: coordinates reach ({maxx:.0f}, {maxy:.0f}), which are not degrees, "
+                f"{spec}: coordinates reach ({maxx:.0f}, {maxy:.0f}), which are not degrees, "
                 f"but the file says its CRS is {gdf.crs.to_string()}; the file has lost its real "
                 "CRS (GeoJSON without one is read as WGS 84): set it with ogr2ogr -a_srs EPSG:...")
     return gdf
@@ -178,22 +249,11 @@ def gdal_safe_name(path: Path) -> Iterator[Path]:
         yield Path(tmp) / f"data{path.suffix}"
 
 
-# QGIS keeps layer styles in a table of the GeoPackage itself; it is never the data.
-STYLE_LAYER = "layer_styles"
-
-
-def _data_layer(path: Path) -> str | None:
-    """The data layer of a vector file: its first layer that is not QGIS's style table."""
-    if path.suffix.lower() != ".gpkg":
-        return None
-    import pyogrio
-
-    layers = [name for name, _ in pyogrio.list_layers(path) if name != STYLE_LAYER]
-    return layers[0] if layers else None
-
-
 def list_vectors(folder: Path | str) -> list[Path]:
-    """Vector files in a folder, sorted so results do not depend on directory order."""
+    """Vector files in a folder, sorted so results do not depend on directory order; a file
+    or ``file:layer`` (:func:`split_layer`) given instead of a folder is the one source."""
+    if vector_file(folder).is_file():
+        return [Path(folder)]
     folder = Path(folder)
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in VECTOR_SUFFIXES
                   and not p.name.startswith(".")) if folder.is_dir() else []

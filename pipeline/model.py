@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.io import (
     LOCK_FILE,
@@ -143,6 +144,57 @@ class Bundle:
 REQUIRED_METADATA = ("bands", "normalization", "chip_size", "threshold", "dtype")
 
 
+class _Normalization(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    mean: list[float] = Field(min_length=1)
+    std: list[float] = Field(min_length=1)
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, std: list[float]) -> list[float]:
+        # A constant band in the training chips gives std 0, and every pixel divided by it is
+        # inf or NaN: said here, not later as a scene with "no valid pixel".
+        for band, value in enumerate(std, start=1):
+            if not value > 0:
+                raise ValueError(f"band {band} has std {value:g} (std 0: the band is constant "
+                                 "in the training chips); retrain with other bands or chips")
+        return std
+
+
+class BundleMetadata(BaseModel):
+    """What ``metadata.json`` must hold for predict to use the model correctly; checked on
+    every load, so a hand-edited or damaged bundle is one line, not wrong probabilities."""
+
+    model_config = ConfigDict(extra="allow")
+
+    bands: list[Any] = Field(min_length=1)
+    dtype: str
+    chip_size: int = Field(gt=0)
+    threshold: float = Field(gt=0, lt=1)
+    normalization: _Normalization
+    model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @model_validator(mode="after")
+    def _one_value_per_band(self) -> BundleMetadata:
+        n = len(self.bands)
+        if len(self.normalization.mean) != n or len(self.normalization.std) != n:
+            raise ValueError(f"normalization has {len(self.normalization.mean)} means and "
+                             f"{len(self.normalization.std)} stds for {n} bands")
+        return self
+
+
+def check_metadata(metadata: Any, path: Path) -> None:
+    """Raise InputError naming ``path`` and the first bad field of a bundle's metadata."""
+    try:
+        BundleMetadata.model_validate(metadata)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "metadata"
+        text = err["msg"].removeprefix("Value error, ")
+        raise InputError(f"{path}: {field}: {text}") from None
+
+
 def file_sha256(path: Path | str) -> str:
     """Hex SHA-256 of a file, read in 1 MiB pieces."""
     digest = hashlib.sha256()
@@ -217,9 +269,12 @@ def read_metadata(model_dir: Path | str) -> dict:
     path = Path(model_dir) / METADATA_FILE
     metadata = read_json(path, missing="model metadata not found; run `make train` first "
                                        "(or `make demo`, then use RUN=demo)")
+    if not isinstance(metadata, dict):
+        raise InputError(f"{path}: model metadata is not a JSON object")
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
     if missing:
         raise InputError(f"{path}: model metadata lacks {', '.join(missing)}")
+    check_metadata(metadata, path)
     return metadata
 
 
@@ -239,10 +294,9 @@ def check_bundle(model_dir: Path | str) -> dict:
     metadata = read_metadata(model_dir)
     if not zipfile.is_zipfile(model_path):
         raise InputError(f"{model_path}: not a complete Keras model file (truncated or corrupt)")
-    expected = metadata.get("model_sha256")
-    if expected and file_sha256(model_path) != expected:
-        raise InputError(f"{model_path}: does not match {METADATA_FILE} (its sha256 differs); "
-                         "the bundle's two files come from different trainings")
+    if file_sha256(model_path) != metadata["model_sha256"]:
+        raise InputError(f"{model_path}: does not match {METADATA_FILE}'s model_sha256 (its "
+                         "sha256 differs); the bundle's two files come from different trainings")
     return metadata
 
 

@@ -19,26 +19,12 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from pipeline.config import LabelConfig
-from pipeline.geo import gsd_m, metres_per_unit, window_footprint
+from pipeline.geo import AREAL, areal_part, gsd_m, metres_per_unit, window_footprint
 from pipeline.io import MASKS_FILE, InputError, atomic_dir, read_vector, write_json
 
 log = logging.getLogger(__name__)
 
-AREAL = ("Polygon", "MultiPolygon")
-
-
 # === Labels ===
-
-def _polygons_only(geom):
-    """The areal part of a repaired geometry (make_valid may return a GeometryCollection)."""
-    from shapely.geometry import MultiPolygon
-
-    if geom.geom_type in AREAL:
-        return geom
-    parts = [g for g in getattr(geom, "geoms", []) if g.geom_type in AREAL]
-    polys = [p for g in parts for p in (g.geoms if g.geom_type == "MultiPolygon" else [g])]
-    return MultiPolygon(polys) if polys else None
-
 
 def load_labels(paths, *, cfg: LabelConfig):
     """Read, clean and merge car labels from vector files.
@@ -64,7 +50,7 @@ def load_labels(paths, *, cfg: LabelConfig):
 
     frames, empty, dropped, repaired = [], [], 0, 0
     for path in map(Path, paths):
-        gdf = read_vector(path)
+        gdf = read_vector(path, role="labels")
         n_in = len(gdf)
         geoms = gdf.geometry
         missing = geoms.isna() | geoms.is_empty
@@ -79,7 +65,7 @@ def load_labels(paths, *, cfg: LabelConfig):
         if invalid.any():
             fixed = shapely.make_valid(areal[invalid].to_numpy())
             areal = areal.copy()
-            areal[invalid] = [_polygons_only(g) for g in fixed]
+            areal[invalid] = [areal_part(g) for g in fixed]
             repaired += int(invalid.sum())
         areal_ok = areal.notna() & ~areal.is_empty
         kept = pd.concat([areal[areal_ok], points])

@@ -28,6 +28,7 @@ from pipeline.io import (
     list_vectors,
     read_json_if_any,
     read_vector,
+    vector_file,
 )
 from pipeline.layout import BATCH, EVALUATION, Layout
 
@@ -303,7 +304,7 @@ def plot_training_scene(data_dir: Path, dst_dir: Path) -> tuple[str | None, str]
         return None, "pipeline.sample.plot_scene_with_labels is not available"
     import pandas as pd
 
-    frames = [read_vector(p) for p in labels]
+    frames = [read_vector(p, role="labels") for p in labels]
     crs = next((f.crs for f in frames if f.crs is not None), None)
     gdf = pd.concat([f.to_crs(crs) for f in frames if len(f)], ignore_index=True)
     import rasterio
@@ -454,8 +455,8 @@ def _crops_section(summary: list[dict], metrics: dict | None, metadata: dict | N
     if not scenes:
         return _note("no predicted scenes")
     truth = None
-    if metrics and metrics.get("truth") and Path(metrics["truth"]).exists():
-        truth = read_vector(metrics["truth"])
+    if metrics and metrics.get("truth") and vector_file(metrics["truth"]).exists():
+        truth = read_vector(metrics["truth"], role="truth")
     objects = _read_csv(Layout(out=out_dir).out_folder(EVALUATION) / "objects.csv") if metrics else []
     bands = (metadata or {}).get("bands") or [1, 2, 3]
     if not all(isinstance(b, int) for b in bands):

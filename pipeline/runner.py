@@ -41,6 +41,8 @@ from pipeline.io import (
     list_scenes,
     list_vectors,
     scene_name,
+    split_layer,
+    vector_file,
     write_if_changed,
 )
 from pipeline.layout import (
@@ -358,8 +360,9 @@ def _plan_masks(job: Job) -> dict[str, Item]:
     if not indexes or missing:
         raise InputError(f"{missing[0] if missing else lay.chips}: no chips; "
                          "run `make tiles` first")
-    # Each label file is an input by name: one removed or renamed redoes every scene.
-    labels = {f"labels/{p.name}": p for p in label_files}
+    # Each label file is an input by name (with its layer, `cars.gpkg:cars`): one removed or
+    # renamed redoes every scene.
+    labels = {f"labels/{p.name}": vector_file(p) for p in label_files}
     settings = settings_digest(job, "masks")
     return {idx.parent.name: Item(idx, {"chips": idx, **labels, "settings": settings},
                                   [lay.masks / idx.parent.name]) for idx in indexes}
@@ -368,9 +371,8 @@ def _plan_masks(job: Job) -> dict[str, Item]:
 def _run_masks(job: Job, items: dict[str, Item]) -> Outcome:
     from pipeline.rasterize import load_labels, rasterize_scene
 
-    label_files = [v for it in items.values() for k, v in it.inputs.items()
-                   if k.startswith("labels/")]
-    labels = load_labels(sorted(set(label_files)), cfg=job.cfg.labels)
+    # Listed again rather than taken from the inputs, which hold files without their layer.
+    labels = load_labels(list_vectors(job.layout.labels), cfg=job.cfg.labels)
     return _batch(job, "masks", rasterize_scene, items, args=(labels, job.layout.masks),
                   kwargs={"cfg": job.cfg.labels}, name=lambda i: Path(i).parent.name)
 
@@ -594,9 +596,7 @@ def _plan_batch(job: Job) -> dict[str, Item]:
                               "settings": digest([stage_settings(job.cfg, "batch"),
                                                   job.cfg.vectors.window])}
     if lay.zones is not None:
-        if not Path(lay.zones).exists():
-            raise InputError(f"{lay.zones}: zones file not found")
-        inputs["zones"] = Path(lay.zones)
+        inputs.update(_vector_input("zones", lay.zones, "zones file not found"))
     for scene, image, cars in complete_scenes(lay.images, lay.out):
         inputs.update({f"scene/{scene}": image, f"probability/{scene}": lay.probability(scene),
                        f"masks/{scene}": lay.mask(scene), f"cars/{scene}": cars})
@@ -622,13 +622,21 @@ def _run_batch(job: Job, items: dict[str, Item]) -> Outcome:
 
 # --- evaluate ---
 
+def _vector_input(role: str, spec: Path, missing: str) -> dict[str, Any]:
+    """A vector source as stage inputs: its file by identity, a named layer by name."""
+    path, layer = split_layer(spec)
+    if not path.exists():
+        raise InputError(f"{spec}: {missing}")
+    return {role: path, **({f"{role}/layer": layer} if layer else {})}
+
+
 def _plan_evaluate(job: Job) -> dict[str, Item]:
     from pipeline.evaluate import EVALUATION_FILES
 
     lay = job.layout
-    if lay.truth is None or not Path(lay.truth).exists():
-        raise InputError(f"{lay.truth}: ground truth not found")
-    inputs: dict[str, Any] = {"truth": Path(lay.truth),
+    if lay.truth is None:
+        raise InputError("None: ground truth not found")
+    inputs: dict[str, Any] = {**_vector_input("truth", lay.truth, "ground truth not found"),
                               "settings": settings_digest(job, "evaluate")}
     for mask in list_scenes(lay.out / OUT_MASKS):
         inputs[f"masks/{scene_name(mask)}"] = mask
@@ -641,7 +649,8 @@ def _plan_evaluate(job: Job) -> dict[str, Item]:
 def _run_evaluate(job: Job, items: dict[str, Item]) -> Outcome:
     from pipeline.evaluate import evaluate
 
-    path = evaluate(job.layout.out, Path(job.layout.truth), cfg=job.cfg.evaluate)
+    path = evaluate(job.layout.out, job.layout.truth, cfg=job.cfg.evaluate,
+                    images=job.layout.images)
     log.info("metrics: %s", path)
     return Outcome(done=[STAGE_ITEM])
 
@@ -703,12 +712,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           lambda lay: {"OUT/cars": _out(CARS)(lay)}, _plan_vectors, _run_vectors,
           finish=_finish_vectors),
     Stage("batch", lambda lay: lay.out,
-          lambda lay: {"IMAGES": lay.images, "MODEL_DIR": lay.model_dir, "ZONES": lay.zones,
+          lambda lay: {"IMAGES": lay.images, "MODEL_DIR": lay.model_dir,
+                       "ZONES": vector_file(lay.zones),
                        "OUT/cars": _out(CARS)(lay), "OUT/masks": _out(OUT_MASKS)(lay),
                        "OUT/probability": _out(PROBABILITY)(lay)},
           lambda lay: {"OUT/batch": _out(BATCH)(lay)}, _plan_batch, _run_batch),
     Stage("evaluate", lambda lay: lay.out,
-          lambda lay: {"TRUTH": lay.truth, "OUT/cars": _out(CARS)(lay),
+          lambda lay: {"TRUTH": vector_file(lay.truth), "OUT/cars": _out(CARS)(lay),
                        "OUT/masks": _out(OUT_MASKS)(lay)},
           lambda lay: {"OUT/evaluation": _out(EVALUATION)(lay)}, _plan_evaluate, _run_evaluate),
     Stage("report", lambda lay: lay.report,
@@ -729,7 +739,7 @@ def check_layout(lay: Layout, stages: list[str] | None = None) -> None:
         STAGES[name.rstrip("?")].check(lay)
     # TRUTH and ZONES are files: an output beside them (project/truth.gpkg, project/out) is fine.
     inputs = {"IMAGES": lay.images, "DATA/raw": lay.data / "raw" if lay.data else None,
-              "TRUTH": lay.truth, "ZONES": lay.zones}
+              "TRUTH": vector_file(lay.truth), "ZONES": vector_file(lay.zones)}
     outputs: dict[str, Path | None] = {}
     if lay.out is not None:
         outputs.update({f"OUT/{name}": lay.out / name for name in OUT_FOLDERS})
@@ -780,7 +790,7 @@ def run_targets(targets: list[str], job: Job) -> int:
     for stage in stages_for(targets):
         if stage.endswith("?"):
             stage = stage[:-1]
-            if lay.truth is None or not Path(lay.truth).exists():
+            if lay.truth is None or not vector_file(lay.truth).exists():
                 continue
         if stage == "train":
             rc = _train_chain(job)

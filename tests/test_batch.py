@@ -113,8 +113,10 @@ def write_model(model_dir: Path, calibration: dict | None = None) -> None:
             "data_fingerprint": "abc123"}
     if calibration is not None:
         meta["calibration"] = calibration
+    weights = b"weights stand-in: the batch only hashes it"
+    meta["model_sha256"] = hashlib.sha256(weights).hexdigest()  # a bundle names its weights
     (model_dir / "metadata.json").write_text(json.dumps(meta))
-    (model_dir / "model.keras").write_bytes(b"weights stand-in: the batch only hashes it")
+    (model_dir / "model.keras").write_bytes(weights)
 
 
 @pytest.fixture(scope="module")

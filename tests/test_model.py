@@ -100,3 +100,52 @@ def test_truncated_model_file_says_so(tmp_path, models):
 def test_missing_model_says_what_to_run(tmp_path):
     with pytest.raises(InputError, match="model.keras: no model; run `make train`"):
         check_bundle(tmp_path)
+
+
+# === The metadata is checked on load (issue 21) ===
+
+def _edit_metadata(model_dir, **changes) -> None:
+    path = model_dir / METADATA_FILE
+    meta = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key)
+        else:
+            meta[key] = value
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("threshold", [0, 1, 1.5, -0.2])
+def test_a_threshold_outside_0_1_is_one_line_naming_the_field(tmp_path, models, threshold):
+    save_bundle(models[0], _metadata(0.3), tmp_path)
+    _edit_metadata(tmp_path, threshold=threshold)
+    with pytest.raises(InputError) as err:
+        load_bundle(tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / METADATA_FILE}: threshold: ")
+    assert len(message.splitlines()) == 1
+
+
+def test_a_band_with_std_0_says_std_0(tmp_path, models):
+    save_bundle(models[0], _metadata(0.3), tmp_path)
+    _edit_metadata(tmp_path, normalization={"mean": [0, 0, 0], "std": [1, 0, 1]})
+    with pytest.raises(InputError) as err:
+        check_bundle(tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / METADATA_FILE}: normalization.std: band 2 has std 0")
+    assert "no valid pixel" not in message and len(message.splitlines()) == 1
+
+
+def test_metadata_without_model_sha256_is_refused(tmp_path, models):
+    save_bundle(models[0], _metadata(0.3), tmp_path)
+    _edit_metadata(tmp_path, model_sha256=None)
+    with pytest.raises(InputError, match=r"metadata.json: model_sha256: Field required"):
+        check_bundle(tmp_path)
+
+
+def test_a_bundle_train_writes_loads_and_names_its_weights(tmp_path, models):
+    from pipeline.model import file_sha256, read_metadata
+
+    save_bundle(models[0], _metadata(0.3), tmp_path)
+    assert read_metadata(tmp_path)["model_sha256"] == file_sha256(tmp_path / MODEL_FILE)
+    assert load_bundle(tmp_path).threshold == 0.3
