@@ -92,6 +92,10 @@ def _no_silent_engine_fallback(request):
                     pytrace=False)
 
 
+# What the in-process predict tests run on (``PredictConfig(**PINNED, ...)``): Keras float32 on
+# every machine, not what ``auto`` picks for this CPU; test_predict.py tests each engine by name.
+PINNED = {"engine": "keras", "precision": "float32"}
+
 UTM = CRS.from_epsg(32633)
 GSD = 0.15
 ORIGIN = (500000.0, 4000000.0)
