@@ -147,18 +147,22 @@ distributed: {workers: 1}
 INSTALL_STAMPS = (".venv/.installed",)
 
 
-def make(*targets: str, env_vars: dict[str, str], status: int = 0):
-    """Run make in the repository with VAR=value arguments; check its exit status."""
-    import subprocess
-
-    # A stale install stamp would make this make pip-install in the middle of the run.
+def make_options() -> list[str]:
+    """Options for every make a test runs: the install stamp is taken as it is (a test never
+    pip-installs in the middle of the run), after checking it is not stale."""
     for stamp in INSTALL_STAMPS:
         assert (ROOT / stamp).exists() and (
             (ROOT / stamp).stat().st_mtime >= (ROOT / "pyproject.toml").stat().st_mtime), (
             f"{stamp} is missing or older than pyproject.toml: run `make install-dev` (or "
             "`make test`, which does) before the make-driven tests")
-    args = ["make", "--no-print-directory", "-C", str(ROOT),
-            *(f"--assume-old={stamp}" for stamp in INSTALL_STAMPS), *targets,
+    return [f"--assume-old={stamp}" for stamp in INSTALL_STAMPS]
+
+
+def make(*targets: str, env_vars: dict[str, str], status: int = 0):
+    """Run make in the repository with VAR=value arguments; check its exit status."""
+    import subprocess
+
+    args = ["make", "--no-print-directory", "-C", str(ROOT), *make_options(), *targets,
             *(f"{k}={v}" for k, v in env_vars.items())]
     proc = subprocess.run(args, capture_output=True, text=True, check=False)
     assert proc.returncode == status, (f"make {' '.join(targets)} exited {proc.returncode}:\n"
