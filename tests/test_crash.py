@@ -276,9 +276,11 @@ def test_train_lock_waits_for_its_holder_and_is_never_stale(tmp_path, caplog):
     taker = threading.Thread(target=take)
     taker.start()
     try:
-        _wait_for(lambda: "waiting for it to finish" in caplog.text, "the wait was announced",
-                  [alive])
-        assert taken_after_told == [] and alive.poll() is None  # still held: still waiting
+        # Until the wait is announced, or (a lock that does not wait) the lock was taken.
+        _wait_for(lambda: "waiting for it to finish" in caplog.text or taken_after_told,
+                  "the wait was announced", [alive])
+        assert taken_after_told == [], "taken while its holder still held it"
+        assert alive.poll() is None and taker.is_alive()  # still held: still waiting
     finally:
         told.set()
         alive.communicate("release\n")
