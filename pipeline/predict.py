@@ -103,7 +103,8 @@ def _cached_bundle(model_dir: str, stamp: tuple[int, int], precision: str, engin
     """The bundle with its model ready to run on ``engine`` at ``precision``.
 
     Whatever cannot be had (the engine's package, an export, a bf16 rebuild) falls back,
-    quietly, to Keras and then to float32: predicting slower is better than not predicting.
+    with a warning, to Keras and then to float32: predicting slower is better than not
+    predicting, and the warning says which engine ran (tests fail on it unless they expect it).
     """
     log.info("loading model %s", model_dir)
     bundle = load_bundle(model_dir)
@@ -114,14 +115,14 @@ def _cached_bundle(model_dir: str, stamp: tuple[int, int], precision: str, engin
         try:
             model = build(bundle.model, Path(model_dir) / MODEL_FILE, precision)
         except Exception as exc:  # noqa: BLE001 - any failure means: use Keras
-            log.info("%s: %s unavailable (%s); using Keras", model_dir, name, first_line(exc))
+            log.warning("%s: %s unavailable (%s); using Keras", model_dir, name, first_line(exc))
             engine = "keras"
     if engine == "keras" and precision != "float32":
         try:
             model = with_precision(bundle.model, precision)
         except Exception as exc:  # noqa: BLE001 - a model that cannot be rebuilt stays exact
-            log.info("%s: staying float32 (%s cannot be rebuilt: %s)", model_dir, precision,
-                     first_line(exc))
+            log.warning("%s: staying float32 (%s cannot be rebuilt: %s)", model_dir, precision,
+                        first_line(exc))
             precision = "float32"
     metadata = {**bundle.metadata, "inference_precision": precision, "inference_engine": engine,
                 "receptive_field": field}

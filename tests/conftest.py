@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -9,11 +10,91 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
+from hypothesis import settings
 from rasterio.crs import CRS
 
 # Keras picks its backend at import; tests default to TensorFlow unless told otherwise.
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# === The suite tells the truth on every machine (issue 25) ===
+
+# CI (.ci/run sets CI=1) installs everything the suite uses, so a skip there hides a test that
+# did not run: it fails instead, unless its reason names what CI cannot have (a GPU).
+IN_CI = os.environ.get("CI", "") not in ("", "0", "false")
+CI_SKIP_ALLOWED = ("GPU",)
+
+# Hypothesis draws the same examples on every CI run (a failure is reproducible, never luck);
+# by hand it explores, and prints the seed of what it finds.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("dev", print_blob=True)
+settings.load_profile("ci" if IN_CI else "dev")
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2])
+    return str(longrepr)
+
+
+def _fail_skip_in_ci(report) -> None:
+    if not IN_CI or not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = _skip_reason(report)
+    if any(word in reason for word in CI_SKIP_ALLOWED):
+        return
+    report.outcome = "failed"
+    report.longrepr = (f"skipped in CI (CI={os.environ['CI']}), where everything the suite "
+                       f"uses is installed: {reason}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_skip_in_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_skip_in_ci(outcome.get_result())
+
+
+# predict falls back to Keras when an engine (or a bfloat16 rebuild) fails, with a warning. A
+# test that did not ask for that (marker engine_fallback) fails on it: a broken ONNX or OpenVINO
+# export cannot pass as Keras.
+FALLBACK_LINES = ("using Keras", "staying float32")
+
+
+class _FallbackWatch(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if any(line in message for line in FALLBACK_LINES):
+            self.lines.append(message)
+
+
+@pytest.fixture(autouse=True)
+def _no_silent_engine_fallback(request):
+    watch = _FallbackWatch()
+    logger = logging.getLogger("pipeline")
+    logger.addHandler(watch)
+    try:
+        yield
+    finally:
+        logger.removeHandler(watch)
+    if watch.lines and request.node.get_closest_marker("engine_fallback") is None:
+        pytest.fail("predict fell back from the engine asked for: " + "; ".join(watch.lines),
+                    pytrace=False)
+
+
+# What the in-process predict tests run on (``PredictConfig(**PINNED, ...)``): Keras float32 on
+# every machine, not what ``auto`` picks for this CPU; test_predict.py tests each engine by name.
+PINNED = {"engine": "keras", "precision": "float32"}
 
 UTM = CRS.from_epsg(32633)
 GSD = 0.15
@@ -46,23 +127,42 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The smallest settings that still run every stage for real: 2 training and 2 incoming scenes
 # of 320x256 px, 64 px chips, a 2-level U-Net with 4 filters, 2 epochs of 3 steps, one worker.
+# The run is bounded by steps, never by the clock: no max_minutes, since a budget also drives
+# the learning-rate schedule by elapsed time (pipeline/train.py), so the weights would depend on
+# the machine's load; the per-test timeout (pyproject.toml) is the safety bound.
+# The engine and precision are pinned, so the bit-exact and crash tests run the same engine on
+# every CPU (test_predict.py tests each engine explicitly).
 TINY = """
 sample: {train_scenes: 2, incoming_scenes: 2, width: 320, height: 256, seed: 3}
 tile: {chip_size: 64, overlap: 8}
 train: {depth: 2, base_filters: 4, batch_size: 4, epochs: 2, steps_per_epoch: 3,
-        max_minutes: 2, augment: {scale_rotate: false, blur_noise: false}}
-predict: {overlap: 16, batch_size: 4}
+        mixed_precision: "off", augment: {scale_rotate: false, blur_noise: false}}
+predict: {overlap: 16, batch_size: 4, engine: keras, precision: float32}
 vectors: {window: 128, halo: 48}
 report: {crops: 1, crop_size: 64}
 distributed: {workers: 1}
 """
 
 
+INSTALL_STAMPS = (".venv/.installed",)
+
+
+def make_options() -> list[str]:
+    """Options for every make a test runs: the install stamp is taken as it is (a test never
+    pip-installs in the middle of the run), after checking it is not stale."""
+    for stamp in INSTALL_STAMPS:
+        assert (ROOT / stamp).exists() and (
+            (ROOT / stamp).stat().st_mtime >= (ROOT / "pyproject.toml").stat().st_mtime), (
+            f"{stamp} is missing or older than pyproject.toml: run `make install-dev` (or "
+            "`make test`, which does) before the make-driven tests")
+    return [f"--assume-old={stamp}" for stamp in INSTALL_STAMPS]
+
+
 def make(*targets: str, env_vars: dict[str, str], status: int = 0):
     """Run make in the repository with VAR=value arguments; check its exit status."""
     import subprocess
 
-    args = ["make", "--no-print-directory", "-C", str(ROOT), *targets,
+    args = ["make", "--no-print-directory", "-C", str(ROOT), *make_options(), *targets,
             *(f"{k}={v}" for k, v in env_vars.items())]
     proc = subprocess.run(args, capture_output=True, text=True, check=False)
     assert proc.returncode == status, (f"make {' '.join(targets)} exited {proc.returncode}:\n"

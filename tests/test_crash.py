@@ -42,13 +42,15 @@ def _run(cmd: list[str]) -> None:
 
 
 # Kill points by the stage's progress, not by the clock (a loaded machine shifts every clock):
-# a condition on (root, model_dir, pid) that becomes true at that moment of the run.
-Point = Callable[[Path, Path, int], bool]
+# a condition on (root, model_dir, pid, start) that becomes true at that moment of the run, by
+# what this process (started at ``start``, time.time_ns) has done, never by what an earlier
+# attempt left: a kill while the interpreter starts is no kill mid-run.
+Point = Callable[[Path, Path, int, int], bool]
 
 
 def _writing(*parts: str) -> Point:
     """The process has a temporary of its own under one of these folders: mid-write."""
-    def point(root: Path, model_dir: Path, pid: int) -> bool:
+    def point(root: Path, model_dir: Path, pid: int, start: int) -> bool:
         for part in parts:
             folder = (model_dir if part == "MODEL" else root / "data" / part) / TEMP_DIR
             try:
@@ -61,10 +63,17 @@ def _writing(*parts: str) -> Point:
 
 
 def _done(pattern: str, n: int = 1) -> Point:
-    """``n`` outputs matching ``pattern`` are complete: the next scene is under way."""
-    def point(root: Path, model_dir: Path, pid: int) -> bool:
+    """``n`` outputs matching ``pattern`` were completed by this run (written since it started;
+    outputs are renamed into place, so their mtime is their writing): it is under way."""
+    def point(root: Path, model_dir: Path, pid: int, start: int) -> bool:
         base = model_dir if pattern.startswith("MODEL/") else root / "data"
-        return len(list(base.glob(pattern.removeprefix("MODEL/")))) >= n
+        done = 0
+        for path in base.glob(pattern.removeprefix("MODEL/")):
+            try:
+                done += path.stat().st_mtime_ns >= start
+            except FileNotFoundError:
+                continue
+        return done >= n
     return point
 
 
@@ -83,10 +92,11 @@ KILL_POINTS: dict[str, tuple[Point, ...]] = {
 
 def _kill_at(cmd: list[str], point: Point, root: Path, model_dir: Path) -> bool:
     """Run ``cmd`` and kill -9 it when ``point`` is reached; False when it finished first."""
+    start = time.time_ns()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while proc.poll() is None:
-            if point(root, model_dir, proc.pid):
+            if point(root, model_dir, proc.pid, start):
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
                 return True
@@ -172,10 +182,24 @@ def _holder(model_dir: Path) -> str:
         return ""
 
 
+def _wait_for(condition: Callable[[], bool], what: str, procs=()) -> None:
+    """Poll until ``condition()``; a process of ``procs`` that ends first fails the test (the
+    per-test timeout bounds a hang; no assertion here is on the clock)."""
+    while not condition():
+        ended = [p.args for p in procs if p.poll() is not None]
+        assert not ended, f"ended before {what}: {ended}"
+        time.sleep(0.01)
+
+
 @pytest.mark.slow
 def test_two_trainings_into_one_model_dir_train_once(tiny_run, tmp_path):
-    """A training killed -9 leaves no stale lock; of two trainings started together on a fresh
-    MODEL_DIR, one trains and the other waits, names it, and finds the model up to date."""
+    """A training killed -9 leaves no stale lock; of two trainings that overlap on a fresh
+    MODEL_DIR, one trains and the other waits for it and finds the model up to date.
+
+    The overlap is forced, not hoped for: the test holds the folder's train lock itself while
+    it starts both, and lets go once both wait for it (each names the test as the holder)."""
+    from pipeline.model import train_lock
+
     data, config = tiny_run[0] / "data", tiny_run[0] / "tiny.yaml"
     model_dir = tmp_path / "model"
     cmd = [sys.executable, "-m", "pipeline", "train", str(data / "interim/chips"),
@@ -183,47 +207,55 @@ def test_two_trainings_into_one_model_dir_train_once(tiny_run, tmp_path):
            str(model_dir / "settings.json"), "--config", str(config)]
 
     dead = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while f"process {dead.pid} " not in _holder(model_dir):  # it holds the lock
-        assert dead.poll() is None, "the training ended before it could be killed"
-        time.sleep(0.01)
+    _wait_for(lambda: f"process {dead.pid} " in _holder(model_dir), "it took the lock", [dead])
     os.kill(dead.pid, signal.SIGKILL)
     dead.wait()
 
-    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
-    errs = [p.communicate()[1] for p in procs]
-    results = [(p.pid, p.returncode, err) for p, err in zip(procs, errs, strict=True)]
-    assert [rc for _, rc, _ in results] == [0, 0], results
-    trainers = [r for r in results if "train: no model in" in r[2]]
-    waiters = [r for r in results if "waiting for it to finish" in r[2]]
-    assert len(trainers) == 1 and len(waiters) == 1, results
-    (trainer, _, trained), (_, _, waited) = trainers[0], waiters[0]
-    assert f"process {dead.pid} " not in trained + waited  # the dead lock holder is no one
-    assert "waiting" not in trained
-    line = next(ln for ln in waited.splitlines() if "waiting" in ln)
-    assert str(model_dir) in line and f"process {trainer} " in line
-    assert "is up to date" in waited
+    logs = [tmp_path / f"train{i}.log" for i in range(2)]
+    me = f"process {os.getpid()} "
+    with train_lock(model_dir):
+        procs = []
+        for log in logs:
+            with open(log, "w") as fh:
+                procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                              stderr=fh))
+        _wait_for(lambda: all("waiting for it to finish" in log.read_text() for log in logs),
+                  "both waited for the test's lock", procs)
+    for proc in procs:
+        proc.wait()
+    errs = [log.read_text() for log in logs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    for err in errs:
+        line = next(ln for ln in err.splitlines() if "waiting" in ln)
+        assert str(model_dir) in line and me in line, err  # the test, not the dead holder
+        assert f"process {dead.pid} " not in err
+    trainers = [e for e in errs if "train: no model in" in e]
+    waiters = [e for e in errs if "is up to date" in e]
+    assert len(trainers) == 1 and len(waiters) == 1, errs
+    assert trainers != waiters
     check_bundle(model_dir)
     assert not (model_dir / "previous").exists()  # trained once: no bundle was replaced
 
 
 def test_train_lock_waits_for_its_holder_and_is_never_stale(tmp_path, caplog):
+    """The lock is taken only once its holder lets go (the test tells it when: no clock), and a
+    holder killed -9 leaves a name in the file but no lock."""
+    import threading
+
     from pipeline.model import train_lock
 
-    hold = ("import sys, time\nfrom pipeline.model import train_lock\n"
-            "with train_lock(sys.argv[1]):\n    time.sleep(float(sys.argv[2]))\n")
+    hold = ("import sys\nfrom pipeline.model import train_lock\n"
+            "with train_lock(sys.argv[1]):\n    sys.stdin.readline()\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
-    def holder(seconds: float) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path), str(seconds)],
-                                env=env)
-        while f"process {proc.pid} " not in _holder(tmp_path):
-            assert proc.poll() is None
-            time.sleep(0.01)
+    def holder() -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], env=env,
+                                stdin=subprocess.PIPE, text=True)
+        _wait_for(lambda: f"process {proc.pid} " in _holder(tmp_path), "it took the lock", [proc])
         return proc
 
     # A holder killed -9 leaves the file with its name in it, but no lock: no wait.
-    dead = holder(60)
+    dead = holder()
     os.kill(dead.pid, signal.SIGKILL)
     dead.wait()
     caplog.set_level("WARNING")
@@ -231,12 +263,30 @@ def test_train_lock_waits_for_its_holder_and_is_never_stale(tmp_path, caplog):
         assert f"process {os.getpid()} " in _holder(tmp_path)
     assert "waiting" not in caplog.text
 
-    # A live holder: the wait is announced with the folder and the process, then the lock
-    # is taken when the holder is done.
-    alive = holder(1.5)
-    start = time.monotonic()
-    with train_lock(tmp_path):
-        waited = time.monotonic() - start
-    alive.wait()
-    assert waited > 1.0  # the holder held it for 1.5 s after it had written its name
+    # A live holder: the wait is announced with the folder and the process, and the lock is
+    # taken only after the holder has been told to let go.
+    alive = holder()
+    told = threading.Event()
+    taken_after_told: list[bool] = []
+
+    def take() -> None:
+        with train_lock(tmp_path):
+            taken_after_told.append(told.is_set())
+
+    taker = threading.Thread(target=take)
+    taker.start()
+    try:
+        # Until the wait is announced, or (a lock that does not wait) the lock was taken.
+        _wait_for(lambda: "waiting for it to finish" in caplog.text or taken_after_told,
+                  "the wait was announced", [alive])
+        # A lock that announced the wait but did not wait would be taken now: give it the
+        # chance (this can only miss such a defect on a slow machine, never fail a good lock).
+        taker.join(timeout=0.5)
+        assert taken_after_told == [], "taken while its holder still held it"
+        assert alive.poll() is None and taker.is_alive()  # still held: still waiting
+    finally:
+        told.set()
+        alive.communicate("release\n")
+        taker.join()
+    assert taken_after_told == [True]
     assert f"{tmp_path} is being trained into by process {alive.pid} " in caplog.text

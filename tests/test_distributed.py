@@ -10,6 +10,7 @@ import cloudpickle
 import numpy as np
 import pytest
 import rasterio
+from conftest import PINNED
 
 import pipeline.distributed
 from bench.harness import make_bundle, make_scene
@@ -87,7 +88,7 @@ def test_predict_batch_on_cluster_matches_serial(tmp_path, batch, cluster):
 
     def run(out: Path, dist: DistributedConfig) -> int:
         # The predict stage as every entry point runs it (runner.run_stage), on each cluster.
-        cfg = Config(predict=PredictConfig(overlap=16, batch_size=4), distributed=dist)
+        cfg = Config(predict=PredictConfig(**PINNED, overlap=16, batch_size=4), distributed=dist)
         layout = Layout(images=batch[0].parent, model_dir=model_dir, out=out)
         return run_stage("predict", Job(layout, cfg))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from affine import Affine
-from conftest import write_scene
+from conftest import make_options, write_scene
 from rasterio.crs import CRS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,8 @@ def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 def make(*args: str) -> subprocess.CompletedProcess:
     env = user_env()
-    return subprocess.run(["make", "--no-print-directory", *args], cwd=REPO, env=env,
+    return subprocess.run(["make", "--no-print-directory", *make_options(), *args], cwd=REPO,
+                          env=env,
                           capture_output=True, text=True)
 
 
@@ -60,21 +61,28 @@ def read_summary(out: Path) -> dict[str, dict]:
 # === (a) data loss ===
 
 @pytest.mark.slow
-def test_clean_never_deletes_images_or_model_inside_out(tmp_path):
-    """`make clean` runs no guard: with IMAGES and MODEL_DIR inside OUT it rm -rf's both.
-
-    Every other target refuses OUT over IMAGES; clean deletes the user's scenes and the model
-    (the help line promises "keeps raw data and models").
-    """
+def test_clean_never_deletes_images_or_model_inside_out(tmp_path, bright_model):
+    """`make clean` with IMAGES and MODEL_DIR inside OUT removes what predict wrote there and
+    nothing else: it exits 0, the predicted rasters are gone, the scenes and the model stay
+    (the help line promises "keeps raw data and models")."""
     out = tmp_path / "project"
+    car_scene(tmp_path / "in" / "p.tif")
+    r = cli("predict", str(tmp_path / "in"), "--model-dir", str(bright_model), "--out", str(out),
+            "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    predicted = [out / kind / f"p{ext}" for kind in ("probability", "masks")
+                 for ext in (".tif", ".qml")]
+    assert all(p.exists() for p in predicted)
     images, model = out / "incoming", out / "model"
     write_scene(images / "a.tif", np.full((3, 16, 16), 9, np.uint8))
     model.mkdir(parents=True)
     (model / "model.keras").write_bytes(b"weights")
-    make("clean", f"DATA={tmp_path / 'data'}", f"OUT={out}", f"IMAGES={images}",
-         f"MODEL_DIR={model}", f"REPORTS={tmp_path / 'reports'}")
+    r = make("clean", f"DATA={tmp_path / 'data'}", f"OUT={out}", f"IMAGES={images}",
+             f"MODEL_DIR={model}", f"REPORTS={tmp_path / 'reports'}")
+    assert r.returncode == 0, r.stderr
+    assert [p for p in predicted if p.exists()] == [], "make clean left predict's outputs"
     assert (images / "a.tif").exists(), "make clean deleted a scene of IMAGES"
-    assert (model / "model.keras").exists(), "make clean deleted the model"
+    assert (model / "model.keras").read_bytes() == b"weights", "make clean deleted the model"
 
 
 def test_paths_refuses_model_dir_that_is_the_report_folder(tmp_path):
@@ -83,8 +91,8 @@ def test_paths_refuses_model_dir_that_is_the_report_folder(tmp_path):
     model = tmp_path / "models" / "h"
     r = cli("paths", "--data", str(tmp_path / "data"), "--images", str(tmp_path / "in"),
             "--out", str(tmp_path / "out"), "--model-dir", str(model), "--report", str(model))
-    assert r.returncode != 0, "MODEL_DIR == REPORTS/RUN accepted (settings.json collide)"
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2, f"MODEL_DIR == REPORTS/RUN accepted (settings.json collide): {r.stderr}"
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_paths_refuses_model_dir_inside_an_out_folder_that_is_replaced(tmp_path):
@@ -94,7 +102,10 @@ def test_paths_refuses_model_dir_inside_an_out_folder_that_is_replaced(tmp_path)
     r = cli("paths", "--data", str(tmp_path / "data"), "--images", str(tmp_path / "in"),
             "--out", str(out), "--model-dir", str(out / "evaluation"),
             "--report", str(tmp_path / "reports" / "h"))
-    assert r.returncode != 0, "MODEL_DIR inside OUT/evaluation accepted"
+    # Refused as bad input (exit 2) in one line naming both folders, not a traceback.
+    assert r.returncode == 2, f"MODEL_DIR inside OUT/evaluation accepted: {r.stderr}"
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"MODEL_DIR ({out / 'evaluation'})" in r.stderr and "OUT/evaluation" in r.stderr
 
 
 # === (b) exit 0 but wrong ===
@@ -163,7 +174,8 @@ def car_scene(path: Path, *, crs=UTM33, transform=T0) -> Path:
 @pytest.fixture(scope="module")
 def bright_model(tmp_path_factory) -> Path:
     """One 1x1 convolution + sigmoid on band 1: probability ~1 on cars, ~0 elsewhere."""
-    keras = pytest.importorskip("keras")
+    import keras
+
     from pipeline.model import save_bundle
 
     inputs = keras.Input((None, None, 3))
@@ -323,7 +335,7 @@ def test_disk_full_says_no_space_left_naming_the_file(tmp_path, tiny_disk, brigh
         fh.write(b"\0" * (free.f_bavail * free.f_frsize - 150 * 1024))
     r = cli("predict", str(images), "--model-dir", str(bright_model),
             "--out", str(tiny_disk / "out"), "--workers", "1")
-    assert r.returncode != 0
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr  # its one scene failed
     errors = [line for line in r.stderr.splitlines() if not line.startswith("INFO")]
     assert errors and all("no space left on device" in line.lower() for line in errors), errors
     assert "see previous exception" not in r.stderr.lower()

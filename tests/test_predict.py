@@ -7,6 +7,7 @@ import tempfile
 import tracemalloc
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import rasterio
@@ -19,7 +20,6 @@ from pipeline.config import PredictConfig
 from pipeline.io import InputError
 from pipeline.model import (
     build_unet,
-    cpu_bf16_flags,
     receptive_field,
     resolve_precision,
     save_bundle,
@@ -37,9 +37,7 @@ from pipeline.predict import (
     predict_scene,
     window_geometry,
 )
-from tests.conftest import GSD, TRANSFORM, UTM, write_scene
-
-keras = pytest.importorskip("keras")
+from tests.conftest import GSD, PINNED, TRANSFORM, UTM, write_scene
 
 
 def _metadata(**extra) -> dict:
@@ -106,7 +104,7 @@ def test_identity_model_reproduces_input(tmp_path, rng, identity_model):
     data = _scene(rng, 70, 95)
     scene = write_scene(tmp_path / "in" / "scene.tif", data, nodata=None)
     prob_path, mask_path = predict_scene(scene, identity_model, tmp_path / "out",
-                                         cfg=PredictConfig(window=32, overlap=8, batch_size=3))
+                                         cfg=PredictConfig(**PINNED, window=32, overlap=8, batch_size=3))
     assert prob_path == tmp_path / "out" / "probability" / "scene.tif"
     assert mask_path == tmp_path / "out" / "masks" / "scene.tif"
     prob, info = _read(prob_path)
@@ -130,7 +128,7 @@ def test_large_output_has_overviews(tmp_path, rng, identity_model):
     data = rng.integers(1, 255, size=(3, 1100, 1300)).astype(np.uint8)
     scene = write_scene(tmp_path / "big.tif", data, nodata=None)
     prob_path, mask_path = predict_scene(scene, identity_model, tmp_path / "out",
-                                         cfg=PredictConfig(window=256, overlap=64))
+                                         cfg=PredictConfig(**PINNED, window=256, overlap=64))
     np.testing.assert_array_equal(_read(prob_path)[0], np.rint(data[0] / 255 * 254))
     for path, resampling in ((prob_path, "AVERAGE"), (mask_path, "NEAREST")):
         assert cog_validate(path)[0]
@@ -147,7 +145,7 @@ def test_tta_and_threshold_override(tmp_path, rng, identity_model):
     scene = write_scene(tmp_path / "scene.tif", data, nodata=None)
     prob_path, mask_path = predict_scene(
         scene, identity_model, tmp_path / "out",
-        cfg=PredictConfig(window=16, overlap=4, tta=True, threshold=0.25))
+        cfg=PredictConfig(**PINNED, window=16, overlap=4, tta=True, threshold=0.25))
     np.testing.assert_array_equal(_read(prob_path)[0], np.rint(data[0] / 255 * 254))
     np.testing.assert_array_equal(_read(mask_path)[0], data[0] / 255.0 >= 0.25)
     assert _read(mask_path)[1]["tags"]["threshold"] == "0.25"
@@ -159,7 +157,7 @@ def test_nodata_pixels_come_out_as_nodata(tmp_path, rng, identity_model):
     data[0, 40:45, 5:10] = 0  # only one band zero: still valid
     scene = write_scene(tmp_path / "scene.tif", data, nodata=0)
     prob_path, mask_path = predict_scene(scene, identity_model, tmp_path / "out",
-                                         cfg=PredictConfig(window=16, overlap=6))
+                                         cfg=PredictConfig(**PINNED, window=16, overlap=6))
     prob, mask = _read(prob_path)[0], _read(mask_path)[0]
     hole = np.zeros((60, 60), bool)
     hole[10:30, 20:45] = True
@@ -185,7 +183,7 @@ def test_windows_equal_whole_scene(conv_model, rows, cols, window, overlap_frac,
     with tempfile.TemporaryDirectory() as tmp:
         scene = write_scene(Path(tmp) / "scene.tif", data, nodata=None)
         prob_path, _ = predict_scene(scene, model_dir, Path(tmp) / "out",
-                                     cfg=PredictConfig(window=window, overlap=overlap))
+                                     cfg=PredictConfig(**PINNED, window=window, overlap=overlap))
         prob = _read(prob_path)[0].astype(np.float64) / 254
     whole = _whole_scene(model, data, 127.0, 40.0)
     diff = np.abs(prob - whole)[2:-2, 2:-2]
@@ -206,7 +204,7 @@ def test_crop_gives_same_result_as_whole_scene(tmp_path, rng, crop_rows, crop_co
                                  chip_size=64, size_multiple=4), model_dir)
     data = _scene(rng, 256, 360)
     overlap = 32
-    cfg = PredictConfig(overlap=overlap)
+    cfg = PredictConfig(**PINNED, overlap=overlap)
     whole = write_scene(tmp_path / "whole.tif", data, nodata=None)
     r0, c0 = 64, 128
     crop_t = TRANSFORM @ Affine.translation(c0, r0)
@@ -230,7 +228,7 @@ def test_one_pixel_scene(tmp_path, identity_model):
     data = np.full((3, 1, 1), 200, np.uint8)
     scene = write_scene(tmp_path / "tiny.tif", data, nodata=None)
     prob_path, mask_path = predict_scene(scene, identity_model, tmp_path / "out",
-                                         cfg=PredictConfig())
+                                         cfg=PredictConfig(**PINNED))
     prob, info = _read(prob_path)
     assert info["shape"] == (1, 1) and prob[0, 0] == round(200 / 255 * 254)
     assert _read(mask_path)[0][0, 0] == 1
@@ -239,7 +237,7 @@ def test_one_pixel_scene(tmp_path, identity_model):
 def test_all_nodata_scene(tmp_path, identity_model):
     scene = write_scene(tmp_path / "empty.tif", np.zeros((3, 50, 40), np.uint8), nodata=0)
     prob_path, mask_path = predict_scene(scene, identity_model, tmp_path / "out",
-                                         cfg=PredictConfig(window=16, overlap=4))
+                                         cfg=PredictConfig(**PINNED, window=16, overlap=4))
     for path in (prob_path, mask_path):
         assert (_read(path)[0] == 255).all()
         assert cog_validate(path)[0]
@@ -253,7 +251,7 @@ def test_other_gsd_is_resampled_and_returned_on_input_grid(tmp_path, identity_mo
     transform = Affine(2 * GSD, 0, 500000, 0, -2 * GSD, 4000000)
     scene = write_scene(tmp_path / "coarse.tif", data, transform=transform, nodata=None)
     prob_path, _ = predict_scene(scene, identity_model, tmp_path / "out",
-                                 cfg=PredictConfig(window=32, overlap=8))
+                                 cfg=PredictConfig(**PINNED, window=32, overlap=8))
     prob, info = _read(prob_path)
     assert info["transform"] == transform and info["shape"] == (60, 80)
     expected = np.rint(band / 255 * 254)
@@ -265,7 +263,7 @@ def _failure(tmp_path, scene, model_dir, match) -> tuple[str, list[Path]]:
     """Predict a bad scene; return the InputError's message and every file left in the output."""
     out = tmp_path / "out"
     with pytest.raises(InputError, match=match) as err:
-        predict_scene(scene, model_dir, out, cfg=PredictConfig(window=16, overlap=4))
+        predict_scene(scene, model_dir, out, cfg=PredictConfig(**PINNED, window=16, overlap=4))
     return str(err.value), [p for p in out.rglob("*") if p.is_file()]
 
 
@@ -333,7 +331,7 @@ def test_masked_pixels_stay_out_of_a_resampled_scene(tmp_path, identity_model):
         dst.write(data)
         dst.write_mask(valid)
     prob_path, _ = predict_scene(path, identity_model, tmp_path / "out",
-                                 cfg=PredictConfig(window=32, overlap=8))
+                                 cfg=PredictConfig(**PINNED, window=32, overlap=8))
     prob = _read(prob_path)[0]
     assert (prob[valid == 0] == 255).all()
     expected = round(60 / 255 * 254)
@@ -375,7 +373,7 @@ def test_extra_bands_are_named_in_the_log(tmp_path, rng, identity_model, caplog)
         dst.write(data)
     with caplog.at_level("INFO", logger="pipeline.predict"):
         prob_path, _ = predict_scene(scene, identity_model, tmp_path / "out",
-                                     cfg=PredictConfig(window=32, overlap=8))
+                                     cfg=PredictConfig(**PINNED, window=32, overlap=8))
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("rgbn.tif" in w and "bands [1, 2, 3]" in w and "band(s) [4]" in w
                for w in warnings), warnings
@@ -388,7 +386,7 @@ def test_extra_bands_are_named_in_the_log(tmp_path, rng, identity_model, caplog)
         dst.write(np.concatenate([data[:3], np.full((1, 40, 40), 255, np.uint8)]))
     with caplog.at_level("INFO", logger="pipeline.predict"):
         predict_scene(rgba, identity_model, tmp_path / "out2",
-                      cfg=PredictConfig(window=32, overlap=8))
+                      cfg=PredictConfig(**PINNED, window=32, overlap=8))
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
     assert any("reads bands [1, 2, 3]" in r.getMessage() for r in caplog.records)
 
@@ -455,7 +453,7 @@ def test_unaligned_crop_predicts_like_the_whole_scene(tmp_path, rng, small_unet,
     the receptive field (22 px) every kept pixel sees its whole context: equal up to rounding.
     """
     data = _scene(rng, 200, 260)
-    cfg = PredictConfig(window=96, overlap=56, precision="float32")
+    cfg = PredictConfig(engine="keras", window=96, overlap=56, precision="float32")
     whole = write_scene(tmp_path / "whole.tif", data, nodata=None)
     r0, c0 = offset
     rows, cols = 200 - r0 - 10, 260 - c0 - 10
@@ -487,79 +485,181 @@ def test_bfloat16_keeps_weights_and_a_float32_head(small_unet, tmp_path, rng):
     assert 0 < np.abs(p_exact - p_fast).max() < 0.05  # rounded, but not another model
     scene = write_scene(tmp_path / "s.tif", _scene(rng, 40, 40), nodata=None)
     prob_path, _ = predict_scene(scene, small_unet, tmp_path / "o",
-                                 cfg=PredictConfig(precision="bfloat16"))
+                                 cfg=PredictConfig(engine="keras", precision="bfloat16"))
     assert _read(prob_path)[1]["tags"]["precision"] == "bfloat16"
 
 
-def test_auto_precision_follows_the_cpu():
-    expected = "bfloat16" if cpu_bf16_flags() else "float32"
-    assert resolve_precision("auto") == expected
+# === Each engine by name, and auto's choice on described CPUs (issue 25) ===
+
+# Every engine and precision predict.engine / predict.precision offer, on every machine (all
+# are installed: ONNX Runtime is a core dependency, OpenVINO is in the dev extras). The engine
+# must be the one asked for: a fallback to Keras fails (tests/conftest.py) and is named here.
+ENGINES = [("keras", "float32"), ("keras", "bfloat16"), ("onnxruntime", "float32"),
+           ("openvino", "float32"), ("openvino", "bfloat16")]
+
+
+@pytest.mark.parametrize(("engine", "precision"), ENGINES)
+def test_each_engine_runs_as_asked_and_predicts_like_keras_float32(small_unet, tmp_path, rng,
+                                                                    engine, precision):
+    bundle = get_bundle(small_unet, precision, engine)
+    assert (bundle.metadata["inference_engine"], bundle.metadata["inference_precision"]) == (
+        engine, precision)
+    assert bundle.receptive_field == 44  # measured on the Keras graph, whatever runs it
+    exact = get_bundle(small_unet, "float32", "keras").model
+    # Windows of two sizes: an exported graph keeps height and width free.
+    for shape in ((2, 64, 64, 3), (1, 48, 80, 3)):
+        x = (rng.random(shape, dtype=np.float32) - 0.5) * 4
+        diff = np.abs(np.asarray(bundle.model.predict_on_batch(x))
+                      - np.asarray(exact.predict_on_batch(x))).max()
+        # float32 engines agree to rounding; bfloat16 is rounded, but not another model.
+        assert diff < (1e-4 if precision == "float32" else 0.05), (engine, precision, diff)
+    scene = write_scene(tmp_path / "s.tif", _scene(rng, 70, 90), nodata=None)
+    prob_path, _ = predict_scene(scene, small_unet, tmp_path / "o",
+                                 cfg=PredictConfig(window=48, overlap=16, engine=engine,
+                                                   precision=precision))
+    tags = _read(prob_path)[1]["tags"]
+    assert (tags["engine"], tags["precision"]) == (engine, precision)
+
+
+# CPU descriptions as /proc/cpuinfo's flags line gives them (None: no flags line, not Linux).
+SAPPHIRE_RAPIDS = frozenset({"sse4_2", "avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"})
+ICE_LAKE = frozenset({"sse4_2", "avx2", "fma", "avx512f"})
+ZEN3 = frozenset({"sse4_2", "avx2", "fma"})
+
+
+def _describe(monkeypatch, flags, *, gpu=False, openvino=True, backend="tensorflow"):
+    """Make pipeline.model see this CPU, GPU, Keras backend and OpenVINO installation."""
+    import importlib.util
+
+    import pipeline.model as model
+    import pipeline.train as train
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(model, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(model, "_tensorflow_gpu", lambda: gpu and backend == "tensorflow")
+    monkeypatch.setattr(model, "keras_backend", lambda: backend)
+    monkeypatch.setattr(train, "gpu_visible", lambda: gpu)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        None if name == "openvino" and not openvino else find_spec(name, *a)))
+
+
+# (description, gpu, openvino installed, backend) -> (auto precision, auto engine for it,
+# auto engine for float32, train.mixed_precision auto). Written out, not recomputed.
+AUTO = [
+    ((SAPPHIRE_RAPIDS, False, True, "tensorflow"), ("bfloat16", "keras", "openvino",
+                                                    "mixed_bfloat16")),
+    ((SAPPHIRE_RAPIDS, False, False, "tensorflow"), ("bfloat16", "keras", "keras",
+                                                     "mixed_bfloat16")),
+    ((SAPPHIRE_RAPIDS, True, True, "tensorflow"), ("float32", "keras", "keras",
+                                                   "mixed_float16")),
+    ((SAPPHIRE_RAPIDS, False, False, "jax"), ("float32", "keras", "keras", None)),
+    ((ICE_LAKE, False, True, "tensorflow"), ("float32", "openvino", "openvino", None)),
+    ((ICE_LAKE, False, False, "tensorflow"), ("float32", "keras", "keras", None)),
+    ((ZEN3, False, True, "tensorflow"), ("float32", "openvino", "openvino", None)),
+    ((ZEN3, False, False, "tensorflow"), ("float32", "onnxruntime", "onnxruntime", None)),
+    ((ZEN3, False, False, "jax"), ("float32", "keras", "keras", None)),
+    ((ZEN3, True, False, "tensorflow"), ("float32", "keras", "keras", "mixed_float16")),
+    ((None, False, False, "tensorflow"), ("float32", "keras", "keras", None)),
+    ((None, False, True, "tensorflow"), ("float32", "openvino", "openvino", None)),
+]
+
+
+@pytest.mark.parametrize(("described", "expected"), AUTO)
+def test_auto_follows_the_described_cpu(monkeypatch, described, expected):
+    """auto: bfloat16 on Keras where the CPU has bf16 (TensorFlow, no GPU); else OpenVINO where
+    installed; else ONNX Runtime on a CPU without AVX-512 (TensorFlow's PyPI build is ~3x slower
+    there, bench.engines); else Keras float32. A GPU keeps Keras."""
+    from pipeline.model import cpu_lacks_avx512, resolve_engine
+    from pipeline.train import training_policy
+
+    flags, gpu, openvino, backend = described
+    _describe(monkeypatch, flags, gpu=gpu, openvino=openvino, backend=backend)
+    precision, engine, engine_f32, policy = expected
+    assert resolve_precision("auto") == precision
+    assert resolve_engine("auto", resolve_precision("auto")) == engine
+    assert resolve_engine("auto", "float32") == engine_f32
+    assert training_policy("auto") == policy
+    # Explicit settings are taken as they are, whatever the CPU.
     assert resolve_precision("float32") == "float32"
-
-
-def test_training_policy_follows_the_setting_and_the_cpu():
-    from pipeline.train import gpu_visible, training_policy
-
+    assert resolve_precision("bfloat16") == "bfloat16"
+    assert resolve_engine("keras", "float32") == "keras"
+    assert resolve_engine("onnxruntime", "float32") == "onnxruntime"
     assert training_policy("off") is None
     assert training_policy("bf16") == "mixed_bfloat16"
     assert training_policy("on") == "mixed_float16"
-    if gpu_visible():
-        assert training_policy("auto") == "mixed_float16"
-    else:
-        assert training_policy("auto") == ("mixed_bfloat16" if cpu_bf16_flags() else None)
+    assert cpu_lacks_avx512() == (flags is ZEN3)
 
 
-def test_auto_engine_follows_the_cpu_and_the_installed_engines():
-    """auto: Keras for bf16; OpenVINO where installed; ONNX Runtime on a CPU without AVX-512.
-
-    TensorFlow's PyPI build is ~3x slower than ONNX Runtime without AVX-512 (bench.engines); an
-    auto that stayed on Keras float32 there left that on the table for most laptops.
-    """
-    import importlib.util
-
-    from pipeline.model import (
-        _cpu_flags,
-        _tensorflow_gpu,
-        cpu_lacks_avx512,
-        keras_backend,
-        resolve_engine,
-    )
-
-    assert resolve_engine("keras", "float32") == "keras"
-    assert resolve_engine("auto", "bfloat16") == "keras"
-    if _tensorflow_gpu():
-        expected = "keras"
-    elif importlib.util.find_spec("openvino"):
-        expected = "openvino"
-    elif cpu_lacks_avx512() and keras_backend() == "tensorflow":
-        expected = "onnxruntime"  # a core dependency: installed wherever carseg is
-    else:
-        expected = "keras"
-    assert resolve_engine("auto", "float32") == expected
-    flags = _cpu_flags()  # None where /proc/cpuinfo has no x86 flags line (not Linux, ARM)
-    assert cpu_lacks_avx512() == (flags is not None and "avx512f" not in flags)
+@pytest.mark.parametrize(("flags", "openvino", "expected"), [
+    (SAPPHIRE_RAPIDS, True, ("keras", "bfloat16")),
+    (ZEN3, False, ("onnxruntime", "float32")),
+    (ZEN3, True, ("openvino", "float32")),  # OpenVINO's bf16 is opt-in: auto is float32 there
+    (ICE_LAKE, False, ("keras", "float32")),
+])
+def test_auto_bundle_runs_what_the_described_cpu_gets(small_unet, monkeypatch, flags, openvino,
+                                                      expected):
+    _describe(monkeypatch, flags, openvino=openvino)
+    bundle = get_bundle(small_unet, "auto", "auto")
+    assert (bundle.metadata["inference_engine"], bundle.metadata["inference_precision"]) == (
+        expected)
 
 
-def test_engine_falls_back_to_keras_quietly(small_unet, tmp_path, rng):
-    """Asking for OpenVINO where it is not installed (or cannot export) still predicts."""
-    import importlib.util
+def test_cpu_flags_are_read_from_the_flags_line(monkeypatch):
+    """The description auto reads: /proc/cpuinfo's first flags line; None without one."""
+    import pipeline.model as model
 
-    bundle = get_bundle(small_unet, "float32", "openvino")
-    installed = importlib.util.find_spec("openvino") is not None
-    assert bundle.metadata["inference_engine"] == ("openvino" if installed else "keras")
-    assert bundle.receptive_field == 44  # measured on the Keras graph either way
-    scene = write_scene(tmp_path / "s.tif", _scene(rng, 40, 40), nodata=None)
-    prob_path, _ = predict_scene(scene, small_unet, tmp_path / "o",
-                                 cfg=PredictConfig(engine="openvino", precision="float32"))
-    tags = _read(prob_path)[1]["tags"]
-    assert tags["engine"] == bundle.metadata["inference_engine"]
+    texts = {"x86": "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
+                    "processor\t: 1\nflags\t\t: fpu\n",
+             "arm": "processor\t: 0\nFeatures\t: fp asimd\n"}
+    for kind, expected in (("x86", {"fpu", "avx2", "avx512f", "avx512_bf16"}), ("arm", None)):
+        monkeypatch.setattr(Path, "read_text", lambda self, *a, _t=texts[kind], **k: _t)
+        model._cpu_flags.cache_clear()
+        try:
+            assert model._cpu_flags() == (frozenset(expected) if expected else None)
+        finally:
+            monkeypatch.undo()
+            model._cpu_flags.cache_clear()
+
+
+@pytest.mark.engine_fallback
+@pytest.mark.parametrize("engine", ["openvino", "onnxruntime"])
+def test_an_engine_that_fails_falls_back_to_keras_with_a_warning(small_unet, tmp_path, rng,
+                                                                 monkeypatch, caplog, engine):
+    """A broken export (here: a file that is no model) still predicts, with Keras, and says so
+    at WARNING: the fallback is never silent."""
+    import logging
+
+    import pipeline.model as model
+    from pipeline.predict import _cached_bundle
+
+    def broken_export(_model, _path, name, filename):
+        bad = tmp_path / "broken" / filename
+        bad.parent.mkdir(exist_ok=True)
+        bad.write_bytes(b"not a model")
+        return bad
+
+    monkeypatch.setattr(model, "cached_export", broken_export)
+    _cached_bundle.cache_clear()
+    caplog.set_level(logging.WARNING, logger="pipeline.predict")
+    try:
+        bundle = get_bundle(small_unet, "float32", engine)
+        scene = write_scene(tmp_path / "s.tif", _scene(rng, 40, 40), nodata=None)
+        prob_path, _ = predict_scene(scene, small_unet, tmp_path / "o",
+                                     cfg=PredictConfig(engine=engine, precision="float32"))
+    finally:
+        _cached_bundle.cache_clear()  # the next test builds the real engine again
+    assert bundle.metadata["inference_engine"] == "keras"
+    assert _read(prob_path)[1]["tags"]["engine"] == "keras"
+    name = {"openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}[engine]
+    assert [r.levelname for r in caplog.records
+            if f"{name} unavailable" in r.getMessage() and "using Keras" in r.getMessage()] == [
+        "WARNING"]
     exact = _read(predict_scene(scene, small_unet, tmp_path / "k",
-                                cfg=PredictConfig(engine="keras", precision="float32"))[0])[0]
+                                cfg=PredictConfig(**PINNED))[0])[0]
     assert np.abs(_read(prob_path)[0].astype(int) - exact).max() <= 1
 
 
 def test_openvino_export_is_cached_beside_the_model(small_unet, tmp_path, rng):
-    pytest.importorskip("openvino")
     from pipeline.model import ENGINE_CACHE, MODEL_FILE, file_sha256
 
     get_bundle(small_unet, "bfloat16", "openvino")
@@ -574,7 +674,6 @@ def test_openvino_export_is_cached_beside_the_model(small_unet, tmp_path, rng):
 @pytest.fixture(scope="module")
 def ort_unet(small_unet, tmp_path_factory) -> Path:
     """small_unet's bundle in a folder of its own, exported for ONNX Runtime once per module."""
-    pytest.importorskip("onnxruntime")
     from pipeline.model import BUNDLE_FILES
 
     model_dir = tmp_path_factory.mktemp("unet2_ort")
@@ -674,6 +773,7 @@ def test_engines_bench_times_every_engine_against_keras_float32(ort_unet):
     assert ort["max_abs_diff"] < 1e-4 and ort["ms_per_batch"] > 0
     assert 0 < rows["keras_bfloat16"]["max_abs_diff"] < 0.05  # rounded, not another model
 
+@pytest.mark.engine_fallback
 def test_onnxruntime_missing_falls_back_to_keras_with_a_log_line(ort_unet, tmp_path, rng,
                                                                  monkeypatch, caplog):
     import logging
@@ -765,7 +865,7 @@ def test_chunks_blend_bit_for_bit_like_one_strip(tmp_path, rng, small_unet):
     data[:, 10:120, 150:400] = 0
     data[:, :, 650:655] = 0
     scene = write_scene(tmp_path / "s.tif", data, transform=TRANSFORM @ Affine.translation(37, 23))
-    cfg = PredictConfig(window=96, precision="float32")
+    cfg = PredictConfig(engine="keras", window=96, precision="float32")
     strip = _grid(scene, small_unet, cfg, batch_size=3, chunk_cols=10**9)
     chunked = _grid(scene, small_unet, cfg, batch_size=3, chunk_cols=64)
     np.testing.assert_array_equal(strip, chunked)
@@ -797,7 +897,7 @@ def test_memory_is_flat_in_the_scene_width(tmp_path, rng, identity_model):
     One strip of window rows as wide as the scene grew eightfold; chunks of windows hold the
     same memory whatever the width, bar the overlap-row seam.
     """
-    cfg = PredictConfig(window=256, overlap=8)
+    cfg = PredictConfig(**PINNED, window=256, overlap=8)
     peaks = []
     for width in (1000, 8000):
         scene = write_scene(tmp_path / f"w{width}.tif", _scene(rng, 300, width))

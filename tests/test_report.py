@@ -86,12 +86,9 @@ def test_report_has_every_piece(tmp_path, run_dirs):
     for src in sources:
         assert (dst / src).stat().st_size > 1000
     assert "could not draw" not in text
-    try:
-        from pipeline.sample import plot_scene_with_labels  # noqa: F401
-    except ImportError:
-        assert "plot_scene_with_labels is not available" in text
-    else:
-        assert "fig_training_scene.png" in sources
+    # pipeline.sample is the project's own: the training-scene figure is always drawn.
+    assert "fig_training_scene.png" in sources
+    assert "is not available" not in text
     assert "no evaluation" not in text.lower()
     assert "<td>s1</td>" in text  # per-scene table
     assert (dst / "settings.json").exists()
@@ -126,8 +123,9 @@ window.addEventListener('load', () => {
 </script>"""
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI installs it)")
 def test_report_renders_in_chromium(tmp_path, run_dirs):
+    if CHROMIUM is None:  # a skip outside CI; .ci/run installs chromium, and CI=1 fails a skip
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run does)")
     model_dir, out, data = run_dirs
     dst = tmp_path / "reports" / "r1"
     index = build_report(dst, model_dir=model_dir, out_dir=out, data_dir=data,

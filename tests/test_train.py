@@ -266,14 +266,38 @@ def test_budget_drives_the_schedule_not_the_epochs():
     assert stepped.progress() == pytest.approx(0.25)
 
 
-def test_validation_runs_by_steps_within_a_budget(chips, tmp_path):
+class _SlowForwardClock:
+    """``time`` as pipeline.train sees it, but each perf_counter() call 10 s after the last: the
+    timed forward pass of ``_auto_steps`` takes 10 s whatever the machine's load."""
+
+    def __init__(self):
+        import time
+
+        self._time, self._now = time, 0.0
+
+    def perf_counter(self) -> float:
+        self._now += 10.0
+        return self._now
+
+    def __getattr__(self, name):
+        return getattr(self._time, name)
+
+
+def test_validation_runs_by_steps_within_a_budget(chips, tmp_path, monkeypatch):
+    """With a budget and no steps_per_epoch, an epoch is sized from the measured step time so
+    that validation runs ``validations`` times in the budget. The measurement is fixed (a 10 s
+    forward pass), so the size is known, and the budget is far past what the run takes: no
+    epoch count depends on the machine's speed."""
+    import pipeline.train as train_mod
+
+    monkeypatch.setattr(train_mod, "time", _SlowForwardClock())
     model_dir = tmp_path / "model"
-    train(*chips, model_dir, cfg=tiny_cfg(epochs=3, steps_per_epoch=None, max_minutes=0.5,
+    train(*chips, model_dir, cfg=tiny_cfg(epochs=3, steps_per_epoch=None, max_minutes=60,
                                           validations=20))
     state = json.loads((model_dir / "checkpoint" / "state.json").read_text())
-    # Epochs were sized from the measured step time so that validation runs ~20 times in the
-    # budget: with chips this tiny that is the floor of 5 steps, well under a pass of the chips.
-    assert state["steps_per_epoch"] >= 5
+    # A step is 6 forward passes (60 s) and validation a few more: 180 s between validations
+    # is under 3 steps, so the floor of 5 steps per epoch, well under a pass of the chips.
+    assert state["steps_per_epoch"] == 5
     rows = history(model_dir)
     lrs = [float(r["learning_rate"]) for r in rows]
     assert len(rows) == 3 and all(0 < lr <= 3e-3 for lr in lrs)
