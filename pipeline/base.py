@@ -165,9 +165,9 @@ def start_weights(model, init: str) -> dict:
                  "training from scratch", init, path)
         return {"from": "scratch", "asked": init, "reason": "another shape"}
     model.set_weights(theirs)
-    from pipeline.io import read_json
+    from pipeline.files import read_json_if_any
 
-    meta = read_json(source / METADATA_FILE)
+    meta = read_json_if_any(source / METADATA_FILE) or {}
     log.info("train.init %s: starting from %s", init, path)
     return {"from": init if init in ("base",) else str(source), "model_sha256": file_sha256(path),
             "made_by": meta.get("base", {}).get("made_by", "train")}
