@@ -201,6 +201,7 @@ class PredictConfig(_Section):
 
 
 DEFAULT_MIN_AREA_M2 = 3.0  # vectors.min_area_m2 for a model that recorded no choice
+DEFAULT_MIN_TRUNCATED_AREA_M2 = 5.0  # vectors.min_truncated_area_m2, likewise
 
 
 class VectorConfig(_Section):
@@ -230,21 +231,27 @@ class VectorConfig(_Section):
         3.0, gt=0, description="Smallest car length the splitter keeps: a split leaving a "
         "shorter piece (a fragment of one car) is not made.")
     regularize: bool = Field(False, description="Replace each polygon by its min. rotated rectangle.")
-    min_truncated_area_m2: float = Field(
-        5.0, ge=0, description="A car cut by the scene's valid-data edge (`truncated`) smaller "
+    min_truncated_area_m2: float | None = Field(
+        None, ge=0, description="A car cut by the scene's valid-data edge (`truncated`) smaller "
         "than this is dropped: a sliver of a car that lies mostly outside the scene, which "
-        "people counting cars leave out (0 keeps every sliver).")
+        "people counting cars leave out (0 keeps every sliver). None = the model's choice "
+        "(learnt from the labels on validation chips at the scene's edge, recorded in the "
+        f"mask's tags by predict), else {DEFAULT_MIN_TRUNCATED_AREA_M2} m2.")
     format: Literal["gpkg", "geojson", "parquet"] = Field("gpkg", description="Output format.")
 
     def resolve(self, chosen: dict | None = None) -> VectorConfig:
-        """These settings with ``min_area_m2``/``min_mean_prob`` filled in where left unset:
-        from ``chosen`` (the model's post-processing, as predict records it), else defaults."""
+        """These settings with ``min_area_m2``/``min_mean_prob``/``min_truncated_area_m2``
+        filled in where left unset: from ``chosen`` (the model's post-processing, as predict
+        records it), else defaults. A value the user set always wins."""
         chosen = chosen or {}
+        truncated = self.min_truncated_area_m2 if self.min_truncated_area_m2 is not None \
+            else float(chosen.get("min_truncated_area_m2", DEFAULT_MIN_TRUNCATED_AREA_M2))
         area = self.min_area_m2 if self.min_area_m2 is not None else float(
             chosen.get("min_area_m2", DEFAULT_MIN_AREA_M2))
         prob = self.min_mean_prob if self.min_mean_prob is not None else float(
             chosen.get("min_mean_prob", 0.0))
-        return self.model_copy(update={"min_area_m2": area, "min_mean_prob": prob})
+        return self.model_copy(update={"min_area_m2": area, "min_mean_prob": prob,
+                                       "min_truncated_area_m2": truncated})
 
 
 class BatchConfig(_Section):
