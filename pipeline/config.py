@@ -280,6 +280,25 @@ class EvaluateConfig(_Section):
     )
 
 
+class SuggestConfig(_Section):
+    """Where to label next (``make suggest``): squares ranked by the model's uncertainty."""
+
+    top_n: int = Field(20, ge=1, description="Squares written to label_next.gpkg.")
+    band: float = Field(
+        0.2, gt=0, lt=1, description="A pixel is uncertain when its probability lies within "
+        "this of the car threshold.")
+    flip: bool = Field(
+        True, description="Score disagreement with the horizontally flipped prediction (two "
+        "forward passes per square, for the best flip_candidates x top_n squares only).")
+    flip_candidates: int = Field(
+        3, ge=1, description="How many times top_n squares get the flip check.")
+    training: bool = Field(
+        True, description="Rank the training scenes too (predicted once into a scratch "
+        "folder, compared with their labels).")
+    min_valid_fraction: float = Field(
+        0.5, ge=0, le=1, description="Squares with less valid (non-nodata) area are skipped.")
+
+
 class ReportConfig(_Section):
     """The HTML report (``make report``)."""
 
@@ -310,6 +329,7 @@ class Config(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    suggest: SuggestConfig = Field(default_factory=SuggestConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @model_validator(mode="after")
@@ -344,6 +364,9 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "evaluate": ("evaluate",),
     "batch": ("batch",),
     "report": ("report",),
+    # The threshold and training-scene predictions come from predict, the labels' burning
+    # from labels.
+    "suggest": ("predict", "labels", "suggest"),
 }
 
 

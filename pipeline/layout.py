@@ -87,3 +87,7 @@ class Layout:
     @property
     def metrics(self) -> Path:
         return self.out / EVALUATION / "metrics.json"
+
+    @property
+    def suggestions(self) -> Path:
+        return self.out / SUGGEST / "label_next.gpkg"
