@@ -15,6 +15,10 @@ a car whose other half lies on the next chip is neither a hit nor a miss here.
 
 At IoU >= 0.5 a car can overlap at most one other car that well, so matching is one to one
 without an assignment solver.
+
+The minimum area of cars cut by the scene's edge (``vectors.min_truncated_area_m2``) is chosen
+the same way on the validation chips at a scene's edge (``choose_truncated``): there a cut car
+is scored like any other, since whether such a car is labelled at all is the convention to learn.
 """
 
 from __future__ import annotations
