@@ -295,6 +295,9 @@ class SuggestConfig(_Section):
     training: bool = Field(
         True, description="Rank the training scenes too (predicted once into a scratch "
         "folder, compared with their labels).")
+    training_share: float = Field(
+        0.5, ge=0, le=1, description="Share of top_n taken from the training scenes (the "
+        "rest from the batch; either spills over when the other has too few squares).")
     min_valid_fraction: float = Field(
         0.5, ge=0, le=1, description="Squares with less valid (non-nodata) area are skipped.")
 

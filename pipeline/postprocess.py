@@ -428,7 +428,8 @@ def choose_truncated(chips, *, gsd: float, cfg: VectorConfig, post: dict,
     Returns:
         ``{"min_truncated_area_m2", "object_f1", "tp", "fp", "fn", "edge_chips",
         "truncated_predicted", "truncated_true", "table"}``; ``min_truncated_area_m2`` is None
-        when no chip shows a cut car (nothing to learn: vectors keeps its default). Ties go to
+        when no chip shows a cut car or no candidate finds any car right (nothing to learn:
+        vectors keeps its default). Ties go to
         the middle of the best candidates, between the sizes the labels keep and leave out.
     """
     cfg = cfg.resolve()
@@ -468,6 +469,8 @@ def choose_truncated(chips, *, gsd: float, cfg: VectorConfig, post: dict,
     tied = [i for i, f in enumerate(f1s) if f == max(f1s)]
     best = tied[(len(tied) - 1) // 2]
     tp, fp, fn = (int(v) for v in totals[best])
+    if tp == 0:
+        return out  # no car found right at any candidate: the labels teach nothing here
     out.update({"min_truncated_area_m2": float(areas[best]), "object_f1": f1_score(tp, fp, fn),
                 "tp": tp, "fp": fp, "fn": fn})
     return out

@@ -95,7 +95,7 @@ def build_suggestions(target: Path, sources: Sources, *, model_dir: Path, cfg: C
                          "to rank (suggest.min_valid_fraction)")
     if cfg.suggest.flip:
         _add_flip(squares, model_dir, threshold, cfg)
-    return _write(squares, target, cfg.suggest.top_n)
+    return _write(squares, target, cfg.suggest.top_n, cfg.suggest.training_share)
 
 
 def _score_training(sources: Sources, scratch_parent: Path, model_dir: Path, metadata: dict,
@@ -191,8 +191,8 @@ def _add_flip(squares: list[_Square], model_dir: Path, threshold: float, cfg: Co
     from pipeline.predict import get_bundle
 
     bundle = get_bundle(model_dir, "float32", "keras")
-    best = sorted(squares, key=_score, reverse=True)[:cfg.suggest.top_n
-                                                     * cfg.suggest.flip_candidates]
+    n = cfg.suggest.top_n * cfg.suggest.flip_candidates
+    best = _pick(squares, n, cfg.suggest.training_share)
     for sq in best:
         sq.shares["flip"] = _flip_share(sq, bundle, threshold)
 
@@ -226,7 +226,21 @@ def _flip_share(sq: _Square, bundle, threshold: float) -> float:
     return float(np.sum(differ & ok)) / max(int(ok.sum()), 1)
 
 
-def _write(squares: list[_Square], target: Path, top_n: int) -> Path:
+def _ranked(squares: list[_Square]) -> list[_Square]:
+    return sorted(squares, key=lambda sq: (-_score(sq), sq.scene, sq.window[1], sq.window[0]))
+
+
+def _pick(squares: list[_Square], top_n: int, share: float) -> list[_Square]:
+    """The best ``top_n``, ``share`` of them from the training scenes where both sets have
+    enough (a training square's label disagreement adds to its score, so without a quota the
+    batch, where new labels help most, would never show); the rest spill over either way."""
+    training = _ranked([sq for sq in squares if sq.kind == "training"])
+    batch = _ranked([sq for sq in squares if sq.kind == "batch"])
+    n_train = min(len(training), max(round(top_n * share), top_n - len(batch)))
+    return _ranked(training[:n_train] + batch[:top_n - n_train])
+
+
+def _write(squares: list[_Square], target: Path, top_n: int, share: float) -> Path:
     """The top squares as one styled layer (one CRS: the one most squares are in)."""
     from collections import Counter
 
@@ -234,8 +248,7 @@ def _write(squares: list[_Square], target: Path, top_n: int) -> Path:
 
     from pipeline.styles import suggest_qml, write_qml
 
-    ranked = sorted(squares, key=lambda sq: (-_score(sq), sq.scene, sq.window[1], sq.window[0]))
-    top = ranked[:top_n]
+    top = _pick(squares, top_n, share)
     crs = Counter(sq.crs.to_string() for sq in top).most_common(1)[0][0]
     frames = []
     for rank, sq in enumerate(top, start=1):

@@ -197,3 +197,14 @@ def test_truncated_minimum_precedence():
     assert VectorConfig().resolve({}).min_truncated_area_m2 == 5.0
     mine = VectorConfig(min_truncated_area_m2=2.0).resolve({"min_truncated_area_m2": "8"})
     assert mine.min_truncated_area_m2 == 2.0
+
+
+def test_truncated_minimum_needs_a_car_found_right():
+    """A model that finds no car right at the edge teaches nothing: the default stays."""
+    from pipeline.postprocess import choose_truncated
+
+    prob, mask = _edge_chip()
+    post = {"threshold": 0.95, "min_area_m2": 1.5, "min_mean_prob": 0.0}  # nothing predicted
+    left = (False, False, True, False)
+    got = choose_truncated([(prob, mask, left)], gsd=GSD, cfg=VectorConfig(), post=post)
+    assert got["min_truncated_area_m2"] is None and got["truncated_true"] == 2

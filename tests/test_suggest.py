@@ -14,8 +14,6 @@ from shapely.geometry import box
 
 from pipeline.cli import main
 
-pytestmark = pytest.mark.slow
-
 COLUMNS = ("rank", "scene", "reason", "score", "set", "uncertain", "flip", "false_cars",
            "missed_cars")
 
@@ -37,13 +35,68 @@ def _check_layer(target, top_n: int = 20) -> gpd.GeoDataFrame:
     return gdf
 
 
+def _known_batch(tmp_path):
+    """A 128 x 128 probability raster: one 64 px square near the threshold, one unsure at its
+    edge, the rest sure; a metadata-only bundle (no flip check, no training scenes)."""
+    import numpy as np
+    from conftest import write_scene
+
+    stored = np.full((1, 128, 128), 3, np.uint8)  # p ~ 0.01: sure, no car
+    stored[0, 64:, 64:] = 127  # p = 0.5: the model cannot decide
+    stored[0, :64, :8] = 140  # p ~ 0.55 on 1/8 of the top-left square
+    stored[0, :64, 64:] = 250  # sure cars
+    prob = write_scene(tmp_path / "out" / "probability" / "b.tif", stored, nodata=255)
+    image = write_scene(tmp_path / "images" / "b.tif", np.full((3, 128, 128), 90, np.uint8))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "metadata.json").write_text(json.dumps({
+        "bands": [1, 2, 3], "normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]},
+        "chip_size": 64, "threshold": 0.5, "dtype": "uint8", "gsd": 0.15}))
+    return image, prob, model
+
+
+def test_known_answer_ranking(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.suggest import Sources, build_suggestions
+
+    image, prob, model = _known_batch(tmp_path)
+    cfg = load_config(None, ["suggest.flip=false", "suggest.top_n=3"])
+    target = tmp_path / "out" / "suggest" / "label_next.gpkg"
+    build_suggestions(target, Sources(batch=((image, prob),)), model_dir=model, cfg=cfg)
+    gdf = gpd.read_file(target, layer="label_next")
+    assert list(gdf["rank"]) == [1, 2, 3]
+    first, second = gdf.iloc[0], gdf.iloc[1]
+    assert (first.col_off, first.row_off, first.uncertain) == (64, 64, 1.0)
+    assert first.reason == "probability near the threshold"
+    assert (second.col_off, second.row_off) == (0, 0)
+    assert second.uncertain == pytest.approx(1 / 8)
+    assert gdf.iloc[2].score == 0.0
+    assert target.with_suffix(".qml").read_text().startswith("<!DOCTYPE qgis")
+
+
+def test_training_share_keeps_the_batch_in(tmp_path):
+    from pipeline.suggest import _pick, _Square
+
+    def square(kind, score, i):
+        return _Square(kind, tmp_path, kind, (i, 0, 64, 64), None, None, 1.0,
+                       {"uncertain": score, "flip": 0.0, "false_cars": 0.0, "missed_cars": 0.0})
+
+    squares = ([square("training", 0.9, i) for i in range(10)]
+               + [square("batch", 0.1, i) for i in range(10)])
+    picked = _pick(squares, 10, 0.5)
+    assert [sq.kind for sq in picked] == ["training"] * 5 + ["batch"] * 5
+    assert [sq.kind for sq in _pick(squares[:12], 10, 0.5)] == ["training"] * 8 + ["batch"] * 2
+    assert [sq.kind for sq in _pick(squares, 4, 0.0)] == ["batch"] * 4
+
+
+@pytest.mark.slow
 def test_make_all_writes_ranked_squares(tiny_run):
     root, _env, proc = tiny_run
     out = root / "data" / "processed"
     target = out / "suggest" / "label_next.gpkg"
     assert target.exists() and target.with_suffix(".qml").exists()
     gdf = _check_layer(target)
-    assert set(gdf["set"]) <= {"batch", "training"}
+    assert set(gdf["set"]) == {"batch", "training"}  # half each (suggest.training_share)
     assert set(gdf["scene"]) <= ({p.stem for p in (root / "data" / "incoming").glob("*.tif")}
                                  | {p.stem for p in (root / "data" / "raw" / "images").glob(
                                      "*.tif")})
@@ -60,6 +113,7 @@ def test_make_all_writes_ranked_squares(tiny_run):
     assert "suggest" in proc.stdout
 
 
+@pytest.mark.slow
 def test_rerun_is_up_to_date_by_make_and_by_hand(tiny_run, tmp_path):
     root = tmp_path / "run"
     env = copy_run(tiny_run[0], root)
