@@ -407,6 +407,28 @@ def _edge_flags(labels: np.ndarray, n: int, valid: np.ndarray, border: tuple) ->
             ndimage.maximum(inner, labels, idx) > 0)
 
 
+def _edge_chip_counts(prob, mask, border, *, gsd: float, cfg: VectorConfig, post: dict,
+                      areas, envelopes: bool) -> tuple[np.ndarray, int, int]:
+    """(tp, fp, fn) per candidate on one chip at the scene's edge, and its cut cars (predicted,
+    true) that are not don't-care."""
+    split_cfg = cfg.model_copy(update={"min_area_m2": float(min(MIN_AREAS_M2))})
+    valid = mask != IGNORE
+    prob = np.asarray(prob, np.float32)
+    pred = find_objects((prob >= post["threshold"]) & valid, gsd=gsd, cfg=split_cfg,
+                        valid=valid, prob=prob)
+    truth = find_objects(mask == 1, gsd=gsd, cfg=split_cfg, valid=valid)
+    p_trunc, pred.dont_care = _edge_flags(pred.labels, len(pred.area_m2), valid, border)
+    t_trunc, truth.dont_care = _edge_flags(truth.labels, len(truth.area_m2), valid, border)
+    found = partners(pred, truth, envelopes=envelopes)
+    base = ((pred.area_m2 >= post["min_area_m2"]) & (pred.area_m2 <= cfg.max_area_m2)
+            & (np.nan_to_num(pred.mean_prob, nan=1.0) >= post["min_mean_prob"]))
+    counts = np.zeros((len(areas), 3), np.int64)
+    for i, a in enumerate(areas):
+        counts[i] = count(pred, truth, base & ~(p_trunc & (pred.area_m2 < a)), found)[:3]
+    return (counts, int((p_trunc & ~pred.dont_care).sum()),
+            int((t_trunc & ~truth.dont_care).sum()))
+
+
 def choose_truncated(chips, *, gsd: float, cfg: VectorConfig, post: dict,
                      areas=TRUNCATED_AREAS_M2, envelopes: bool = False) -> dict:
     """Pick ``min_truncated_area_m2`` on the validation chips at the scene's edge by object F1.
@@ -433,8 +455,6 @@ def choose_truncated(chips, *, gsd: float, cfg: VectorConfig, post: dict,
         the middle of the best candidates, between the sizes the labels keep and leave out.
     """
     cfg = cfg.resolve()
-    split_cfg = cfg.model_copy(update={"min_area_m2": float(min(MIN_AREAS_M2))})
-    th, min_area, min_prob = post["threshold"], post["min_area_m2"], post["min_mean_prob"]
     totals = np.zeros((len(areas), 3), np.int64)
     n_chips = n_pred = n_true = 0
     for prob, mask, border in chips:
@@ -442,20 +462,11 @@ def choose_truncated(chips, *, gsd: float, cfg: VectorConfig, post: dict,
         if not any(border) and valid.all():
             continue  # not at the scene's edge: no car here is truncated
         n_chips += 1
-        prob = np.asarray(prob, np.float32)
-        pred = find_objects((prob >= th) & valid, gsd=gsd, cfg=split_cfg, valid=valid,
-                            prob=prob)
-        truth = find_objects(mask == 1, gsd=gsd, cfg=split_cfg, valid=valid)
-        p_trunc, pred.dont_care = _edge_flags(pred.labels, len(pred.area_m2), valid, border)
-        t_trunc, truth.dont_care = _edge_flags(truth.labels, len(truth.area_m2), valid, border)
-        n_pred += int((p_trunc & ~pred.dont_care).sum())
-        n_true += int((t_trunc & ~truth.dont_care).sum())
-        found = partners(pred, truth, envelopes=envelopes)
-        base = ((pred.area_m2 >= min_area) & (pred.area_m2 <= cfg.max_area_m2)
-                & (np.nan_to_num(pred.mean_prob, nan=1.0) >= min_prob))
-        for i, a in enumerate(areas):
-            keep = base & ~(p_trunc & (pred.area_m2 < a))
-            totals[i] += count(pred, truth, keep, found)[:3]
+        counts, cut_pred, cut_true = _edge_chip_counts(prob, mask, border, gsd=gsd, cfg=cfg,
+                                                       post=post, areas=areas,
+                                                       envelopes=envelopes)
+        totals += counts
+        n_pred, n_true = n_pred + cut_pred, n_true + cut_true
     f1s = [round(f1_score(*t), 6) for t in totals]
     table = [{"min_truncated_area_m2": float(a), "f1": round(f, 4), "tp": int(t[0]),
               "fp": int(t[1]), "fn": int(t[2])} for a, f, t in zip(areas, f1s, totals,

@@ -56,6 +56,15 @@ class Sources:
     labels: tuple[Path, ...] = ()  # their label files
 
 
+@dataclass(frozen=True)
+class _Context:
+    """What every square is scored with: the bundle's metadata, the threshold, the settings."""
+
+    metadata: dict
+    threshold: float
+    cfg: Config
+
+
 @dataclass
 class _Square:
     scene: str
@@ -85,11 +94,12 @@ def build_suggestions(target: Path, sources: Sources, *, model_dir: Path, cfg: C
     target = Path(target)
     metadata = read_metadata(model_dir)
     threshold = cfg.predict.threshold or float(metadata["threshold"])
+    ctx = _Context(metadata, threshold, cfg)
     squares = []
     for image, prob in sources.batch:
-        squares += _score_scene(image, prob, "batch", None, metadata, threshold, cfg)
+        squares += _score_scene(image, prob, "batch", None, ctx)
     if sources.training and cfg.suggest.training:
-        squares += _score_training(sources, target.parent, model_dir, metadata, threshold, cfg)
+        squares += _score_training(sources, target.parent, model_dir, ctx)
     if not squares:
         raise InputError(f"{target.parent}: no square of any scene has enough valid pixels "
                          "to rank (suggest.min_valid_fraction)")
@@ -98,19 +108,20 @@ def build_suggestions(target: Path, sources: Sources, *, model_dir: Path, cfg: C
     return _write(squares, target, cfg.suggest.top_n, cfg.suggest.training_share)
 
 
-def _score_training(sources: Sources, scratch_parent: Path, model_dir: Path, metadata: dict,
-                    threshold: float, cfg: Config) -> list[_Square]:
+def _score_training(sources: Sources, scratch_parent: Path, model_dir: Path, ctx: _Context
+                    ) -> list[_Square]:
     """Predict each training scene once into scratch and score its squares against labels."""
     from pipeline.predict import predict_scene
     from pipeline.rasterize import load_labels
 
+    cfg = ctx.cfg
     labels = load_labels(list(sources.labels), cfg=cfg.labels) if sources.labels else None
     squares: list[_Square] = []
     scratch_parent.mkdir(parents=True, exist_ok=True)
     with temp_dir(scratch_parent) as tmp:
         for image in sources.training:
             prob, _mask = predict_scene(image, model_dir, tmp, cfg=cfg.predict)
-            squares += _score_scene(image, prob, "training", labels, metadata, threshold, cfg)
+            squares += _score_scene(image, prob, "training", labels, ctx)
     return squares
 
 
@@ -123,17 +134,17 @@ def _square_side(src, metadata: dict) -> int:
     return max(8, round(chip * float(model_gsd) / gsd_m(src.transform, src.crs)))
 
 
-def _score_scene(image: Path, prob_tif: Path, kind: str, labels, metadata: dict,
-                 threshold: float, cfg: Config) -> list[_Square]:
+def _score_scene(image: Path, prob_tif: Path, kind: str, labels, ctx: _Context
+                 ) -> list[_Square]:
     """Every whole square of one scene with enough valid pixels, with its cheap shares."""
     from rasterio.windows import Window
     from rasterio.windows import bounds as window_bounds
     from shapely.geometry import box
 
-    s = cfg.suggest
+    cfg, s, threshold = ctx.cfg, ctx.cfg.suggest, ctx.threshold
     out = []
     with open_scene(prob_tif) as src:
-        side = min(_square_side(src, metadata), src.width, src.height)
+        side = min(_square_side(src, ctx.metadata), src.width, src.height)
         near = _labels_near(labels, src, cfg) if labels is not None else None
         for win in grid_windows(src.width, src.height, side, 0, edge="fit"):
             stored = src.read(1, window=win)
