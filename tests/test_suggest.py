@@ -110,6 +110,10 @@ def test_make_all_writes_ranked_squares(tiny_run):
     meta = json.loads((root / "model" / "metadata.json").read_text())
     assert "min_truncated_area_m2" in meta["postprocess"]
     assert "table" in meta["postprocess"]["truncated"]
+    chosen = meta["postprocess"]["min_truncated_area_m2"]
+    with rasterio.open(sorted((out / "masks").glob("*.tif"))[0]) as src:
+        tag = src.tags().get("min_truncated_area_m2")
+    assert tag == (None if chosen is None else f"{chosen:g}")  # what vectors will use
     assert "suggest" in proc.stdout
 
 
