@@ -48,14 +48,14 @@ REPORT := $(REPORTS)/$(RUN)
 PATHS = --data $(call q,$(DATA)) --images $(call q,$(IMAGES)) --out $(call q,$(OUT)) \
   --model-dir $(call q,$(MODEL_DIR)) --report $(call q,$(REPORT)) --truth $(call q,$(TRUTH)) \
   $(if $(strip $(ZONES)),--zones $(call q,$(ZONES)))
-PIPELINE_GOALS := sample tiles masks train predict vectors batch evaluate report all
+PIPELINE_GOALS := sample tiles masks train predict vectors batch suggest evaluate report all
 GOALS := $(filter $(PIPELINE_GOALS),$(MAKECMDGOALS))
 # $(call chain,TARGET): the command's pipeline targets as one run, once (by the first).
 chain = $(if $(filter $(1),$(firstword $(or $(GOALS),$(1)))),$(CLI) run $(or $(GOALS),$(1)) \
   $(PATHS) $(CFG) $(BATCH),true)
 
-.PHONY: help install install-dev guard sample tiles masks train predict vectors batch evaluate \
-        report all base demo bench bench-gpu test lint clean
+.PHONY: help install install-dev guard sample tiles masks train predict vectors batch suggest \
+        evaluate report all base demo bench bench-gpu test lint clean
 
 help: ## list every target with one line
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -102,13 +102,16 @@ vectors: $(INSTALLED) ## car polygons for every predicted scene (predicts first;
 batch: $(INSTALLED) ## one car layer, mosaics, counts and a STAC catalog for IMAGES (never trains)
 	@$(call chain,batch)
 
+suggest: $(INSTALLED) ## squares to label next, ranked, in OUT/suggest/label_next.gpkg (never trains)
+	@$(call chain,suggest)
+
 evaluate: $(INSTALLED) ## metrics of the predicted scenes against TRUTH (never trains)
 	@$(call chain,evaluate)
 
 report: $(INSTALLED) ## an HTML report with plots and overlays (never trains)
 	@$(call chain,report)
 
-all: $(INSTALLED) ## train, predict + vectors + batch on IMAGES, evaluate where TRUTH exists, report
+all: $(INSTALLED) ## train, predict + vectors + batch + suggest on IMAGES, evaluate where TRUTH exists, report
 	@$(call chain,all)
 
 # The base model (pipeline/base.py): generated scenes only, trained with configs/base.yaml in

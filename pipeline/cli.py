@@ -115,6 +115,7 @@ def _print_outputs(lay: Layout) -> None:
     print(f"  cars         {lay.out}/cars/<scene>.gpkg, {lay.summary}")
     print(f"  batch        {lay.out}/batch/ (cars.gpkg, cars.parquet, mosaics, counts, "
           "catalog.json)")
+    print(f"  suggest      {lay.suggestions} (squares to label next)")
     if lay.truth is not None and vector_file(lay.truth).exists():
         print(f"  metrics      {lay.metrics}")
     print(f"  report       {lay.report}/index.html")
@@ -181,6 +182,14 @@ def cmd_batch(args) -> int:
     return run_stage("batch", _job(args, layout, "batch"))
 
 
+def cmd_suggest(args) -> int:
+    data = args.data
+    layout = Layout(images=args.images, out=args.out, model_dir=args.model_dir,
+                    raw_images=data / "raw" / "images" if data else None,
+                    labels=data / "raw" / "labels" if data else None)
+    return run_stage("suggest", _job(args, layout, "suggest"))
+
+
 def cmd_evaluate(args) -> int:
     layout = Layout(out=args.out, truth=args.truth, images=args.images)
     return run_stage("evaluate", _job(args, layout, "evaluate"))
@@ -244,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run make targets on DATA/IMAGES/OUT, several as one chain")
     p.add_argument("targets", nargs="+", metavar="TARGET",
-                   help="make targets: sample tiles masks train predict vectors batch evaluate "
-                        "report all")
+                   help="make targets: sample tiles masks train predict vectors batch suggest "
+                        "evaluate report all")
     _layout_flags(p)
     _finish(p, cmd_run, settings=None, batch=True)
 
@@ -312,6 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zones", type=Path, default=None,
                    help="polygons to count cars in (any vector format and CRS)")
     _finish(p, cmd_batch, batch=True)
+
+    p = sub.add_parser("suggest", help="squares to label next, ranked by the model's "
+                                       "uncertainty (OUT/suggest/label_next.gpkg)")
+    p.add_argument("--images", type=Path, required=True, help="folder of the batch's GeoTIFFs")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output root (reads probability/; writes suggest/)")
+    p.add_argument("--model-dir", type=Path, required=True)
+    p.add_argument("--data", type=Path, default=None,
+                   help="data root: its training scenes (raw/images) are ranked too, against "
+                        "their labels (raw/labels)")
+    _finish(p, cmd_suggest, force="rank again even when up to date")
 
     p = sub.add_parser("evaluate", help="pixel and object metrics against ground truth")
     p.add_argument("--out", type=Path, required=True, help="output root of predictions")

@@ -227,6 +227,7 @@ class PredictConfig(_Section):
 
 
 DEFAULT_MIN_AREA_M2 = 3.0  # vectors.min_area_m2 for a model that recorded no choice
+DEFAULT_MIN_TRUNCATED_AREA_M2 = 5.0  # vectors.min_truncated_area_m2, likewise
 
 
 class VectorConfig(_Section):
@@ -256,21 +257,27 @@ class VectorConfig(_Section):
         3.0, gt=0, description="Smallest car length the splitter keeps: a split leaving a "
         "shorter piece (a fragment of one car) is not made.")
     regularize: bool = Field(False, description="Replace each polygon by its min. rotated rectangle.")
-    min_truncated_area_m2: float = Field(
-        5.0, ge=0, description="A car cut by the scene's valid-data edge (`truncated`) smaller "
+    min_truncated_area_m2: float | None = Field(
+        None, ge=0, description="A car cut by the scene's valid-data edge (`truncated`) smaller "
         "than this is dropped: a sliver of a car that lies mostly outside the scene, which "
-        "people counting cars leave out (0 keeps every sliver).")
+        "people counting cars leave out (0 keeps every sliver). None = the model's choice "
+        "(learnt from the labels on validation chips at the scene's edge, recorded in the "
+        f"mask's tags by predict), else {DEFAULT_MIN_TRUNCATED_AREA_M2} m2.")
     format: Literal["gpkg", "geojson", "parquet"] = Field("gpkg", description="Output format.")
 
     def resolve(self, chosen: dict | None = None) -> VectorConfig:
-        """These settings with ``min_area_m2``/``min_mean_prob`` filled in where left unset:
-        from ``chosen`` (the model's post-processing, as predict records it), else defaults."""
+        """These settings with ``min_area_m2``/``min_mean_prob``/``min_truncated_area_m2``
+        filled in where left unset: from ``chosen`` (the model's post-processing, as predict
+        records it), else defaults. A value the user set always wins."""
         chosen = chosen or {}
+        truncated = self.min_truncated_area_m2 if self.min_truncated_area_m2 is not None \
+            else float(chosen.get("min_truncated_area_m2", DEFAULT_MIN_TRUNCATED_AREA_M2))
         area = self.min_area_m2 if self.min_area_m2 is not None else float(
             chosen.get("min_area_m2", DEFAULT_MIN_AREA_M2))
         prob = self.min_mean_prob if self.min_mean_prob is not None else float(
             chosen.get("min_mean_prob", 0.0))
-        return self.model_copy(update={"min_area_m2": area, "min_mean_prob": prob})
+        return self.model_copy(update={"min_area_m2": area, "min_mean_prob": prob,
+                                       "min_truncated_area_m2": truncated})
 
 
 class BatchConfig(_Section):
@@ -297,6 +304,28 @@ class EvaluateConfig(_Section):
     size_bins_m2: list[float] = Field(
         default_factory=lambda: [0, 6, 8, 10, 1e9], description="Car area bins for recall by size."
     )
+
+
+class SuggestConfig(_Section):
+    """Where to label next (``make suggest``): squares ranked by the model's uncertainty."""
+
+    top_n: int = Field(20, ge=1, description="Squares written to label_next.gpkg.")
+    band: float = Field(
+        0.2, gt=0, lt=1, description="A pixel is uncertain when its probability lies within "
+        "this of the car threshold.")
+    flip: bool = Field(
+        True, description="Score disagreement with the horizontally flipped prediction (two "
+        "forward passes per square, for the best flip_candidates x top_n squares only).")
+    flip_candidates: int = Field(
+        3, ge=1, description="How many times top_n squares get the flip check.")
+    training: bool = Field(
+        True, description="Rank the training scenes too (predicted once into a scratch "
+        "folder, compared with their labels).")
+    training_share: float = Field(
+        0.5, ge=0, le=1, description="Share of top_n taken from the training scenes (the "
+        "rest from the batch; either spills over when the other has too few squares).")
+    min_valid_fraction: float = Field(
+        0.5, ge=0, le=1, description="Squares with less valid (non-nodata) area are skipped.")
 
 
 class ReportConfig(_Section):
@@ -330,6 +359,7 @@ class Config(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    suggest: SuggestConfig = Field(default_factory=SuggestConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @model_validator(mode="after")
@@ -365,6 +395,9 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "evaluate": ("evaluate",),
     "batch": ("batch",),
     "report": ("report",),
+    # The threshold and training-scene predictions come from predict, the labels' burning
+    # from labels.
+    "suggest": ("predict", "labels", "suggest"),
 }
 
 

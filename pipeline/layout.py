@@ -105,6 +105,10 @@ class Layout:
     def metrics(self) -> Path:
         return self.out / EVALUATION / "metrics.json"
 
+    @property
+    def suggestions(self) -> Path:
+        return self.out / SUGGEST / "label_next.gpkg"
+
 
 def check_outputs_apart(outputs: dict[str, Path | str | None],
                         inputs: dict[str, Path | str | None]) -> None:

@@ -15,6 +15,10 @@ a car whose other half lies on the next chip is neither a hit nor a miss here.
 
 At IoU >= 0.5 a car can overlap at most one other car that well, so matching is one to one
 without an assignment solver.
+
+The minimum area of cars cut by the scene's edge (``vectors.min_truncated_area_m2``) is chosen
+the same way on the validation chips at a scene's edge (``choose_truncated``): there a cut car
+is scored like any other, since whether such a car is labelled at all is the convention to learn.
 """
 
 from __future__ import annotations
@@ -371,3 +375,113 @@ def object_f1(chips, *, gsd: float, cfg: VectorConfig, threshold: float = 0.5,
     return choose(chips, gsd=gsd, cfg=cfg, thresholds=(threshold,),
                   min_areas=(cfg.min_area_m2,), min_mean_probs=(0.0,), refine=False,
                   split=split, envelopes=envelopes)["object_f1"]
+
+
+# === The truncated-car rule, learnt from the labels ===
+
+# Candidates for vectors.min_truncated_area_m2: from "keep every sliver" to "only cars mostly
+# inside" (a whole car covers about 8-10 m2), so a labeller's convention either way is found.
+TRUNCATED_AREAS_M2 = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 12.0)
+
+
+def _edge_flags(labels: np.ndarray, n: int, valid: np.ndarray, border: tuple) -> tuple:
+    """Per car: truncated (touches the scene's void) and cut (touches the chip's inner sides).
+
+    ``border`` says which chip sides (top, bottom, left, right) lie on the scene's border:
+    beyond those the scene ends; beyond the others lies the next chip, where the car may go on.
+    """
+    top, bottom, left, right = border
+    void = np.pad(~valid, 1, constant_values=False)
+    void[0, :], void[-1, :] = top, bottom
+    void[:, 0], void[:, -1] = left, right
+    near_void = ndimage.binary_dilation(void, structure=_EIGHT)[1:-1, 1:-1]
+    inner = np.zeros(labels.shape, bool)
+    for side, on_border in zip(((0, slice(None)), (-1, slice(None)), (slice(None), 0),
+                                (slice(None), -1)), border, strict=True):
+        if not on_border:
+            inner[side] = True
+    if not n:
+        return np.zeros(0, bool), np.zeros(0, bool)
+    idx = np.arange(1, n + 1)
+    return (ndimage.maximum(near_void, labels, idx) > 0,
+            ndimage.maximum(inner, labels, idx) > 0)
+
+
+def _edge_chip_counts(prob, mask, border, *, gsd: float, cfg: VectorConfig, post: dict,
+                      areas, envelopes: bool) -> tuple[np.ndarray, int, int]:
+    """(tp, fp, fn) per candidate on one chip at the scene's edge, and its cut cars (predicted,
+    true) that are not don't-care."""
+    split_cfg = cfg.model_copy(update={"min_area_m2": float(min(MIN_AREAS_M2))})
+    valid = mask != IGNORE
+    prob = np.asarray(prob, np.float32)
+    pred = find_objects((prob >= post["threshold"]) & valid, gsd=gsd, cfg=split_cfg,
+                        valid=valid, prob=prob)
+    truth = find_objects(mask == 1, gsd=gsd, cfg=split_cfg, valid=valid)
+    p_trunc, pred.dont_care = _edge_flags(pred.labels, len(pred.area_m2), valid, border)
+    t_trunc, truth.dont_care = _edge_flags(truth.labels, len(truth.area_m2), valid, border)
+    found = partners(pred, truth, envelopes=envelopes)
+    base = ((pred.area_m2 >= post["min_area_m2"]) & (pred.area_m2 <= cfg.max_area_m2)
+            & (np.nan_to_num(pred.mean_prob, nan=1.0) >= post["min_mean_prob"]))
+    counts = np.zeros((len(areas), 3), np.int64)
+    for i, a in enumerate(areas):
+        counts[i] = count(pred, truth, base & ~(p_trunc & (pred.area_m2 < a)), found)[:3]
+    return (counts, int((p_trunc & ~pred.dont_care).sum()),
+            int((t_trunc & ~truth.dont_care).sum()))
+
+
+def choose_truncated(chips, *, gsd: float, cfg: VectorConfig, post: dict,
+                     areas=TRUNCATED_AREAS_M2, envelopes: bool = False) -> dict:
+    """Pick ``min_truncated_area_m2`` on the validation chips at the scene's edge by object F1.
+
+    Labellers differ on cars cut by the scene's edge: some draw every sliver, some only cars
+    mostly inside. A cut car counts here like any other (a hit, a false car, a miss), so the
+    minimum area at which the labels stop leaving cut cars out is where F1 peaks. Cars cut
+    by a chip's inner side (the car goes on in the next chip) are don't-care, as in ``choose``.
+
+    Args:
+        chips: iterable of ``(prob, mask, border)``: as ``choose`` takes them, plus which chip
+            sides (top, bottom, left, right) lie on the scene's border.
+        gsd: pixel size in metres.
+        cfg: vector settings.
+        post: ``choose``'s result (threshold, min_area_m2, min_mean_prob are held fixed).
+        areas: the candidates.
+        envelopes: match by box IoU (see ``partners``).
+
+    Returns:
+        ``{"min_truncated_area_m2", "object_f1", "tp", "fp", "fn", "edge_chips",
+        "truncated_predicted", "truncated_true", "table"}``; ``min_truncated_area_m2`` is None
+        when no chip shows a cut car or no candidate finds any car right (nothing to learn:
+        vectors keeps its default). Ties go to
+        the middle of the best candidates, between the sizes the labels keep and leave out.
+    """
+    cfg = cfg.resolve()
+    totals = np.zeros((len(areas), 3), np.int64)
+    n_chips = n_pred = n_true = 0
+    for prob, mask, border in chips:
+        valid = mask != IGNORE
+        if not any(border) and valid.all():
+            continue  # not at the scene's edge: no car here is truncated
+        n_chips += 1
+        counts, cut_pred, cut_true = _edge_chip_counts(prob, mask, border, gsd=gsd, cfg=cfg,
+                                                       post=post, areas=areas,
+                                                       envelopes=envelopes)
+        totals += counts
+        n_pred, n_true = n_pred + cut_pred, n_true + cut_true
+    f1s = [round(f1_score(*t), 6) for t in totals]
+    table = [{"min_truncated_area_m2": float(a), "f1": round(f, 4), "tp": int(t[0]),
+              "fp": int(t[1]), "fn": int(t[2])} for a, f, t in zip(areas, f1s, totals,
+                                                                    strict=True)]
+    out = {"min_truncated_area_m2": None, "object_f1": None, "tp": 0, "fp": 0, "fn": 0,
+           "edge_chips": n_chips, "truncated_predicted": n_pred, "truncated_true": n_true,
+           "chosen_by": "object F1 at IoU 0.5 on the validation chips at the scene's edge",
+           "table": table}
+    if n_pred + n_true == 0:
+        return out
+    tied = [i for i, f in enumerate(f1s) if f == max(f1s)]
+    best = tied[(len(tied) - 1) // 2]
+    tp, fp, fn = (int(v) for v in totals[best])
+    if tp == 0:
+        return out  # no car found right at any candidate: the labels teach nothing here
+    out.update({"min_truncated_area_m2": float(areas[best]), "object_f1": f1_score(tp, fp, fn),
+                "tp": tp, "fp": fp, "fn": fn})
+    return out

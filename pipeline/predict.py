@@ -661,7 +661,8 @@ def predict_scene(scene: Path, model_dir: Path, out_dir: Path, *,
                     "engine": bundle.metadata["inference_engine"]}
             # The model's post-processing, chosen on validation: vectors reads it from here.
             chosen = bundle.metadata.get("postprocess", {})
-            tags.update({k: f"{chosen[k]:g}" for k in ("min_area_m2", "min_mean_prob")
+            tags.update({k: f"{chosen[k]:g}" for k in ("min_area_m2", "min_mean_prob",
+                                                       "min_truncated_area_m2")
                          if chosen.get(k) is not None})
             out_dir.mkdir(parents=True, exist_ok=True)
             # Intermediates live beside the outputs (same disk, scene-sized), hidden from scene

@@ -132,6 +132,10 @@ def _scene_labels(labels, bounds, crs, cfg: LabelConfig):
     return near.reset_index(drop=True)
 
 
+# Public: suggest compares a whole scene's prediction with its labels the same way.
+scene_labels = _scene_labels
+
+
 # === Masks ===
 
 def rasterize_scene(scene_chips_gpkg: Path, labels, masks_dir: Path, *, cfg: LabelConfig) -> Path:

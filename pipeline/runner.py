@@ -53,6 +53,7 @@ from pipeline.layout import (
     OUT_FOLDERS,
     OUT_MASKS,
     PROBABILITY,
+    SUGGEST,
     Layout,
     check_outputs_apart,
 )
@@ -620,6 +621,45 @@ def _run_batch(job: Job, items: dict[str, Item]) -> Outcome:
     return Outcome(done=[STAGE_ITEM])
 
 
+# --- suggest ---
+
+def _plan_suggest(job: Job) -> dict[str, Item]:
+    """One item: the batch's probability rasters, the training scenes and labels, the bundle."""
+    from pipeline.model import check_bundle
+
+    lay = job.layout
+    check_bundle(lay.model_dir)  # suggest never trains: no model is one line, before any work
+    inputs: dict[str, Any] = {**_bundle_inputs(lay), "settings": settings_digest(job, "suggest")}
+    for scene in _scenes(lay.images, "to rank"):
+        name = scene_name(scene)
+        if lay.probability(name).exists():  # a scene predict failed on has nothing to rank
+            inputs.update({f"scene/{name}": scene, f"probability/{name}": lay.probability(name)})
+    if job.cfg.suggest.training and lay.raw_images is not None and lay.raw_images.is_dir():
+        for scene in list_scenes(lay.raw_images):
+            inputs[f"training/{scene_name(scene)}"] = scene
+        for path in list_vectors(lay.labels) if lay.labels is not None else []:
+            inputs[f"labels/{path.name}"] = path
+    if not any(k.startswith(("probability/", "training/")) for k in inputs):
+        raise InputError(f"{lay.out / PROBABILITY}: no predicted scenes; run `make predict` "
+                         "first")
+    target = lay.suggestions
+    return {STAGE_ITEM: Item(None, inputs, [target, target.with_suffix(".qml")])}
+
+
+def _run_suggest(job: Job, items: dict[str, Item]) -> Outcome:
+    from pipeline.suggest import Sources, build_suggestions
+
+    inputs = items[STAGE_ITEM].inputs
+    pick = lambda prefix: [v for k, v in sorted(inputs.items()) if k.startswith(prefix)]  # noqa: E731
+    sources = Sources(batch=tuple(zip(pick("scene/"), pick("probability/"), strict=True)),
+                      training=tuple(pick("training/")), labels=tuple(pick("labels/")))
+    import_keras_quietly(job.debug)
+    path = build_suggestions(job.layout.suggestions, sources, model_dir=job.layout.model_dir,
+                             cfg=job.cfg)
+    log.info("squares to label next: %s", path)
+    return Outcome(done=[STAGE_ITEM])
+
+
 # --- evaluate ---
 
 def _vector_input(role: str, spec: Path, missing: str) -> dict[str, Any]:
@@ -717,6 +757,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
                        "OUT/cars": _out(CARS)(lay), "OUT/masks": _out(OUT_MASKS)(lay),
                        "OUT/probability": _out(PROBABILITY)(lay)},
           lambda lay: {"OUT/batch": _out(BATCH)(lay)}, _plan_batch, _run_batch),
+    Stage("suggest", lambda lay: lay.out,
+          lambda lay: {"IMAGES": lay.images, "MODEL_DIR": lay.model_dir,
+                       "DATA/raw/images": lay.raw_images, "LABELS": lay.labels,
+                       "OUT/probability": _out(PROBABILITY)(lay)},
+          lambda lay: {"OUT/suggest": _out(SUGGEST)(lay)}, _plan_suggest, _run_suggest),
     Stage("evaluate", lambda lay: lay.out,
           lambda lay: {"TRUTH": vector_file(lay.truth), "OUT/cars": _out(CARS)(lay),
                        "OUT/masks": _out(OUT_MASKS)(lay)},
@@ -761,10 +806,11 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "batch": ("predict", "vectors", "batch"),
     "evaluate": ("predict", "vectors", "evaluate"),
     "report": ("predict", "vectors", "batch", "evaluate?", "report"),
-    "all": ("train", "predict", "vectors", "batch", "evaluate?", "report"),
+    "suggest": ("predict", "suggest"),
+    "all": ("train", "predict", "vectors", "batch", "suggest", "evaluate?", "report"),
 }
-ORDER = ("sample", "tile", "masks", "index", "train", "predict", "vectors", "batch", "evaluate",
-         "report")
+ORDER = ("sample", "tile", "masks", "index", "train", "predict", "vectors", "batch", "suggest",
+         "evaluate", "report")
 
 
 def stages_for(targets: list[str]) -> list[str]:

@@ -11,12 +11,14 @@ templates below are QGIS 3 QML; they carry both the ``<Option>`` maps of QGIS >=
   to red at 254; 255 transparent;
 - mask rasters: 1 red, 0 and 255 transparent;
 - density (cars/ha, float, nodata -9999): a white-to-purple ramp;
-- zones: fill graduated by ``cars_per_ha``.
+- zones: fill graduated by ``cars_per_ha``;
+- squares to label next: outline graduated by ``rank``, the first ones red.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import sqlite3
 import warnings
 from collections.abc import Iterator
@@ -80,6 +82,17 @@ def zones_qml(max_density: float) -> str:
                for i, c in enumerate(colours)]
     return (_HEADER + f'<qgis version="{QGIS_VERSION}" styleCategories="Symbology">'
             + _graduated("cars_per_ha", classes, filled=True)
+            + "<layerGeometryType>2</layerGeometryType></qgis>\n")
+
+
+def suggest_qml(n: int) -> str:
+    """Squares to label next: outline graduated by ``rank``, red for the first quarter."""
+    colours = ["215,25,28,255", "253,174,97,255", "255,255,191,255", "171,217,233,255"]
+    step = max(n / 4, 1.0)
+    classes = [(1 + step * i - 0.5, 1 + step * (i + 1) - 0.5 if i < 3 else 1e9, c,
+                f"rank {math.ceil(1 + step * i)}+") for i, c in enumerate(colours)]
+    return (_HEADER + f'<qgis version="{QGIS_VERSION}" styleCategories="Symbology">'
+            + _graduated("rank", classes, filled=False)
             + "<layerGeometryType>2</layerGeometryType></qgis>\n")
 
 

@@ -617,7 +617,7 @@ def _run(chips_dir, model_dir, cfg, records, train_recs, val_recs, stats, normal
     import keras
 
     from pipeline.dataset import box_labels_wanted
-    from pipeline.postprocess import choose
+    from pipeline.postprocess import choose, choose_truncated
 
     t = cfg.train
     cache = t.cache_in_memory and _fits_in_memory(records, bands)
@@ -710,6 +710,11 @@ def _run(chips_dir, model_dir, cfg, records, train_recs, val_recs, stats, normal
     val_chips: list = []
     counts, _ = evaluate(model, val_data, THRESHOLDS, val_chips)
     post = choose(val_chips, gsd=gsd, cfg=cfg.vectors, envelopes=labels_are_boxes)
+    # The cut-car rule from the labels at the scene's edge (labellers differ on cut cars).
+    borders = scene_borders(chips_dir, val_data.records)
+    truncated = choose_truncated(
+        [(prob, mask, border) for (prob, mask), border in zip(val_chips, borders, strict=True)],
+        gsd=gsd, cfg=cfg.vectors, post=post, envelopes=labels_are_boxes)
     threshold = post["threshold"]
     k = int(np.argmin(np.abs(THRESHOLDS - threshold)))
     val_metrics = scores(*counts[k])
@@ -730,6 +735,10 @@ def _run(chips_dir, model_dir, cfg, records, train_recs, val_recs, stats, normal
         # meant to drop cars under min_area_m2 or with a mean probability under min_mean_prob.
         "postprocess": {"threshold": threshold, "min_area_m2": post["min_area_m2"],
                         "min_mean_prob": post["min_mean_prob"],
+                        # None: no cut car on the validation chips; vectors keeps its default.
+                        "min_truncated_area_m2": truncated["min_truncated_area_m2"],
+                        "truncated": {k: v for k, v in truncated.items()
+                                      if k != "min_truncated_area_m2"},
                         "chosen_by": "object F1 at IoU 0.5 on the validation chips",
                         "object_f1": post["object_f1"], "precision": post["precision"],
                         "recall": post["recall"], "tp": post["tp"], "fp": post["fp"],
@@ -761,6 +770,32 @@ def _run(chips_dir, model_dir, cfg, records, train_recs, val_recs, stats, normal
     }
     # The bundle model carries no optimizer or loss: safe-mode loading needs no custom objects.
     return save_bundle(_inference_model(model, bands, cfg), metadata, model_dir)
+
+
+def scene_borders(chips_dir: Path, records: list[ChipRecord]) -> list[tuple[bool, ...]]:
+    """Which sides (top, bottom, left, right) of each chip lie on its scene's border.
+
+    The scene's extent is that of its chips (``index.gpkg``): tiling shifts the last chip of a
+    row or column back to end at the scene's edge, so the extent is the scene's own unless
+    that chip was skipped as mostly nodata, where the nodata marks the edge instead.
+    """
+    import pyogrio
+
+    from pipeline.io import INDEX_FILE, gdal_safe_name
+
+    with gdal_safe_name(Path(chips_dir) / INDEX_FILE) as safe:
+        table = pyogrio.read_dataframe(safe, read_geometry=False)
+    table["row_end"] = table["row_off"] + table["height"]
+    table["col_end"] = table["col_off"] + table["width"]
+    extent = table.groupby("scene").agg(r0=("row_off", "min"), c0=("col_off", "min"),
+                                        r1=("row_end", "max"), c1=("col_end", "max"))
+    rows = table.set_index(["scene", "chip"])
+    out = []
+    for rec in records:
+        chip, ext = rows.loc[(rec.scene, rec.chip)], extent.loc[rec.scene]
+        out.append((bool(chip.row_off <= ext.r0), bool(chip.row_end >= ext.r1),
+                    bool(chip.col_off <= ext.c0), bool(chip.col_end >= ext.c1)))
+    return out
 
 
 def _chip_gsd(record: ChipRecord) -> float:

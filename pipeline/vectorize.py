@@ -12,7 +12,9 @@ of merged parked cars) is read again on a window grown around it until it is who
 Each car carries ``edge_dist_m``, its distance from the scene's valid-data edge (nodata or the
 raster's border), and ``truncated`` when it touches that edge; truncated cars smaller than
 ``min_truncated_area_m2`` are slivers of cars lying mostly outside the scene and are dropped
-(in a batch, the neighbouring scene sees them whole).
+(in a batch, the neighbouring scene sees them whole). Unset, that minimum is the model's:
+training learns it from how the labels treat cut cars (``postprocess.choose_truncated``) and
+predict records it in the mask's tags, as it does the minimum area.
 
 Touching cars are split (see ``split_component``) only when a blob is not car-shaped (low
 solidity) or larger than one car: by a watershed on the distance transform or the probability,

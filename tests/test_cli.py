@@ -7,8 +7,8 @@ import pytest
 
 from pipeline.cli import build_parser, main
 
-STAGES = ["sample", "tile", "masks", "index", "train", "predict", "vectors", "batch", "evaluate",
-          "report", "settings", "scenes", "paths"]
+STAGES = ["sample", "tile", "masks", "index", "train", "predict", "vectors", "batch", "suggest",
+          "evaluate", "report", "settings", "scenes", "paths"]
 
 
 def test_every_stage_has_help(capsys):

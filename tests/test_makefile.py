@@ -4,7 +4,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = ["install", "sample", "tiles", "masks", "train", "predict", "vectors", "batch",
+TARGETS = ["install", "sample", "tiles", "masks", "train", "predict", "vectors", "batch", "suggest",
            "evaluate", "report", "all", "base", "demo", "bench", "test", "clean", "help"]
 
 

@@ -141,3 +141,70 @@ def test_box_labels_are_matched_by_envelopes():
     off = choose([(shifted, boxes)], gsd=GSD, cfg=cfg, thresholds=(0.5,), min_areas=(3.0,),
                  min_mean_probs=(0.0,), envelopes=True)
     assert off["tp"] == 0
+
+
+# === The truncated-car rule from the labels (issue 22) ===
+
+def _edge_chip(size: int = 160):
+    """Cars cut by the scene's left border (the chip's left side), labelled by a convention.
+
+    Cut cars are 12 px (1.8 m) tall and 11..40 px long from the border: 2.97, 4.05, 5.4, 7.02,
+    9.18 and 10.8 m2. The labeller left out the cut cars under 8 m2; the model finds them all,
+    and one whole car inside the chip too.
+    """
+    mask = np.zeros((size, size), np.uint8)
+    prob = np.full((size, size), 0.05, np.float32)
+    for k, w in enumerate((11, 15, 20, 26, 34, 40)):
+        r = 5 + 20 * k
+        prob[r:r + 12, :w] = 0.9
+        if 12 * w * GSD * GSD >= 8.0:
+            mask[r:r + 12, :w] = 1
+    prob[130:142, 80:110] = 0.9  # a whole car, labelled
+    mask[130:142, 80:110] = 1
+    return prob, mask
+
+
+def test_truncated_minimum_lands_between_the_labels_convention():
+    from pipeline.postprocess import choose_truncated
+
+    prob, mask = _edge_chip()
+    post = {"threshold": 0.5, "min_area_m2": 1.5, "min_mean_prob": 0.0}
+    left = (False, False, True, False)  # top, bottom, left, right on the scene's border
+    got = choose_truncated([(prob, mask, left)], gsd=GSD, cfg=VectorConfig(), post=post)
+    # Between the largest cut car left out (7.02 m2) and the smallest kept (9.18 m2).
+    assert 7.02 < got["min_truncated_area_m2"] <= 9.18
+    assert got["object_f1"] == pytest.approx(1.0)
+    assert got["truncated_predicted"] == 6 and got["truncated_true"] == 2
+    by_area = {row["min_truncated_area_m2"]: row for row in got["table"]}
+    assert by_area[0.0]["fp"] == 4 and by_area[12.0]["fn"] == 2
+
+    # The same cars cut by nodata instead of the border: the same choice.
+    nodata = np.pad(mask, ((0, 0), (4, 0)), constant_values=255)[:, :-4]
+    shifted = np.pad(prob, ((0, 0), (4, 0)))[:, :-4]
+    got = choose_truncated([(shifted, nodata, (False,) * 4)], gsd=GSD, cfg=VectorConfig(),
+                           post=post)
+    assert 7.02 < got["min_truncated_area_m2"] <= 9.18
+
+    # Seen from the next chip (the left side is no border): the cut cars are don't-care, and
+    # a chip inside the scene shows no cut car at all: nothing learnt.
+    got = choose_truncated([(prob, mask, (False,) * 4)], gsd=GSD, cfg=VectorConfig(), post=post)
+    assert got["min_truncated_area_m2"] is None and got["edge_chips"] == 0
+
+
+def test_truncated_minimum_precedence():
+    """The user's setting wins; unset, the model's choice (from the mask's tags); else 5 m2."""
+    assert VectorConfig().resolve({"min_truncated_area_m2": "8"}).min_truncated_area_m2 == 8.0
+    assert VectorConfig().resolve({}).min_truncated_area_m2 == 5.0
+    mine = VectorConfig(min_truncated_area_m2=2.0).resolve({"min_truncated_area_m2": "8"})
+    assert mine.min_truncated_area_m2 == 2.0
+
+
+def test_truncated_minimum_needs_a_car_found_right():
+    """A model that finds no car right at the edge teaches nothing: the default stays."""
+    from pipeline.postprocess import choose_truncated
+
+    prob, mask = _edge_chip()
+    post = {"threshold": 0.95, "min_area_m2": 1.5, "min_mean_prob": 0.0}  # nothing predicted
+    left = (False, False, True, False)
+    got = choose_truncated([(prob, mask, left)], gsd=GSD, cfg=VectorConfig(), post=post)
+    assert got["min_truncated_area_m2"] is None and got["truncated_true"] == 2

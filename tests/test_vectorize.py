@@ -547,3 +547,17 @@ def test_rectangles_from_a_box_trained_mask_keep_their_attributes(tmp_path):
     for col in ("scene", "mean_prob", "max_prob", "truncated"):
         assert rect[col].iloc[0] == plain[col].iloc[0], col
     assert rect.edge_dist_m.iloc[0] == pytest.approx(plain.edge_dist_m.iloc[0], abs=0.5)
+
+
+def test_truncated_minimum_from_the_model_unless_set(tmp_path):
+    """Issue 22: the model's learnt minimum for cut cars (the mask's tag, written by predict)
+    drops a 6.8 m2 cut car; without it the 5 m2 default keeps it; a user's setting wins."""
+    import rasterio
+
+    mask = burn((120, 160), [car(80, 9)])  # 3.6 m of a 4.5 m car inside the top edge
+    path = write_pred(tmp_path, "s", mask)
+    assert len(run(tmp_path, "s", min_area_m2=0.5)) == 1
+    with rasterio.open(path, "r+") as dst:
+        dst.update_tags(min_truncated_area_m2="8")
+    assert len(run(tmp_path, "s", min_area_m2=0.5)) == 0
+    assert len(run(tmp_path, "s", min_area_m2=0.5, min_truncated_area_m2=2.0)) == 1
