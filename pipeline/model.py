@@ -3,6 +3,7 @@ predict reads. Only ``keras.*`` APIs, so the same code runs on TensorFlow, JAX a
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import hashlib
@@ -10,6 +11,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import stat
 import tempfile
 import warnings
 import zipfile
@@ -28,6 +31,7 @@ from pipeline.io import (
     first_line,
     folder_lock,
     read_json,
+    read_json_if_any,
     temp_dir,
 )
 
@@ -545,6 +549,10 @@ class OpenVINOModel:
         return np.asarray(self.compiled(np.ascontiguousarray(x, dtype=np.float32))[0])
 
 
+FALLBACK_CACHE = "carseg-engine-cache"  # under $TMPDIR where the bundle folder is read-only
+CACHE_RECORD = "export.json"  # in each export's folder: the model's and the files' sha256
+
+
 def cached_export(model, model_path: Path, engine: str, filename: str) -> Path:
     """``model`` exported for ``engine`` ('openvino' or 'onnxruntime'), built once per model.
 
@@ -553,40 +561,108 @@ def cached_export(model, model_path: Path, engine: str, filename: str) -> Path:
     Dask worker finds it ready, and a retrained model (another digest) gets its own. It is
     exported into a temporary folder and renamed into place, so a reader never sees half an
     export and two processes that race both end up with a complete one. Where the bundle's
-    folder is read-only the cache goes to the system's temporary folder.
+    folder is read-only the cache goes to ``$TMPDIR/carseg-engine-cache``, used only while it
+    is private to this user (:func:`_private_folder`); else a private folder of this process.
+
+    An export is used only when its record (:data:`CACHE_RECORD`) names this model's sha256 and
+    every file still has the sha256 recorded when it was built: another model's graph planted
+    there, or a truncated file, is rebuilt with a warning, never run.
     """
-    digest = file_sha256(model_path)[:16]
-    for root in (Path(model_path).parent / ENGINE_CACHE,
-                 Path(tempfile.gettempdir()) / "carseg-engine-cache"):
-        target = root / f"{engine}-{digest}"
-        if (target / filename).exists():
+    model_sha = file_sha256(model_path)
+    roots = [Path(model_path).parent / ENGINE_CACHE]
+    fallback = Path(tempfile.gettempdir()) / FALLBACK_CACHE
+    for root in roots + [fallback]:
+        if root == fallback and not _private_folder(root):
+            continue
+        target = root / f"{engine}-{model_sha[:16]}"
+        if _export_ok(target, filename, model_sha, engine):
             return target / filename
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            # The swept scratch folder: a killed export leaves nothing behind for long.
-            with temp_dir(root) as scratch:
-                tmp = scratch / "export"
-                tmp.mkdir()
-                # The exporters' own deprecation chatter (tf2onnx on NumPy 2) is not the user's
-                # to read: stderr keeps the pipeline's lines.
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    if engine == "onnxruntime":
-                        # Explicit signature: the loaded functional model was never called, and
-                        # its input (None, None, None, bands) keeps batch, height and width
-                        # dynamic.
-                        model.export(str(tmp / filename), format="onnx", verbose=False,
-                                     input_signature=list(model.inputs))
-                    else:
-                        model.export(str(tmp / filename), format=engine, verbose=False)
-                try:
-                    tmp.rename(target)
-                except OSError:  # another process finished first: use its export
-                    pass
-        except OSError:  # a read-only bundle folder: the system's temporary folder
+            _build_export(model, root, target, engine, filename, model_sha)
+        except OSError:  # a read-only bundle folder: the next root
             continue
         return target / filename
-    raise OSError(f"no writable folder for the {engine} export")
+    root = Path(tempfile.mkdtemp(prefix="carseg-engine-"))  # 0700, this process's alone
+    atexit.register(shutil.rmtree, root, True)
+    target = root / f"{engine}-{model_sha[:16]}"
+    _build_export(model, root, target, engine, filename, model_sha)
+    return target / filename
+
+
+def _private_folder(root: Path) -> bool:
+    """Create ``root`` 0700, or check that it is this user's own folder that nobody else may
+    write: in a shared temp folder another user could plant an export that this process would
+    run (or swap in a link to one)."""
+    try:
+        root.mkdir(mode=0o700)
+        os.chmod(root, 0o700)  # whatever the umask
+        return True
+    except FileExistsError:
+        pass
+    except OSError:
+        return False
+    st = os.lstat(root)
+    why = ("is not a folder" if not stat.S_ISDIR(st.st_mode)
+           else f"is owned by user {st.st_uid}, not {os.getuid()}" if st.st_uid != os.getuid()
+           else "is writable by group or others" if st.st_mode & 0o022 else None)
+    if why:
+        log.warning("%s: %s; not used as the engine cache (a private folder of this process "
+                    "is used instead)", root, why)
+    return why is None
+
+
+def _export_files(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != CACHE_RECORD}
+
+
+def _export_ok(target: Path, filename: str, model_sha: str, engine: str) -> bool:
+    """Whether ``target`` holds a complete export of the model with digest ``model_sha``."""
+    if not target.exists():
+        return False
+    record = read_json_if_any(target / CACHE_RECORD) or {}
+    files = record.get("files") or {}
+    if record.get("model_sha256") != model_sha:
+        why = "has no record of its model" if not record else "was built from another model"
+    elif filename not in files or _export_files(target) != files:
+        why = "is truncated or changed since it was built (sha256 differs)"
+    else:
+        return True
+    log.warning("%s: the cached %s export %s; rebuilding it", target, engine, why)
+    return False
+
+
+def _build_export(model, root: Path, target: Path, engine: str, filename: str,
+                  model_sha: str) -> None:
+    """Export into a scratch folder, record the digests, and rename it onto ``target`` (a bad
+    export there is moved aside first)."""
+    root.mkdir(parents=True, exist_ok=True)
+    # The swept scratch folder: a killed export leaves nothing behind for long.
+    with temp_dir(root) as scratch:
+        tmp = scratch / "export"
+        tmp.mkdir()
+        # The exporters' own deprecation chatter (tf2onnx on NumPy 2) is not the user's to
+        # read: stderr keeps the pipeline's lines.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if engine == "onnxruntime":
+                # Explicit signature: the loaded functional model was never called, and its
+                # input (None, None, None, bands) keeps batch, height and width dynamic.
+                model.export(str(tmp / filename), format="onnx", verbose=False,
+                             input_signature=list(model.inputs))
+            else:
+                model.export(str(tmp / filename), format=engine, verbose=False)
+        (tmp / CACHE_RECORD).write_text(json.dumps(
+            {"engine": engine, "model_sha256": model_sha, "files": _export_files(tmp)},
+            indent=2, sort_keys=True) + "\n")
+        if target.exists():
+            with contextlib.suppress(OSError):  # another process may be replacing it too
+                os.replace(target, scratch / "stale")
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first: use its export
+            if not _export_ok(target, filename, model_sha, engine):
+                raise
 
 
 def openvino_model(model, model_path: Path, precision: str) -> OpenVINOModel:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import tracemalloc
@@ -759,6 +760,116 @@ def test_onnxruntime_cache_falls_back_to_the_temp_folder(ort_unet, tmp_path, mon
     assert bundle.metadata["inference_engine"] == "onnxruntime"
     assert _onnx_export(model_dir, tmp_path / "tmp" / "carseg-engine-cache").exists()
     assert sorted(p.name for p in model_dir.iterdir()) == sorted([*BUNDLE_FILES, ENGINE_CACHE])
+
+
+# === The engine cache is verified (issue 21) ===
+
+def _retrained(ort_unet: Path, model_dir: Path):
+    """ort_unet's bundle retrained in ``model_dir``: other weights, another sha256."""
+    from pipeline.model import read_metadata
+
+    keras.utils.set_random_seed(11)
+    model = build_unet(3, depth=2, base_filters=4)
+    meta = {k: v for k, v in read_metadata(ort_unet).items() if k != "model_sha256"}
+    save_bundle(model, meta, model_dir)
+    return model
+
+
+def _runs_like(bundle, model, rng) -> bool:
+    x = rng.standard_normal((1, 32, 32, 3), dtype=np.float32)
+    return float(np.abs(bundle.model.predict_on_batch(x) - model.predict_on_batch(x)).max()) < 1e-4
+
+
+def test_another_models_export_planted_in_the_cache_is_rebuilt(ort_unet, tmp_path, rng, caplog):
+    model_dir = tmp_path / "m"
+    model = _retrained(ort_unet, model_dir)
+    planted = _onnx_export(model_dir)  # this model's slot, holding ort_unet's graph and record
+    shutil.copytree(_onnx_export(ort_unet).parent, planted.parent)
+    with caplog.at_level("WARNING"):
+        bundle = get_bundle(model_dir, "float32", "onnxruntime")
+    assert "built from another model; rebuilding it" in caplog.text
+    assert _runs_like(bundle, model, rng)
+    caplog.clear()
+    planted.with_name("export.json").unlink()  # no record at all: rebuilt too
+    from pipeline.predict import _cached_bundle
+
+    _cached_bundle.cache_clear()
+    with caplog.at_level("WARNING"):
+        assert _runs_like(get_bundle(model_dir, "float32", "onnxruntime"), model, rng)
+    assert "has no record of its model" in caplog.text
+
+
+def test_a_truncated_export_in_the_cache_is_rebuilt(ort_unet, tmp_path, rng, caplog):
+    model_dir = tmp_path / "m"
+    shutil.copytree(ort_unet, model_dir)
+    cached = _onnx_export(model_dir)
+    whole = cached.read_bytes()
+    cached.write_bytes(whole[: len(whole) // 2])
+    with caplog.at_level("WARNING"):
+        bundle = get_bundle(model_dir, "float32", "onnxruntime")
+    assert "truncated or changed" in caplog.text
+    # A fresh export (not byte for byte the first: tf2onnx numbers its nodes), recorded.
+    from pipeline.model import file_sha256
+
+    record = json.loads(cached.with_name("export.json").read_text())
+    assert record["files"]["model.onnx"] == file_sha256(cached)
+    assert cached.stat().st_size > len(whole) // 2
+    model = keras.saving.load_model(model_dir / "model.keras", compile=False)
+    assert _runs_like(bundle, model, rng)
+
+
+def _readonly_bundle(ort_unet: Path, tmp_path: Path, monkeypatch) -> Path:
+    from pipeline.model import BUNDLE_FILES, ENGINE_CACHE
+
+    model_dir = tmp_path / "ro"
+    model_dir.mkdir()
+    for name in BUNDLE_FILES:
+        shutil.copy2(ort_unet / name, model_dir / name)
+    (model_dir / ENGINE_CACHE).write_text("")  # no cache beside the bundle (see above)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    return model_dir
+
+
+def test_the_fallback_cache_is_created_private(ort_unet, tmp_path, monkeypatch):
+    model_dir = _readonly_bundle(ort_unet, tmp_path, monkeypatch)
+    get_bundle(model_dir, "float32", "onnxruntime")
+    root = tmp_path / "tmp" / "carseg-engine-cache"
+    assert (root.stat().st_mode & 0o777) == 0o700
+    assert _onnx_export(model_dir, root).exists()
+
+
+@pytest.mark.parametrize("unsafe", ["group-writable", "another user's"])
+def test_a_fallback_cache_others_can_write_is_not_used(ort_unet, tmp_path, monkeypatch, rng,
+                                                       caplog, unsafe):
+    import os
+
+    model_dir = _readonly_bundle(ort_unet, tmp_path, monkeypatch)
+    # Another model's graph with a record forged to name this model: only the folder's
+    # owner and mode can tell it was planted.
+    other = tmp_path / "other"
+    _retrained(ort_unet, other)
+    get_bundle(other, "float32", "onnxruntime")
+    root = tmp_path / "tmp" / "carseg-engine-cache"
+    slot = _onnx_export(model_dir, root).parent
+    shutil.copytree(_onnx_export(other).parent, slot)
+    record = json.loads((slot / "export.json").read_text())
+    from pipeline.model import MODEL_FILE, file_sha256
+
+    record["model_sha256"] = file_sha256(model_dir / MODEL_FILE)
+    (slot / "export.json").write_text(json.dumps(record))
+    if unsafe == "group-writable":
+        os.chmod(root, 0o777)
+    else:
+        if os.getuid() != 0:
+            pytest.skip("giving a folder to another user needs root")
+        os.chmod(root, 0o700)
+        os.chown(root, 65534, 65534)
+    with caplog.at_level("WARNING"):
+        bundle = get_bundle(model_dir, "float32", "onnxruntime")
+    assert f"{root}: " in caplog.text and "not used as the engine cache" in caplog.text
+    model = keras.saving.load_model(model_dir / "model.keras", compile=False)
+    assert _runs_like(bundle, model, rng)
 
 
 def test_engines_bench_times_every_engine_against_keras_float32(ort_unet):

@@ -47,11 +47,16 @@ def _known_batch(tmp_path):
     stored[0, :64, 64:] = 250  # sure cars
     prob = write_scene(tmp_path / "out" / "probability" / "b.tif", stored, nodata=255)
     image = write_scene(tmp_path / "images" / "b.tif", np.full((3, 128, 128), 90, np.uint8))
+    import hashlib
+
     model = tmp_path / "model"
     model.mkdir()
+    weights = b"stand-in weights: suggest reads only the metadata here"
+    (model / "model.keras").write_bytes(weights)
     (model / "metadata.json").write_text(json.dumps({
         "bands": [1, 2, 3], "normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]},
-        "chip_size": 64, "threshold": 0.5, "dtype": "uint8", "gsd": 0.15}))
+        "chip_size": 64, "threshold": 0.5, "dtype": "uint8", "gsd": 0.15,
+        "model_sha256": hashlib.sha256(weights).hexdigest()}))  # a bundle names its weights
     return image, prob, model
 
 
