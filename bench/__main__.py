@@ -104,7 +104,7 @@ _SKIP = ("quick", "size", "sizes", "scenes", "repeats", "workers", "depth", "bas
 def write_summary(out_dir: Path, paths: list[Path]) -> Path:
     """Write ``summary.md``: the machine, then one table row per measured number."""
     from bench.harness import machine_info, read_result
-    from pipeline.io import atomic_path
+    from pipeline.files import atomic_path
 
     machine = machine_info()
     versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from pipeline.config import load_config
-    from pipeline.io import InputError
+    from pipeline.errors import InputError
 
     try:
         cfg = load_config(args.config, args.overrides)

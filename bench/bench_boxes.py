@@ -34,8 +34,9 @@ def box_copy(src: Path, dst: Path) -> Path:
     """Copy a sample's data folder with its labels and truth replaced by axis-aligned boxes."""
     import rasterio
 
-    from pipeline.io import list_scenes, list_vectors, read_vector, write_vector
+    from pipeline.io import list_vectors, read_vector, write_vector
     from pipeline.rasterize import label_boxes
+    from pipeline.scenes import list_scenes
 
     src, dst = Path(src), Path(dst)
     scenes = list_scenes(src / "raw" / "images")
@@ -132,8 +133,8 @@ def _stages(data: Path, work: Path, model_dir: Path, cfg, *, retrain: bool) -> d
 def score(data: Path, model_dir: Path, out: Path, cfg, truths: dict[str, Path]) -> dict:
     """Predict, vectorize and evaluate ``data/incoming``; metrics against each truth file."""
     from pipeline.evaluate import evaluate
-    from pipeline.io import list_scenes
     from pipeline.predict import predict_scene
+    from pipeline.scenes import list_scenes
     from pipeline.vectorize import vectorize_scene
 
     if out.exists():
@@ -178,7 +179,7 @@ def run(data: Path, work: Path, *, labels: str = "boxes", cfg=None, retrain: boo
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import load_config
-    from pipeline.io import write_json
+    from pipeline.files import write_json
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data", type=Path, help="a sample data folder (make sample)")

@@ -33,7 +33,7 @@ def trained_model(workdir: Path, *, minutes: float = 1.5, width: int = 640, heig
     import keras
 
     from pipeline.config import Config
-    from pipeline.io import read_json
+    from pipeline.files import read_json
     from pipeline.sample import make_sample
     from pipeline.train import train
 
@@ -73,7 +73,7 @@ def run(workdir: Path, *, minutes: float = 1.5, repeats: int = 3,
     """
     from bench import precision, seams
     from pipeline.config import PredictConfig
-    from pipeline.io import list_scenes
+    from pipeline.scenes import list_scenes
 
     made = trained_model(workdir, minutes=minutes, width=width, height=height)
     scene = list_scenes(made["incoming"])[0]

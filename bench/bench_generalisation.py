@@ -66,8 +66,9 @@ def _score(data: Path, model_dir: Path, out: Path, cfg, min_area: float,
     ``vectors`` will do once it reads the bundle's choice).
     """
     from pipeline.evaluate import evaluate
-    from pipeline.io import list_scenes, read_vector, write_vector
+    from pipeline.io import read_vector, write_vector
     from pipeline.predict import predict_scene
+    from pipeline.scenes import list_scenes
     from pipeline.vectorize import vectorize_scene
 
     vectors = cfg.vectors.model_copy(update={"min_area_m2": min_area})
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     from pipeline.config import load_config
-    from pipeline.io import write_json
+    from pipeline.files import write_json
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/default.yaml")

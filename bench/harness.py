@@ -102,7 +102,7 @@ def machine_info() -> dict[str, Any]:
 
 def write_result(out_dir: Path, name: str, result: dict) -> Path:
     """Write one benchmark's result as ``out_dir/<name>.json`` with the machine attached."""
-    from pipeline.io import write_json
+    from pipeline.files import write_json
 
     payload = {"benchmark": name, "machine": machine_info(), **result}
     return write_json(Path(out_dir) / f"{name}.json", payload)
@@ -183,8 +183,9 @@ def prepare_chips(data: Path, work: Path, cfg) -> tuple[Path, Path]:
     Returns:
         (chips folder, masks folder) under ``work``.
     """
-    from pipeline.io import list_scenes, list_vectors
+    from pipeline.io import list_vectors
     from pipeline.rasterize import load_labels, rasterize_scene
+    from pipeline.scenes import list_scenes
     from pipeline.tile import build_index, tile_scene
 
     chips, masks = work / "chips", work / "masks"

@@ -32,7 +32,7 @@ TARGET_F1 = 0.005
 def _object_f1(out_dir: Path, truth: Path) -> float:
     from pipeline.config import EvaluateConfig, VectorConfig
     from pipeline.evaluate import evaluate
-    from pipeline.io import list_scenes
+    from pipeline.scenes import list_scenes
     from pipeline.vectorize import vectorize_scene, write_summary
 
     for mask in list_scenes(out_dir / "masks"):
@@ -66,9 +66,9 @@ def _read_outputs(out: Path, scene: Path) -> tuple[np.ndarray, np.ndarray, dict]
 def run(model_dir: Path, images: Path, *, truth: Path | None = None, repeats: int = 3) -> dict:
     """Predict every scene of ``images`` with each engine and precision; compare (module doc)."""
     from pipeline.config import PredictConfig
-    from pipeline.io import list_scenes
     from pipeline.model import cpu_bf16_flags
     from pipeline.predict import predict_scene
+    from pipeline.scenes import list_scenes
 
     scenes = list_scenes(images)
     variants = _variants()

@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import BaseConfig, Config, SampleConfig
-from pipeline.io import InputError, temp_dir, write_json, write_vector
+from pipeline.errors import InputError
+from pipeline.files import temp_dir, write_json
+from pipeline.io import write_vector
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,7 @@ def make_base_sample(data_dir: Path, cfg: Config) -> Path:
 
 def provenance(data_dir: Path, cfg: Config) -> dict:
     """What the base bundle was made from, for its metadata and PROVENANCE.json."""
-    from pipeline.io import read_json
+    from pipeline.files import read_json
     from pipeline.stamps import digest
 
     manifest = read_json(Path(data_dir) / BASE_MANIFEST, missing="no base sample; run `make base`")
@@ -100,7 +102,7 @@ def provenance(data_dir: Path, cfg: Config) -> dict:
 def ship(model_dir: Path, target: Path, prov: dict) -> Path:
     """Copy the trained bundle to ``target`` (the package's base_model folder) as one unit,
     with its provenance in the metadata and beside it."""
-    from pipeline.io import read_json_if_any
+    from pipeline.files import read_json_if_any
     from pipeline.model import METADATA_FILE, MODEL_FILE, check_bundle, load_bundle, save_bundle
 
     trained = check_bundle(model_dir)  # model and metadata belong together (no Keras yet)

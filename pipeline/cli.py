@@ -16,14 +16,9 @@ from pathlib import Path
 
 from pipeline.base import BASE_BUNDLE
 from pipeline.config import STAGE_SECTIONS, Config, load_config, split_overrides, stage_settings
-from pipeline.io import (
-    InputError,
-    first_line,
-    list_scenes,
-    scene_name,
-    vector_file,
-    write_if_changed,
-)
+from pipeline.errors import InputError, first_line
+from pipeline.files import write_if_changed
+from pipeline.io import vector_file
 from pipeline.layout import Layout
 from pipeline.runner import (
     Job,
@@ -34,6 +29,7 @@ from pipeline.runner import (
     run_targets,
     run_train,
 )
+from pipeline.scenes import list_scenes, scene_name
 
 log = logging.getLogger("pipeline")
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.io import InputError, SettingsError
+from pipeline.errors import InputError, SettingsError
 
 
 class _Section(BaseModel):

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import InputError
+from pipeline.files import read_json
 from pipeline.geo import NODATA
-from pipeline.io import INDEX_FILE, STATS_FILE, InputError, gdal_safe_name, read_json
+from pipeline.io import INDEX_FILE, STATS_FILE, gdal_safe_name
 
 log = logging.getLogger(__name__)
 

@@ -20,14 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import DistributedConfig
-from pipeline.io import (
-    InputError,
-    first_line,
-    progress_bar,
-    scene_name,
-    stage_log,
-    write_json,
-)
+from pipeline.errors import InputError, first_line
+from pipeline.files import progress_bar, stage_log, write_json
+from pipeline.scenes import scene_name
 
 log = logging.getLogger(__name__)
 

@@ -29,19 +29,12 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from pipeline.config import EvaluateConfig
+from pipeline.errors import InputError
+from pipeline.files import atomic_dir, write_json
 from pipeline.geo import NODATA, PROB_SCALE, gsd_m, metres_per_unit
-from pipeline.io import (
-    EMPTY_REASON,
-    InputError,
-    atomic_dir,
-    has_valid_pixels,
-    list_scenes,
-    open_scene,
-    read_vector,
-    scene_name,
-    write_json,
-)
+from pipeline.io import read_vector
 from pipeline.layout import Layout
+from pipeline.scenes import EMPTY_REASON, has_valid_pixels, list_scenes, open_scene, scene_name
 from pipeline.scores import prf
 
 log = logging.getLogger(__name__)

@@ -8,6 +8,7 @@ output folder at a time (:func:`folder_lock`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -300,3 +301,12 @@ def progress_bar(total: int, desc: str, unit: str):
 
     return tqdm(total=total, desc=desc, unit=unit, leave=False,
                 disable=total < 2 or not sys.stderr.isatty())
+
+
+def file_sha256(path: Path | str) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -2,8 +2,7 @@
 atomically (styled for QGIS), and listing a folder's vector files.
 
 The other shared rooms that once lived here are ``errors``, ``files`` (atomic writes,
-temporaries, locks, JSON), ``scenes`` and ``layout`` (``check_outputs_apart``); their names are
-re-exported here for the modules not yet moved over.
+temporaries, locks, JSON), ``scenes`` and ``layout`` (``check_outputs_apart``).
 """
 
 from __future__ import annotations
@@ -15,52 +14,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.errors import (  # noqa: F401  (re-exported while modules move over)
-    EXIT_PARTIAL,
-    InputError,
-    InputNotFound,
-    OutputConflict,
-    RasterInputError,
-    SettingsError,
-    VectorInputError,
-    first_line,
-)
-from pipeline.files import (  # noqa: F401  (re-exported while modules move over)
-    _HOST,
-    LOCK_FILE,
-    STAGE_PREFIX,
-    TEMP_DIR,
-    _json_text,
-    _lock_holder,
-    _pid_alive,
-    _remove,
-    _swap_in,
-    atomic_dir,
-    atomic_path,
-    folder_lock,
-    json_differs,
-    progress_bar,
-    read_json,
-    read_json_if_any,
-    stage_log,
-    staged_dir,
-    sweep_temporaries,
-    temp_dir,
-    write_if_changed,
-    write_json,
-)
-from pipeline.scenes import (  # noqa: F401  (re-exported while modules move over)
-    EMPTY_REASON,
-    EMPTY_STATUS,
-    RESERVED_PREFIX,
-    SCENE_SUFFIXES,
-    check_georeferenced,
-    has_valid_pixels,
-    is_scene_file,
-    list_scenes,
-    open_scene,
-    scene_name,
-)
+from pipeline.errors import InputNotFound, VectorInputError, first_line
+from pipeline.files import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -24,11 +23,10 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.io import (
+from pipeline.errors import InputError, InputNotFound, first_line
+from pipeline.files import (
     LOCK_FILE,
-    InputError,
-    InputNotFound,
-    first_line,
+    file_sha256,
     folder_lock,
     read_json,
     read_json_if_any,
@@ -197,15 +195,6 @@ def check_metadata(metadata: Any, path: Path) -> None:
         field = ".".join(str(p) for p in err["loc"]) or "metadata"
         text = err["msg"].removeprefix("Value error, ")
         raise InputError(f"{path}: {field}: {text}") from None
-
-
-def file_sha256(path: Path | str) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_bundle(model, metadata: dict, model_dir: Path | str) -> Path:

@@ -39,16 +39,9 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from pipeline.config import ONNX_FLOAT32_ONLY, PredictConfig
+from pipeline.errors import InputError, first_line
+from pipeline.files import atomic_path, progress_bar, temp_dir
 from pipeline.geo import NODATA, PROB_SCALE, axis_windows, gsd_m, valid_mask
-from pipeline.io import (
-    InputError,
-    atomic_path,
-    first_line,
-    open_scene,
-    progress_bar,
-    scene_name,
-    temp_dir,
-)
 from pipeline.layout import Layout
 from pipeline.model import (
     METADATA_FILE,
@@ -62,6 +55,7 @@ from pipeline.model import (
     resolve_precision,
     with_precision,
 )
+from pipeline.scenes import open_scene, scene_name
 from pipeline.styles import mask_qml, probability_qml, write_qml
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,10 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from pipeline.config import LabelConfig
+from pipeline.errors import InputError
+from pipeline.files import atomic_dir, write_json
 from pipeline.geo import AREAL, areal_part, gsd_m, metres_per_unit, window_footprint
-from pipeline.io import MASKS_FILE, InputError, atomic_dir, read_vector, write_json
+from pipeline.io import MASKS_FILE, read_vector
 
 log = logging.getLogger(__name__)
 

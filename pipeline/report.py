@@ -22,15 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import ReportConfig
-from pipeline.io import (
-    atomic_path,
-    list_scenes,
-    list_vectors,
-    read_json_if_any,
-    read_vector,
-    vector_file,
-)
+from pipeline.files import atomic_path, read_json_if_any
+from pipeline.io import list_vectors, read_vector, vector_file
 from pipeline.layout import BATCH, EVALUATION, Layout
+from pipeline.scenes import list_scenes
 
 log = logging.getLogger(__name__)
 

@@ -28,22 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, stage_settings
+from pipeline.errors import EXIT_PARTIAL, InputError
+from pipeline.files import LOCK_FILE, TEMP_DIR, folder_lock, write_if_changed
 from pipeline.io import (
     CHIPS_FILE,
-    EXIT_PARTIAL,
     INDEX_FILE,
-    LOCK_FILE,
     MASKS_FILE,
     STATS_FILE,
-    TEMP_DIR,
-    InputError,
-    folder_lock,
-    list_scenes,
     list_vectors,
-    scene_name,
     split_layer,
     vector_file,
-    write_if_changed,
 )
 from pipeline.layout import (
     BATCH,
@@ -57,6 +51,7 @@ from pipeline.layout import (
     Layout,
     check_outputs_apart,
 )
+from pipeline.scenes import list_scenes, scene_name
 from pipeline.stamps import (
     STAGE_FILES,
     STAGE_ITEM,
@@ -380,7 +375,7 @@ def _run_masks(job: Job, items: dict[str, Item]) -> Outcome:
 
 def _check_labels_hit(job: Job) -> int:
     """Refuse labels that burn no car pixel in any chip (wrong CRS, other place, other scenes)."""
-    from pipeline.io import read_json
+    from pipeline.files import read_json
 
     lay = job.layout
     burned = 0
@@ -576,7 +571,7 @@ def _warn_empty(summary: Path, images: Path | None) -> None:
     """
     import csv
 
-    from pipeline.io import EMPTY_REASON, EMPTY_STATUS
+    from pipeline.scenes import EMPTY_REASON, EMPTY_STATUS
 
     files = {scene_name(p): p for p in list_scenes(images)} if images is not None else {}
     with open(summary, newline="") as fh:
@@ -608,7 +603,7 @@ def _plan_batch(job: Job) -> dict[str, Item]:
 
 def _run_batch(job: Job, items: dict[str, Item]) -> Outcome:
     from pipeline.batch import MANIFEST, build_batch
-    from pipeline.io import read_json
+    from pipeline.files import read_json
 
     lay = job.layout
     path = build_batch(lay.images, lay.out, model_dir=lay.model_dir, cfg=job.cfg,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.io import read_json_if_any, write_json
+from pipeline.files import file_sha256, read_json_if_any, write_json
 
 MANIFEST_VERSION = 1
 # The one item of a stage with one set of outputs (index, train, batch, evaluate, report).
@@ -38,15 +38,6 @@ STAGE_FILES = ".files"
 def manifest_path(folder: Path | str, stage: str) -> Path:
     """``<folder>/.carseg.<stage>.json``: hidden, so no scene or vector listing takes it."""
     return Path(folder) / f".carseg.{stage}.json"
-
-
-def file_sha256(path: Path | str) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def digest(data: Any) -> str:

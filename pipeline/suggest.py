@@ -30,8 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import Config
+from pipeline.errors import InputError
+from pipeline.files import temp_dir
 from pipeline.geo import NODATA, PROB_SCALE, grid_windows, gsd_m
-from pipeline.io import InputError, open_scene, scene_name, temp_dir, write_vector
+from pipeline.io import write_vector
+from pipeline.scenes import open_scene, scene_name
 
 log = logging.getLogger(__name__)
 

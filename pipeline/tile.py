@@ -31,6 +31,8 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from pipeline.config import TileConfig
+from pipeline.errors import InputError, first_line
+from pipeline.files import atomic_dir, read_json, write_json
 from pipeline.geo import (
     axis_windows,
     gsd_m,
@@ -39,20 +41,8 @@ from pipeline.geo import (
     utm_crs_for,
     valid_mask,
 )
-from pipeline.io import (
-    CHIPS_FILE,
-    INDEX_FILE,
-    MASKS_FILE,
-    STATS_FILE,
-    InputError,
-    atomic_dir,
-    first_line,
-    open_scene,
-    read_json,
-    read_vector,
-    write_json,
-    write_vector,
-)
+from pipeline.io import CHIPS_FILE, INDEX_FILE, MASKS_FILE, STATS_FILE, read_vector, write_vector
+from pipeline.scenes import open_scene
 
 log = logging.getLogger(__name__)
 

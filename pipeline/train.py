@@ -43,7 +43,8 @@ from pipeline.dataset import (
     read_index,
     read_stats,
 )
-from pipeline.io import InputError, atomic_path, read_json_if_any, temp_dir, write_json
+from pipeline.errors import InputError
+from pipeline.files import atomic_path, read_json_if_any, temp_dir, write_json
 from pipeline.scores import for_ranking, prf
 
 log = logging.getLogger(__name__)

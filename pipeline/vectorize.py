@@ -43,18 +43,12 @@ from scipy import ndimage
 
 from pipeline.cars import COLUMNS, edge_distances, empty_cars, valid_footprint, write_cars
 from pipeline.config import VectorConfig
+from pipeline.errors import InputError
+from pipeline.files import atomic_path, read_json_if_any, stage_log
 from pipeline.geo import NODATA, PROB_SCALE, grid_windows, gsd_m, metres_per_unit
-from pipeline.io import (
-    InputError,
-    atomic_path,
-    list_scenes,
-    open_scene,
-    read_json_if_any,
-    read_vector,
-    scene_name,
-    stage_log,
-)
+from pipeline.io import read_vector
 from pipeline.layout import Layout
+from pipeline.scenes import list_scenes, open_scene, scene_name
 from pipeline.splitting import _EIGHT, rectangle_attributes, split_component
 
 log = logging.getLogger(__name__)
@@ -337,7 +331,7 @@ def write_summary(out_dir: Path, scenes: list[str] | None = None) -> Path:
     status ``failed`` and its error, and one without a valid pixel with status ``empty``
     and no car count.
     """
-    from pipeline.io import EMPTY_REASON, EMPTY_STATUS, has_valid_pixels
+    from pipeline.scenes import EMPTY_REASON, EMPTY_STATUS, has_valid_pixels
 
     lay = Layout(out=Path(out_dir))
     logs = lay.logs

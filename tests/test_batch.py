@@ -28,7 +28,8 @@ from shapely.geometry import box
 
 from pipeline.batch import build_batch
 from pipeline.config import Config
-from pipeline.io import InputError, read_vector
+from pipeline.errors import InputError
+from pipeline.io import read_vector
 from pipeline.vectorize import vectorize_scene
 
 WIDTH, HEIGHT = 1700, 320  # the whole flight, pixels (255 m x 48 m)
@@ -613,7 +614,7 @@ def test_density_scratch_is_the_swept_temporary(tmp_path):
     from rasterio.crs import CRS
 
     from pipeline.batch import write_density
-    from pipeline.io import TEMP_DIR
+    from pipeline.files import TEMP_DIR
 
     target = write_density(np.ones((4, 4), np.float32), Affine(50, 0, 500000, 0, -50, 4000000),
                            CRS.from_epsg(32633), tmp_path / "density.tif")

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import Config, load_config, settings_digest, stage_settings
-from pipeline.io import InputError, write_if_changed
+from pipeline.errors import InputError
+from pipeline.files import write_if_changed
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,8 +18,9 @@ import pytest
 import rasterio
 from conftest import ROOT
 
-from pipeline.io import RESERVED_PREFIX, TEMP_DIR
+from pipeline.files import TEMP_DIR
 from pipeline.model import TRAIN_LOCK, check_bundle
+from pipeline.scenes import RESERVED_PREFIX
 
 
 def _cli(root: Path, stage: str, config: Path, model_dir: Path) -> list[str]:

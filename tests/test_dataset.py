@@ -25,7 +25,7 @@ from pipeline.dataset import (
     read_index,
     read_stats,
 )
-from pipeline.io import InputError
+from pipeline.errors import InputError
 
 EPSG = 32633
 GSD = 0.15

@@ -16,7 +16,7 @@ import pipeline.distributed
 from bench.harness import make_bundle, make_scene
 from pipeline.config import Config, DistributedConfig, PredictConfig, TileConfig
 from pipeline.distributed import BatchResult, run_batch
-from pipeline.io import EXIT_PARTIAL, InputError
+from pipeline.errors import EXIT_PARTIAL, InputError
 from pipeline.layout import Layout
 from pipeline.runner import Job, run_stage
 

@@ -14,8 +14,8 @@ from conftest import GSD, ORIGIN, TRANSFORM, UTM, write_scene
 from shapely.geometry import box
 
 from pipeline.config import EvaluateConfig, VectorConfig
+from pipeline.errors import InputError
 from pipeline.evaluate import evaluate, match_objects
-from pipeline.io import InputError
 from pipeline.vectorize import vectorize_scene
 
 

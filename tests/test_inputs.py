@@ -23,8 +23,9 @@ from test_hostile import cli, make
 from pipeline.batch import build_batch, read_zones
 from pipeline.cli import main
 from pipeline.config import Config, EvaluateConfig
+from pipeline.errors import InputError, VectorInputError
 from pipeline.evaluate import evaluate
-from pipeline.io import InputError, VectorInputError, read_vector, split_layer
+from pipeline.io import read_vector, split_layer
 
 flight = test_batch.flight  # the fixture: two overlapping vectorized scenes, batch built once
 

@@ -9,18 +9,11 @@ import pytest
 from affine import Affine
 from conftest import write_scene
 
-from pipeline.io import (
-    TEMP_DIR,
-    InputError,
-    OutputConflict,
-    atomic_dir,
-    atomic_path,
-    list_scenes,
-    open_scene,
-    read_vector,
-    scene_name,
-)
+from pipeline.errors import InputError, OutputConflict
+from pipeline.files import TEMP_DIR, atomic_dir, atomic_path
+from pipeline.io import read_vector
 from pipeline.layout import check_outputs_apart
+from pipeline.scenes import list_scenes, open_scene, scene_name
 
 
 def test_atomic_path_keeps_old_file_on_failure(tmp_path):
@@ -90,7 +83,7 @@ def test_two_scenes_with_one_name_are_refused_naming_both(tmp_path):
 def test_temporaries_of_a_killed_writer_are_swept_by_the_next(tmp_path):
     # A real process dies (SIGKILL) inside atomic_path: its temporary stays hidden, and the
     # next write into the folder removes it.
-    code = ("import os, signal, sys; from pipeline.io import atomic_path\n"
+    code = ("import os, signal, sys; from pipeline.files import atomic_path\n"
             f"with atomic_path({str(tmp_path / 'out.tif')!r}) as t:\n"
             "    t.write_text('half'); os.kill(os.getpid(), signal.SIGKILL)\n")
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ}, check=False)

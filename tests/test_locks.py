@@ -19,7 +19,7 @@ import numpy as np
 from conftest import GSD, PINNED, ROOT, write_scene
 
 from pipeline.config import PredictConfig, TileConfig
-from pipeline.io import LOCK_FILE, TEMP_DIR, folder_lock
+from pipeline.files import LOCK_FILE, TEMP_DIR, folder_lock
 
 TILE = ["--set", "tile.chip_size=64", "--set", "tile.overlap=8"]
 

@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from pipeline.io import TEMP_DIR, InputError
+from pipeline.errors import InputError
+from pipeline.files import TEMP_DIR
 from pipeline.model import (
     COMMIT_DIR,
     METADATA_FILE,

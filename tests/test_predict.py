@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from rio_cogeo.cogeo import cog_validate
 
 from pipeline.config import PredictConfig
-from pipeline.io import InputError
+from pipeline.errors import InputError
 from pipeline.model import (
     build_unet,
     receptive_field,

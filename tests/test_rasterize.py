@@ -16,7 +16,7 @@ from shapely import affinity
 from shapely.geometry import LineString, Point, Polygon, box
 
 from pipeline.config import LabelConfig, TileConfig
-from pipeline.io import InputError
+from pipeline.errors import InputError
 from pipeline.rasterize import gap_weights, load_labels, rasterize_scene
 from pipeline.tile import build_index, tile_scene
 

@@ -20,7 +20,7 @@ from scipy import ndimage
 from shapely.geometry import Polygon, box
 
 from pipeline.config import SampleConfig
-from pipeline.io import InputError
+from pipeline.errors import InputError
 from pipeline.sample import (
     CAR_COLOURS,
     generate,

@@ -17,8 +17,8 @@ from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from pipeline.config import TileConfig
+from pipeline.errors import InputError
 from pipeline.geo import grid_windows, pixel_size
-from pipeline.io import InputError
 from pipeline.tile import build_index, tile_scene
 
 

@@ -19,7 +19,7 @@ from test_dataset import make_chips
 
 from pipeline.config import Config
 from pipeline.dataset import ChipDataset, read_index, read_stats
-from pipeline.io import InputError
+from pipeline.errors import InputError
 from pipeline.model import build_unet, load_bundle
 from pipeline.train import (
     FINAL_LR_SHARE,

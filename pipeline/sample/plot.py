@@ -8,7 +8,8 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from pipeline.io import atomic_path, read_vector
+from pipeline.files import atomic_path
+from pipeline.io import read_vector
 
 
 def plot_scene_with_labels(scene_tif: Path, labels, png: Path, *,

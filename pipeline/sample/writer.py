@@ -15,7 +15,9 @@ from affine import Affine
 from rasterio.crs import CRS
 
 from pipeline.config import SampleConfig
-from pipeline.io import InputError, atomic_path, temp_dir, write_json, write_vector
+from pipeline.errors import InputError
+from pipeline.files import atomic_path, temp_dir, write_json
+from pipeline.io import write_vector
 from pipeline.sample.labels import _car_frame
 from pipeline.sample.objects import VEHICLES, SceneRender
 from pipeline.sample.render import render_scene
