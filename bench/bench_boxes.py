@@ -156,8 +156,8 @@ def score(data: Path, model_dir: Path, out: Path, cfg, truths: dict[str, Path]) 
 def run(data: Path, work: Path, *, labels: str = "boxes", cfg=None, retrain: bool = False
         ) -> dict:
     """Train on ``labels`` (outlines or boxes) from sample ``data``; score against both truths."""
+    from pipeline.bundle import read_metadata
     from pipeline.config import Config
-    from pipeline.model import read_metadata
 
     cfg = cfg or Config()
     work = Path(work)

@@ -108,8 +108,8 @@ def run(workdir: Path, *, cfg=None, quick: bool = False, minutes: float | None =
         box_labels: replace the training labels by their axis-aligned envelopes (labels as
             people often draw them); truth for evaluation stays the car outlines.
     """
+    from pipeline.bundle import read_metadata
     from pipeline.config import Config, SampleConfig
-    from pipeline.model import read_metadata
     from pipeline.sample import make_sample
     from pipeline.train import train
 

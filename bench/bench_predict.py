@@ -45,8 +45,9 @@ def _default_bundle(model_dir: Path, **unet) -> Path:
     """
     import keras
 
+    from pipeline.bundle import save_bundle
     from pipeline.config import TileConfig, TrainConfig
-    from pipeline.model import build_unet, save_bundle
+    from pipeline.model import build_unet
 
     train = TrainConfig(**unet)
     keras.utils.set_random_seed(0)
@@ -183,7 +184,7 @@ def run(workdir: Path, *, sizes: tuple[int, ...] = (4000, 20000),
         probe_default_memory: measure that U-Net's peak memory in a fresh process too.
     """
     from pipeline.config import PredictConfig
-    from pipeline.model import cpu_bf16_flags
+    from pipeline.engines import cpu_bf16_flags
     from pipeline.predict import get_bundle, predict_scene, window_geometry
 
     workdir = Path(workdir)

@@ -182,7 +182,7 @@ def run(workdir: Path, *, chip_size: int = 256, batch_size: int | None = None,
     # alternate float32 and bfloat16 steps so other load hits both alike.
     bf16 = {}
     if not accel:
-        from pipeline.model import cpu_bf16_flags
+        from pipeline.engines import cpu_bf16_flags
 
         fast = build_model(bands=3, depth=depth, base_filters=base_filters,
                            mixed_precision="mixed_bfloat16")

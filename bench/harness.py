@@ -155,7 +155,8 @@ def make_bundle(model_dir: Path, *, bands: int = 3, depth: int = 1, base_filters
     """
     import keras
 
-    from pipeline.model import build_unet, save_bundle
+    from pipeline.bundle import save_bundle
+    from pipeline.model import build_unet
 
     keras.utils.set_random_seed(seed)
     model = build_unet(bands, depth=depth, base_filters=base_filters, batch_norm=False,

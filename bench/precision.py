@@ -66,7 +66,7 @@ def _read_outputs(out: Path, scene: Path) -> tuple[np.ndarray, np.ndarray, dict]
 def run(model_dir: Path, images: Path, *, truth: Path | None = None, repeats: int = 3) -> dict:
     """Predict every scene of ``images`` with each engine and precision; compare (module doc)."""
     from pipeline.config import PredictConfig
-    from pipeline.model import cpu_bf16_flags
+    from pipeline.engines import cpu_bf16_flags
     from pipeline.predict import predict_scene
     from pipeline.scenes import list_scenes
 

@@ -102,8 +102,8 @@ def provenance(data_dir: Path, cfg: Config) -> dict:
 def ship(model_dir: Path, target: Path, prov: dict) -> Path:
     """Copy the trained bundle to ``target`` (the package's base_model folder) as one unit,
     with its provenance in the metadata and beside it."""
+    from pipeline.bundle import METADATA_FILE, MODEL_FILE, check_bundle, load_bundle, save_bundle
     from pipeline.files import read_json_if_any
-    from pipeline.model import METADATA_FILE, MODEL_FILE, check_bundle, load_bundle, save_bundle
 
     trained = check_bundle(model_dir)  # model and metadata belong together (no Keras yet)
     shipped = read_json_if_any(Path(target) / METADATA_FILE) or {}
@@ -151,7 +151,8 @@ def start_weights(model, init: str) -> dict:
     """
     import keras
 
-    from pipeline.model import METADATA_FILE, MODEL_FILE, file_sha256
+    from pipeline.bundle import METADATA_FILE, MODEL_FILE
+    from pipeline.files import file_sha256
 
     source = init_source(init)
     if source is None:

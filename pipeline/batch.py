@@ -45,12 +45,14 @@ import shapely
 from affine import Affine
 from rasterio.crs import CRS
 
+from pipeline.bundle import METADATA_FILE, MODEL_FILE, read_metadata
 from pipeline.calibration import apply_calibration, count_interval
 from pipeline.cars import BATCH_COLUMNS, edge_distances, empty_cars, valid_footprint, write_cars
 from pipeline.config import Config, DistributedConfig
 from pipeline.errors import InputError
 from pipeline.files import (
     atomic_path,
+    file_sha256,
     read_json,
     read_json_if_any,
     staged_dir,
@@ -60,7 +62,6 @@ from pipeline.files import (
 from pipeline.geo import NODATA, areal_part, metres_per_unit
 from pipeline.io import read_vector, vector_file, write_vector
 from pipeline.layout import Layout
-from pipeline.model import METADATA_FILE, MODEL_FILE, file_sha256, read_metadata
 from pipeline.scenes import list_scenes, scene_name
 from pipeline.styles import (
     density_qml,

@@ -38,23 +38,19 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
+from pipeline.bundle import METADATA_FILE, MODEL_FILE, Bundle, load_bundle, read_metadata
 from pipeline.config import ONNX_FLOAT32_ONLY, PredictConfig
-from pipeline.errors import InputError, first_line
-from pipeline.files import atomic_path, progress_bar, temp_dir
-from pipeline.geo import NODATA, PROB_SCALE, axis_windows, gsd_m, valid_mask
-from pipeline.layout import Layout
-from pipeline.model import (
-    METADATA_FILE,
-    MODEL_FILE,
-    Bundle,
-    load_bundle,
+from pipeline.engines import (
     onnxruntime_model,
     openvino_model,
-    read_metadata,
     resolve_engine,
     resolve_precision,
     with_precision,
 )
+from pipeline.errors import InputError, first_line
+from pipeline.files import atomic_path, progress_bar, temp_dir
+from pipeline.geo import NODATA, PROB_SCALE, axis_windows, gsd_m, valid_mask
+from pipeline.layout import Layout
 from pipeline.scenes import open_scene, scene_name
 from pipeline.styles import mask_qml, probability_qml, write_qml
 

@@ -419,7 +419,7 @@ TRAIN_INPUTS = {"index": "the chip index", "stats": "the band statistics",
 
 
 def _plan_train(job: Job) -> dict[str, Item]:
-    from pipeline.model import METADATA_FILE, MODEL_FILE
+    from pipeline.bundle import METADATA_FILE, MODEL_FILE
 
     lay = job.layout
     return {STAGE_ITEM: Item(None, {"index": lay.chips / INDEX_FILE,
@@ -436,7 +436,7 @@ def _not_the_shipped_base(lay: Layout) -> None:
 
 def train_reason(job: Job) -> str | None:
     """Why the model must be (re)trained, in words, or None when it is up to date."""
-    from pipeline.model import MODEL_FILE
+    from pipeline.bundle import MODEL_FILE
     from pipeline.stamps import same
 
     lay = job.layout
@@ -472,7 +472,7 @@ def has_training_scenes(lay: Layout) -> bool:
 
 def run_train(job: Job) -> int:
     """Train, or use the bundle as it is when there is no training data here."""
-    from pipeline.model import MODEL_FILE
+    from pipeline.bundle import MODEL_FILE
 
     lay = job.layout
     STAGES["train"].check(lay)
@@ -489,13 +489,13 @@ def run_train(job: Job) -> int:
 # --- predict ---
 
 def _bundle_inputs(lay: Layout) -> dict[str, Path]:
-    from pipeline.model import METADATA_FILE, MODEL_FILE
+    from pipeline.bundle import METADATA_FILE, MODEL_FILE
 
     return {"model": lay.model_dir / MODEL_FILE, "metadata": lay.model_dir / METADATA_FILE}
 
 
 def _plan_predict(job: Job) -> dict[str, Item]:
-    from pipeline.model import check_bundle
+    from pipeline.bundle import check_bundle
 
     lay = job.layout
     scenes = _scenes(lay.images, "to predict")
@@ -620,7 +620,7 @@ def _run_batch(job: Job, items: dict[str, Item]) -> Outcome:
 
 def _plan_suggest(job: Job) -> dict[str, Item]:
     """One item: the batch's probability rasters, the training scenes and labels, the bundle."""
-    from pipeline.model import check_bundle
+    from pipeline.bundle import check_bundle
 
     lay = job.layout
     check_bundle(lay.model_dir)  # suggest never trains: no model is one line, before any work

@@ -92,7 +92,7 @@ def build_suggestions(target: Path, sources: Sources, *, model_dir: Path, cfg: C
     Returns:
         The GeoPackage written: one layer of squares, ``rank`` 1 the first to label.
     """
-    from pipeline.model import read_metadata
+    from pipeline.bundle import read_metadata
 
     target = Path(target)
     metadata = read_metadata(model_dir)

@@ -308,7 +308,7 @@ def training_policy(setting: str) -> str | None:
     on a GPU, bfloat16 on a CPU with bf16 instructions (AVX-512 BF16 / AMX, TensorFlow), else
     float32. The sigmoid head computes in float32 in every case (``build_unet``).
     """
-    from pipeline.model import resolve_precision
+    from pipeline.engines import resolve_precision
 
     if setting == "on" or (setting == "auto" and gpu_visible()):
         return "mixed_float16"
@@ -552,7 +552,7 @@ def train(chips_dir: Path, masks_dir: Path, model_dir: Path, *, cfg: Config) -> 
     """
     import keras
 
-    from pipeline.model import save_bundle
+    from pipeline.bundle import save_bundle
 
     chips_dir, masks_dir, model_dir = Path(chips_dir), Path(masks_dir), Path(model_dir)
     t = cfg.train

@@ -18,8 +18,8 @@ import pytest
 import rasterio
 from conftest import ROOT
 
+from pipeline.bundle import TRAIN_LOCK, check_bundle
 from pipeline.files import TEMP_DIR
-from pipeline.model import TRAIN_LOCK, check_bundle
 from pipeline.scenes import RESERVED_PREFIX
 
 
@@ -199,7 +199,7 @@ def test_two_trainings_into_one_model_dir_train_once(tiny_run, tmp_path):
 
     The overlap is forced, not hoped for: the test holds the folder's train lock itself while
     it starts both, and lets go once both wait for it (each names the test as the holder)."""
-    from pipeline.model import train_lock
+    from pipeline.bundle import train_lock
 
     data, config = tiny_run[0] / "data", tiny_run[0] / "tiny.yaml"
     model_dir = tmp_path / "model"
@@ -243,7 +243,7 @@ def test_train_lock_waits_for_its_holder_and_is_never_stale(tmp_path, caplog):
     holder killed -9 leaves a name in the file but no lock."""
     import threading
 
-    from pipeline.model import train_lock
+    from pipeline.bundle import train_lock
 
     hold = ("import sys\nfrom pipeline.model import train_lock\n"
             "with train_lock(sys.argv[1]):\n    sys.stdin.readline()\n")

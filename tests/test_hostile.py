@@ -176,7 +176,7 @@ def bright_model(tmp_path_factory) -> Path:
     """One 1x1 convolution + sigmoid on band 1: probability ~1 on cars, ~0 elsewhere."""
     import keras
 
-    from pipeline.model import save_bundle
+    from pipeline.bundle import save_bundle
 
     inputs = keras.Input((None, None, 3))
     conv = keras.layers.Conv2D(1, 1, activation="sigmoid")

@@ -129,7 +129,7 @@ def test_two_tiles_at_once_give_one_runs_chips(tmp_path):
 def test_two_predicts_at_once_give_one_runs_rasters(tmp_path):
     import keras
 
-    from pipeline.model import save_bundle
+    from pipeline.bundle import save_bundle
     from pipeline.predict import predict_scene
 
     # One 3x3 convolution: a real bundle, loaded and run by the real predict.

@@ -7,18 +7,18 @@ import shutil
 
 import pytest
 
-from pipeline.errors import InputError
-from pipeline.files import TEMP_DIR
-from pipeline.model import (
+from pipeline.bundle import (
     COMMIT_DIR,
     METADATA_FILE,
     MODEL_FILE,
     PREVIOUS_DIR,
-    build_unet,
     check_bundle,
     load_bundle,
     save_bundle,
 )
+from pipeline.errors import InputError
+from pipeline.files import TEMP_DIR
+from pipeline.model import build_unet
 
 
 def _metadata(threshold: float) -> dict:
@@ -145,7 +145,8 @@ def test_metadata_without_model_sha256_is_refused(tmp_path, models):
 
 
 def test_a_bundle_train_writes_loads_and_names_its_weights(tmp_path, models):
-    from pipeline.model import file_sha256, read_metadata
+    from pipeline.bundle import read_metadata
+    from pipeline.files import file_sha256
 
     save_bundle(models[0], _metadata(0.3), tmp_path)
     assert read_metadata(tmp_path)["model_sha256"] == file_sha256(tmp_path / MODEL_FILE)

@@ -16,7 +16,7 @@ from pipeline.geo import PROB_SCALE
 def test_a_sliver_scene_is_predicted(tmp_path, shape):
     import keras
 
-    from pipeline.model import save_bundle
+    from pipeline.bundle import save_bundle
     from pipeline.predict import predict_scene
 
     keras.utils.set_random_seed(3)

@@ -17,14 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rio_cogeo.cogeo import cog_validate
 
+from pipeline.bundle import save_bundle
 from pipeline.config import PredictConfig
+from pipeline.engines import resolve_precision
 from pipeline.errors import InputError
-from pipeline.model import (
-    build_unet,
-    receptive_field,
-    resolve_precision,
-    save_bundle,
-)
+from pipeline.model import build_unet, receptive_field
 from pipeline.predict import (
     CONTEXT_SHARE,
     Geometry,
@@ -529,10 +526,10 @@ ZEN3 = frozenset({"sse4_2", "avx2", "fma"})
 
 
 def _describe(monkeypatch, flags, *, gpu=False, openvino=True, backend="tensorflow"):
-    """Make pipeline.model see this CPU, GPU, Keras backend and OpenVINO installation."""
+    """Make pipeline.engines see this CPU, GPU, Keras backend and OpenVINO installation."""
     import importlib.util
 
-    import pipeline.model as model
+    import pipeline.engines as model
     import pipeline.train as train
 
     find_spec = importlib.util.find_spec
@@ -570,7 +567,7 @@ def test_auto_follows_the_described_cpu(monkeypatch, described, expected):
     """auto: bfloat16 on Keras where the CPU has bf16 (TensorFlow, no GPU); else OpenVINO where
     installed; else ONNX Runtime on a CPU without AVX-512 (TensorFlow's PyPI build is ~3x slower
     there, bench.engines); else Keras float32. A GPU keeps Keras."""
-    from pipeline.model import cpu_lacks_avx512, resolve_engine
+    from pipeline.engines import cpu_lacks_avx512, resolve_engine
     from pipeline.train import training_policy
 
     flags, gpu, openvino, backend = described
@@ -607,7 +604,7 @@ def test_auto_bundle_runs_what_the_described_cpu_gets(small_unet, monkeypatch, f
 
 def test_cpu_flags_are_read_from_the_flags_line(monkeypatch):
     """The description auto reads: /proc/cpuinfo's first flags line; None without one."""
-    import pipeline.model as model
+    import pipeline.engines as model
 
     texts = {"x86": "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
                     "processor\t: 1\nflags\t\t: fpu\n",
@@ -630,7 +627,7 @@ def test_an_engine_that_fails_falls_back_to_keras_with_a_warning(small_unet, tmp
     at WARNING: the fallback is never silent."""
     import logging
 
-    import pipeline.model as model
+    import pipeline.engines as model
     from pipeline.predict import _cached_bundle
 
     def broken_export(_model, _path, name, filename):
@@ -661,7 +658,9 @@ def test_an_engine_that_fails_falls_back_to_keras_with_a_warning(small_unet, tmp
 
 
 def test_openvino_export_is_cached_beside_the_model(small_unet, tmp_path, rng):
-    from pipeline.model import ENGINE_CACHE, MODEL_FILE, file_sha256
+    from pipeline.bundle import MODEL_FILE
+    from pipeline.engines import ENGINE_CACHE
+    from pipeline.files import file_sha256
 
     get_bundle(small_unet, "bfloat16", "openvino")
     digest = file_sha256(small_unet / MODEL_FILE)[:16]
@@ -675,7 +674,7 @@ def test_openvino_export_is_cached_beside_the_model(small_unet, tmp_path, rng):
 @pytest.fixture(scope="module")
 def ort_unet(small_unet, tmp_path_factory) -> Path:
     """small_unet's bundle in a folder of its own, exported for ONNX Runtime once per module."""
-    from pipeline.model import BUNDLE_FILES
+    from pipeline.bundle import BUNDLE_FILES
 
     model_dir = tmp_path_factory.mktemp("unet2_ort")
     for name in BUNDLE_FILES:
@@ -686,7 +685,9 @@ def ort_unet(small_unet, tmp_path_factory) -> Path:
 
 
 def _onnx_export(model_dir: Path, root: Path | None = None) -> Path:
-    from pipeline.model import ENGINE_CACHE, MODEL_FILE, file_sha256
+    from pipeline.bundle import MODEL_FILE
+    from pipeline.engines import ENGINE_CACHE
+    from pipeline.files import file_sha256
 
     digest = file_sha256(model_dir / MODEL_FILE)[:16]
     return (root or model_dir / ENGINE_CACHE) / f"onnxruntime-{digest}" / "model.onnx"
@@ -712,7 +713,7 @@ def test_onnxruntime_predicts_like_keras_float32(ort_unet, tmp_path, rng):
 
 
 def test_onnxruntime_export_is_cached_per_model(ort_unet, tmp_path, rng):
-    from pipeline.model import read_metadata
+    from pipeline.bundle import read_metadata
     from pipeline.predict import _cached_bundle
 
     cached = _onnx_export(ort_unet)
@@ -742,7 +743,8 @@ def test_onnxruntime_cache_falls_back_to_the_temp_folder(ort_unet, tmp_path, mon
     """A bundle folder that cannot hold the cache (read-only) gets it in the temp folder."""
     import os
 
-    from pipeline.model import BUNDLE_FILES, ENGINE_CACHE
+    from pipeline.bundle import BUNDLE_FILES
+    from pipeline.engines import ENGINE_CACHE
 
     model_dir = tmp_path / "ro"
     model_dir.mkdir()
@@ -766,7 +768,7 @@ def test_onnxruntime_cache_falls_back_to_the_temp_folder(ort_unet, tmp_path, mon
 
 def _retrained(ort_unet: Path, model_dir: Path):
     """ort_unet's bundle retrained in ``model_dir``: other weights, another sha256."""
-    from pipeline.model import read_metadata
+    from pipeline.bundle import read_metadata
 
     keras.utils.set_random_seed(11)
     model = build_unet(3, depth=2, base_filters=4)
@@ -809,7 +811,7 @@ def test_a_truncated_export_in_the_cache_is_rebuilt(ort_unet, tmp_path, rng, cap
         bundle = get_bundle(model_dir, "float32", "onnxruntime")
     assert "truncated or changed" in caplog.text
     # A fresh export (not byte for byte the first: tf2onnx numbers its nodes), recorded.
-    from pipeline.model import file_sha256
+    from pipeline.files import file_sha256
 
     record = json.loads(cached.with_name("export.json").read_text())
     assert record["files"]["model.onnx"] == file_sha256(cached)
@@ -819,7 +821,8 @@ def test_a_truncated_export_in_the_cache_is_rebuilt(ort_unet, tmp_path, rng, cap
 
 
 def _readonly_bundle(ort_unet: Path, tmp_path: Path, monkeypatch) -> Path:
-    from pipeline.model import BUNDLE_FILES, ENGINE_CACHE
+    from pipeline.bundle import BUNDLE_FILES
+    from pipeline.engines import ENGINE_CACHE
 
     model_dir = tmp_path / "ro"
     model_dir.mkdir()
@@ -854,7 +857,8 @@ def test_a_fallback_cache_others_can_write_is_not_used(ort_unet, tmp_path, monke
     slot = _onnx_export(model_dir, root).parent
     shutil.copytree(_onnx_export(other).parent, slot)
     record = json.loads((slot / "export.json").read_text())
-    from pipeline.model import MODEL_FILE, file_sha256
+    from pipeline.bundle import MODEL_FILE
+    from pipeline.files import file_sha256
 
     record["model_sha256"] = file_sha256(model_dir / MODEL_FILE)
     (slot / "export.json").write_text(json.dumps(record))
@@ -908,7 +912,7 @@ def test_engine_threads_are_the_process_share_of_cores(monkeypatch):
     import os
 
     from pipeline.distributed import worker_env
-    from pipeline.model import process_threads
+    from pipeline.engines import process_threads
 
     monkeypatch.setenv("OMP_NUM_THREADS", worker_env(2)["OMP_NUM_THREADS"])
     assert process_threads() == max(1, (os.cpu_count() or 1) // 2)

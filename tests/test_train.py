@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 from test_dataset import make_chips
 
+from pipeline.bundle import load_bundle
 from pipeline.config import Config
 from pipeline.dataset import ChipDataset, read_index, read_stats
 from pipeline.errors import InputError
-from pipeline.model import build_unet, load_bundle
+from pipeline.model import build_unet
 from pipeline.train import (
     FINAL_LR_SHARE,
     LearningRate,
