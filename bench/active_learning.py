@@ -119,7 +119,7 @@ def run(workdir: Path, *, minutes: float = 3.0, initial: int = 60, squares: int 
         seed: int = 0) -> dict:
     """Run the three arms in ``workdir``; return their scores."""
     from pipeline.config import SampleConfig
-    from pipeline.sample import make_sample
+    from pipeline.stages.sample import make_sample
 
     sample = workdir / "sample"
     make_sample(sample, cfg=SampleConfig(seed=seed))

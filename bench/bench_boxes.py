@@ -7,7 +7,7 @@ Real car labels are often axis-aligned boxes (the real-imagery check of issue 13
 so, and scored against boxes), while the sample labels cars by their outlines. This repeats a
 sample run as the real data is labelled: ``DATA`` (a sample written by ``make sample``) is
 copied to ``WORK/data_<labels>`` with every training label, and the truth, replaced by its
-axis-aligned box on the scene grid (:func:`pipeline.rasterize.label_boxes`); then the pipeline's
+axis-aligned box on the scene grid (:func:`pipeline.stages.rasterize.label_boxes`); then the pipeline's
 own stages tile, rasterize, train into ``WORK/model_<labels>`` (kept between runs unless
 ``--retrain``), predict, vectorize and evaluate the incoming scenes, against the box truth and
 against the outline truth. The result holds each evaluation's object F1 variants (IoU 0.5, IoU
@@ -35,8 +35,8 @@ def box_copy(src: Path, dst: Path) -> Path:
     import rasterio
 
     from pipeline.io import list_vectors, read_vector, write_vector
-    from pipeline.rasterize import label_boxes
     from pipeline.scenes import list_scenes
+    from pipeline.stages.rasterize import label_boxes
 
     src, dst = Path(src), Path(dst)
     scenes = list_scenes(src / "raw" / "images")
@@ -115,7 +115,7 @@ def error_sources(cars_files: list[Path], truth_file: Path, *, iou: float = 0.3)
 
 
 def _stages(data: Path, work: Path, model_dir: Path, cfg, *, retrain: bool) -> dict:
-    from pipeline.train import train
+    from pipeline.stages.train import train
 
     times = {}
     if retrain or not (model_dir / "model.keras").exists():
@@ -132,10 +132,10 @@ def _stages(data: Path, work: Path, model_dir: Path, cfg, *, retrain: bool) -> d
 
 def score(data: Path, model_dir: Path, out: Path, cfg, truths: dict[str, Path]) -> dict:
     """Predict, vectorize and evaluate ``data/incoming``; metrics against each truth file."""
-    from pipeline.evaluate import evaluate
-    from pipeline.predict import predict_scene
     from pipeline.scenes import list_scenes
-    from pipeline.vectorize import vectorize_scene
+    from pipeline.stages.evaluate import evaluate
+    from pipeline.stages.predict import predict_scene
+    from pipeline.stages.vectorize import vectorize_scene
 
     if out.exists():
         shutil.rmtree(out)

@@ -34,8 +34,8 @@ def trained_model(workdir: Path, *, minutes: float = 1.5, width: int = 640, heig
 
     from pipeline.config import Config
     from pipeline.files import read_json
-    from pipeline.sample import make_sample
-    from pipeline.train import train
+    from pipeline.stages.sample import make_sample
+    from pipeline.stages.train import train
 
     workdir = Path(workdir)
     cfg = Config(

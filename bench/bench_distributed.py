@@ -28,9 +28,9 @@ def _stage(workdir: Path, model: str, stage: str):
     predict = None
     if stage == "predict":
         try:
-            predict = importlib.import_module("pipeline.predict")
+            predict = importlib.import_module("pipeline.stages.predict")
         except ImportError:
-            log.warning("pipeline.predict unavailable; measuring tile_scene instead")
+            log.warning("pipeline.stages.predict unavailable; measuring tile_scene instead")
     if predict is not None:
         model_dir = workdir / "model"
         if model == "default":
@@ -38,7 +38,7 @@ def _stage(workdir: Path, model: str, stage: str):
         else:
             make_bundle(model_dir, depth=2, base_filters=8, chip_size=128)
         return "predict", predict.predict_scene, (model_dir,), {"cfg": PredictConfig()}
-    tile = importlib.import_module("pipeline.tile")
+    tile = importlib.import_module("pipeline.stages.tile")
     return "tile", tile.tile_scene, (), {"cfg": TileConfig()}
 
 

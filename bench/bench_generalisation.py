@@ -10,9 +10,9 @@ IoU 0.5, the pipeline's own stages) on scenes generated with:
 - ``seed``: another seed (other layouts, cars, colours of ground);
 - ``gsd_0.10`` / ``gsd_0.20`` / ``gsd_0.30``: another ground sample distance (predict resamples
   to the model's);
-- ``overcast`` / ``evening`` / ``faded``: other light and camera (``pipeline.sample.STYLES``).
+- ``overcast`` / ``evening`` / ``faded``: other light and camera (``pipeline.stages.sample.STYLES``).
 
-Every sample holds the hard cases of ``pipeline.sample`` (edge-cut, tree-hidden and shadowed cars,
+Every sample holds the hard cases of ``pipeline.stages.sample`` (edge-cut, tree-hidden and shadowed cars,
 long vans, lorries and buses that are not cars); with 2 incoming scenes, the second is a sparse
 street (cars on 1-3% of the pixels), so each condition scores a dense and a sparse scene.
 
@@ -65,11 +65,11 @@ def _score(data: Path, model_dir: Path, out: Path, cfg, min_area: float,
     Cars under ``min_mean_prob`` are dropped from each car layer before evaluation (what
     ``vectors`` will do once it reads the bundle's choice).
     """
-    from pipeline.evaluate import evaluate
     from pipeline.io import read_vector, write_vector
-    from pipeline.predict import predict_scene
     from pipeline.scenes import list_scenes
-    from pipeline.vectorize import vectorize_scene
+    from pipeline.stages.evaluate import evaluate
+    from pipeline.stages.predict import predict_scene
+    from pipeline.stages.vectorize import vectorize_scene
 
     vectors = cfg.vectors.model_copy(update={"min_area_m2": min_area})
     for scene in list_scenes(data / "incoming"):
@@ -110,8 +110,8 @@ def run(workdir: Path, *, cfg=None, quick: bool = False, minutes: float | None =
     """
     from pipeline.bundle import read_metadata
     from pipeline.config import Config, SampleConfig
-    from pipeline.sample import make_sample
-    from pipeline.train import train
+    from pipeline.stages.sample import make_sample
+    from pipeline.stages.train import train
 
     workdir = Path(workdir)
     cfg = (cfg or Config()).model_copy(deep=True)

@@ -93,7 +93,7 @@ def _one_pass_seconds(scene: Path, model_dir: Path, cfg, repeats: int = 1) -> tu
     from rasterio.plot import reshape_as_image
 
     from pipeline.geo import axis_windows
-    from pipeline.predict import (
+    from pipeline.stages.predict import (
         MAX_BATCH_PIXELS,
         _Predictor,
         get_bundle,
@@ -133,7 +133,7 @@ def _memory_probe(scene: Path, model_dir: Path, out_dir: Path) -> tuple[float, f
         "import time\n"
         "from pathlib import Path\n"
         "from pipeline.config import PredictConfig\n"
-        "from pipeline.predict import get_bundle, predict_scene\n"
+        "from pipeline.stages.predict import get_bundle, predict_scene\n"
         "cfg = PredictConfig()\n"
         f"get_bundle(Path({str(model_dir)!r}), cfg.precision, cfg.engine)\n"
         "t = time.perf_counter()\n"
@@ -185,7 +185,7 @@ def run(workdir: Path, *, sizes: tuple[int, ...] = (4000, 20000),
     """
     from pipeline.config import PredictConfig
     from pipeline.engines import cpu_bf16_flags
-    from pipeline.predict import get_bundle, predict_scene, window_geometry
+    from pipeline.stages.predict import get_bundle, predict_scene, window_geometry
 
     workdir = Path(workdir)
     configs = {

@@ -4,11 +4,11 @@
 GeoTIFF (a repeating noise block, so it is cheap to make), then measures in MPix/s of the scene:
 
 - ``read``: a window-by-window read of every block (the floor any tiler pays),
-- ``tile``: ``pipeline.tile.tile_scene`` with chip 256 / overlap 32, each run in a fresh
+- ``tile``: ``pipeline.stages.tile.tile_scene`` with chip 256 / overlap 32, each run in a fresh
   subprocess whose peak resident memory is ``ru_maxrss`` of ``RUSAGE_CHILDREN``; the time
   excludes the interpreter start and imports (gdal_retile's includes its own, ~0.2 s),
 - ``gdal_retile``: ``gdal_retile.py -ps 256 256 -overlap 32`` with the chips' own compression
-  (``pipeline.tile.CHIP_COMPRESSION``), so both write the same files.
+  (``pipeline.stages.tile.CHIP_COMPRESSION``), so both write the same files.
 
 The two alternate, run by run, and the speed-up is the median of the pairs' ratios. Times are
 medians of ``repeats`` runs; CPU seconds (every process of a run) are reported beside them, as
@@ -37,8 +37,8 @@ import json, resource, sys, time
 from pathlib import Path
 import geopandas as gpd
 from pipeline.config import TileConfig
-import pipeline.tile as tile
-from pipeline.tile import tile_scene
+import pipeline.stages.tile as tile
+from pipeline.stages.tile import tile_scene
 _count = tile._processes
 tile_processes = 1
 def _counted(*args):
@@ -137,7 +137,7 @@ def retile_once(path: Path, out: Path) -> tuple[float, float] | str:
         return "unavailable"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    from pipeline.tile import CHIP_COMPRESSION
+    from pipeline.stages.tile import CHIP_COMPRESSION
 
     # The chips' own creation options, so both write the same files.
     options = {"COMPRESS": CHIP_COMPRESSION["compress"].upper(), "TILED": "YES",

@@ -101,7 +101,7 @@ def build_model(*, bands: int, depth: int, base_filters: int, learning_rate: flo
     import keras
 
     from pipeline.model import build_unet
-    from pipeline.train import make_loss
+    from pipeline.stages.train import make_loss
 
     if isinstance(mixed_precision, str):
         policy = mixed_precision

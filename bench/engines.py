@@ -35,7 +35,7 @@ def run(*, model: Path | None = None, window: int | None = None, batch: int | No
     from bench.bench_predict import NORMALIZATION, _default_bundle
     from bench.precision import _variants
     from pipeline.config import PredictConfig
-    from pipeline.predict import MAX_BATCH_PIXELS, get_bundle, window_geometry
+    from pipeline.stages.predict import MAX_BATCH_PIXELS, get_bundle, window_geometry
 
     with tempfile.TemporaryDirectory(prefix="engines-", dir=workdir) as tmp:
         model_dir = model or Path(tmp) / "model"

@@ -185,9 +185,9 @@ def prepare_chips(data: Path, work: Path, cfg) -> tuple[Path, Path]:
         (chips folder, masks folder) under ``work``.
     """
     from pipeline.io import list_vectors
-    from pipeline.rasterize import load_labels, rasterize_scene
     from pipeline.scenes import list_scenes
-    from pipeline.tile import build_index, tile_scene
+    from pipeline.stages.rasterize import load_labels, rasterize_scene
+    from pipeline.stages.tile import build_index, tile_scene
 
     chips, masks = work / "chips", work / "masks"
     for scene in list_scenes(data / "raw" / "images"):

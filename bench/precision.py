@@ -31,9 +31,9 @@ TARGET_F1 = 0.005
 
 def _object_f1(out_dir: Path, truth: Path) -> float:
     from pipeline.config import EvaluateConfig, VectorConfig
-    from pipeline.evaluate import evaluate
     from pipeline.scenes import list_scenes
-    from pipeline.vectorize import vectorize_scene, write_summary
+    from pipeline.stages.evaluate import evaluate
+    from pipeline.stages.vectorize import vectorize_scene, write_summary
 
     for mask in list_scenes(out_dir / "masks"):
         vectorize_scene(mask, out_dir, cfg=VectorConfig())
@@ -67,8 +67,8 @@ def run(model_dir: Path, images: Path, *, truth: Path | None = None, repeats: in
     """Predict every scene of ``images`` with each engine and precision; compare (module doc)."""
     from pipeline.config import PredictConfig
     from pipeline.engines import cpu_bf16_flags
-    from pipeline.predict import predict_scene
     from pipeline.scenes import list_scenes
+    from pipeline.stages.predict import predict_scene
 
     scenes = list_scenes(images)
     variants = _variants()

@@ -60,7 +60,7 @@ def run(model_dir: Path, scene: Path, *, offsets=((128, 64), (100, 37)), windows
     The crop runs from the offset to ``pad`` px before the scene's far edges.
     """
     from pipeline.config import PredictConfig
-    from pipeline.predict import get_bundle, predict_scene, window_geometry
+    from pipeline.stages.predict import get_bundle, predict_scene, window_geometry
 
     bundle = get_bundle(model_dir, precision or PredictConfig().precision)
     field = bundle.receptive_field

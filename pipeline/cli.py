@@ -14,7 +14,6 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.base import BASE_BUNDLE
 from pipeline.config import STAGE_SECTIONS, Config, load_config, split_overrides, stage_settings
 from pipeline.errors import InputError, first_line
 from pipeline.files import write_if_changed
@@ -30,6 +29,7 @@ from pipeline.runner import (
     run_train,
 )
 from pipeline.scenes import list_scenes, scene_name
+from pipeline.stages.base import BASE_BUNDLE
 
 log = logging.getLogger("pipeline")
 

@@ -277,7 +277,7 @@ def _plan_sample(job: Job) -> dict[str, Item]:
 
 
 def _run_sample(job: Job, items: dict[str, Item]) -> Outcome:
-    from pipeline.sample import make_sample
+    from pipeline.stages.sample import make_sample
 
     manifest = make_sample(job.layout.data, cfg=job.cfg.sample, force=job.force)
     log.info("sample written: %s", manifest)
@@ -287,14 +287,14 @@ def _run_sample(job: Job, items: dict[str, Item]) -> Outcome:
 # --- base (the generated set the base model trains on) ---
 
 def _plan_base(job: Job) -> dict[str, Item]:
-    from pipeline.base import BASE_MANIFEST
+    from pipeline.stages.base import BASE_MANIFEST
 
     return {STAGE_ITEM: Item(None, {"settings": settings_digest(job, "base")},
                              [job.layout.data / BASE_MANIFEST])}
 
 
 def _run_base(job: Job, items: dict[str, Item]) -> Outcome:
-    from pipeline.base import make_base_sample
+    from pipeline.stages.base import make_base_sample
 
     lay = job.layout
     manifest = make_base_sample(lay.data, job.cfg)
@@ -307,7 +307,7 @@ def _run_base(job: Job, items: dict[str, Item]) -> Outcome:
 
 def run_base(job: Job, ship_to: Path) -> int:
     """``make base``: the generated set, the training chain on it, then the bundle shipped."""
-    from pipeline.base import provenance, ship
+    from pipeline.stages.base import provenance, ship
 
     lay = job.layout
     check_outputs_apart({"the shipped base": ship_to},
@@ -329,7 +329,7 @@ def _plan_tile(job: Job) -> dict[str, Item]:
 
 
 def _run_tile(job: Job, items: dict[str, Item]) -> Outcome:
-    from pipeline.tile import tile_scene
+    from pipeline.stages.tile import tile_scene
 
     return _batch(job, "tile", tile_scene, items, args=(job.layout.chips,),
                   kwargs={"cfg": job.cfg.tile})
@@ -365,7 +365,7 @@ def _plan_masks(job: Job) -> dict[str, Item]:
 
 
 def _run_masks(job: Job, items: dict[str, Item]) -> Outcome:
-    from pipeline.rasterize import load_labels, rasterize_scene
+    from pipeline.stages.rasterize import load_labels, rasterize_scene
 
     # Listed again rather than taken from the inputs, which hold files without their layer.
     labels = load_labels(list_vectors(job.layout.labels), cfg=job.cfg.labels)
@@ -405,7 +405,7 @@ def _plan_index(job: Job) -> dict[str, Item]:
 
 
 def _run_index(job: Job, items: dict[str, Item]) -> Outcome:
-    from pipeline.tile import build_index
+    from pipeline.stages.tile import build_index
 
     path = build_index(job.layout.chips, job.layout.masks, cfg=job.cfg.tile)
     log.info("chip index: %s", path)
@@ -429,7 +429,7 @@ def _plan_train(job: Job) -> dict[str, Item]:
 
 
 def _not_the_shipped_base(lay: Layout) -> None:
-    from pipeline.base import check_not_shipped
+    from pipeline.stages.base import check_not_shipped
 
     check_not_shipped(lay.model_dir)
 
@@ -459,7 +459,7 @@ def train_reason(job: Job) -> str | None:
 def _run_train(job: Job, items: dict[str, Item]) -> Outcome:
     lay = job.layout
     import_keras_quietly(job.debug)
-    from pipeline.train import train
+    from pipeline.stages.train import train
 
     path = train(lay.chips, lay.masks, lay.model_dir, cfg=job.cfg)
     log.info("model: %s", path)
@@ -512,7 +512,7 @@ def _plan_predict(job: Job) -> dict[str, Item]:
 
 
 def _run_predict(job: Job, items: dict[str, Item]) -> Outcome:
-    from pipeline.predict import predict_scene
+    from pipeline.stages.predict import predict_scene
 
     lay = job.layout
     return _batch(job, "predict", predict_scene, items, args=(lay.model_dir, lay.out),
@@ -541,7 +541,7 @@ def _plan_vectors(job: Job) -> dict[str, Item]:
 
 
 def _run_vectors(job: Job, items: dict[str, Item]) -> Outcome:
-    from pipeline.vectorize import vectorize_scene
+    from pipeline.stages.vectorize import vectorize_scene
 
     lay = job.layout
     return _batch(job, "vectors", vectorize_scene, items, args=(lay.out,),
@@ -550,7 +550,7 @@ def _run_vectors(job: Job, items: dict[str, Item]) -> Outcome:
 
 def _finish_vectors(job: Job) -> int:
     """summary.csv (rewritten only when it changes) and a warning per scene with no pixel."""
-    from pipeline.vectorize import write_summary
+    from pipeline.stages.vectorize import write_summary
 
     lay = job.layout
     summary = write_summary(lay.out, _vector_scenes(lay) if lay.images is not None else None)
@@ -585,7 +585,7 @@ def _warn_empty(summary: Path, images: Path | None) -> None:
 # --- batch ---
 
 def _plan_batch(job: Job) -> dict[str, Item]:
-    from pipeline.batch import MANIFEST, complete_scenes
+    from pipeline.stages.batch import MANIFEST, complete_scenes
 
     lay = job.layout
     inputs: dict[str, Any] = {**_bundle_inputs(lay),
@@ -602,8 +602,8 @@ def _plan_batch(job: Job) -> dict[str, Item]:
 
 
 def _run_batch(job: Job, items: dict[str, Item]) -> Outcome:
-    from pipeline.batch import MANIFEST, build_batch
     from pipeline.files import read_json
+    from pipeline.stages.batch import MANIFEST, build_batch
 
     lay = job.layout
     path = build_batch(lay.images, lay.out, model_dir=lay.model_dir, cfg=job.cfg,
@@ -642,7 +642,7 @@ def _plan_suggest(job: Job) -> dict[str, Item]:
 
 
 def _run_suggest(job: Job, items: dict[str, Item]) -> Outcome:
-    from pipeline.suggest import Sources, build_suggestions
+    from pipeline.stages.suggest import Sources, build_suggestions
 
     inputs = items[STAGE_ITEM].inputs
     pick = lambda prefix: [v for k, v in sorted(inputs.items()) if k.startswith(prefix)]  # noqa: E731
@@ -666,7 +666,7 @@ def _vector_input(role: str, spec: Path, missing: str) -> dict[str, Any]:
 
 
 def _plan_evaluate(job: Job) -> dict[str, Item]:
-    from pipeline.evaluate import EVALUATION_FILES
+    from pipeline.stages.evaluate import EVALUATION_FILES
 
     lay = job.layout
     if lay.truth is None:
@@ -682,7 +682,7 @@ def _plan_evaluate(job: Job) -> dict[str, Item]:
 
 
 def _run_evaluate(job: Job, items: dict[str, Item]) -> Outcome:
-    from pipeline.evaluate import evaluate
+    from pipeline.stages.evaluate import evaluate
 
     path = evaluate(job.layout.out, job.layout.truth, cfg=job.cfg.evaluate,
                     images=job.layout.images)
@@ -701,7 +701,7 @@ def _plan_report(job: Job) -> dict[str, Item]:
 
 
 def _run_report(job: Job, items: dict[str, Item]) -> Outcome:
-    from pipeline.report import build_report
+    from pipeline.stages.report import build_report
 
     lay = job.layout
     started = time.time_ns()

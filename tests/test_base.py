@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from conftest import ROOT, make, write_scene
 
-from pipeline.base import BASE_BUNDLE, FIRST_ZONE, variant_settings
 from pipeline.config import BaseConfig, SampleConfig
-from pipeline.predict import gsd_to_predict_at
+from pipeline.stages.base import BASE_BUNDLE, FIRST_ZONE, variant_settings
+from pipeline.stages.predict import gsd_to_predict_at
 
 # A base small enough for the suite: 2 variants of 2 scenes of 256^2, a 2-level U-Net.
 TINY_BASE = ("base.variants=2 base.width=256 base.height=256 tile.chip_size=64 tile.overlap=8 "

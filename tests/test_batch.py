@@ -26,11 +26,11 @@ from rasterio.crs import CRS
 from shapely import affinity
 from shapely.geometry import box
 
-from pipeline.batch import build_batch
 from pipeline.config import Config
 from pipeline.errors import InputError
 from pipeline.io import read_vector
-from pipeline.vectorize import vectorize_scene
+from pipeline.stages.batch import build_batch
+from pipeline.stages.vectorize import vectorize_scene
 
 WIDTH, HEIGHT = 1700, 320  # the whole flight, pixels (255 m x 48 m)
 SCENE_W = 1000  # each scene 150 m wide: neighbours overlap by 1000 - 667 = 333 px... see STEP
@@ -569,7 +569,7 @@ def test_scene_with_the_better_view_decides_where_only_one_saw_a_car(tmp_path):
 
 
 def test_density_grid_known_answer():
-    from pipeline.batch import DENSITY_NODATA, density_grid
+    from pipeline.stages.batch import DENSITY_NODATA, density_grid
 
     x0, y0 = 500000.0, 4000000.0
     footprint = box(x0, y0 - 100, x0 + 75, y0)  # 1.5 cells wide: the right column half covered
@@ -613,8 +613,8 @@ def test_density_scratch_is_the_swept_temporary(tmp_path):
     from affine import Affine
     from rasterio.crs import CRS
 
-    from pipeline.batch import write_density
     from pipeline.files import TEMP_DIR
+    from pipeline.stages.batch import write_density
 
     target = write_density(np.ones((4, 4), np.float32), Affine(50, 0, 500000, 0, -50, 4000000),
                            CRS.from_epsg(32633), tmp_path / "density.tif")

@@ -15,8 +15,8 @@ from shapely.geometry import box
 
 from pipeline.config import EvaluateConfig, VectorConfig
 from pipeline.errors import InputError
-from pipeline.evaluate import evaluate, match_objects
-from pipeline.vectorize import vectorize_scene
+from pipeline.stages.evaluate import evaluate, match_objects
+from pipeline.stages.vectorize import vectorize_scene
 
 
 def test_hungarian_beats_greedy():
@@ -130,7 +130,7 @@ def test_evaluate_bad_truth(predicted, tmp_path):
 def test_strips_do_not_change_metrics(predicted, monkeypatch):
     out, truth, _ = predicted
     whole = json.loads(evaluate(out, truth, cfg=EvaluateConfig()).read_text())
-    monkeypatch.setattr("pipeline.evaluate.STRIP_ROWS", 17)  # strips cut through every car
+    monkeypatch.setattr("pipeline.stages.evaluate.STRIP_ROWS", 17)  # strips cut through every car
     strips = json.loads(evaluate(out, truth, cfg=EvaluateConfig()).read_text())
     assert strips["overall"] == whole["overall"]
     assert (out / "evaluation" / "thresholds.csv").read_text().count("\n") == 20

@@ -10,7 +10,7 @@ from affine import Affine
 from rasterio.crs import CRS
 
 from bench.bench_generalisation import run
-from pipeline.sample import STYLES, render_scene
+from pipeline.stages.sample import STYLES, render_scene
 
 
 def _render(style: str, seed: int = 3):

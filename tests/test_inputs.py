@@ -20,12 +20,12 @@ from shapely.geometry import Polygon, box
 from test_evaluate import _scene_with_cars, car_px
 from test_hostile import cli, make
 
-from pipeline.batch import build_batch, read_zones
 from pipeline.cli import main
 from pipeline.config import Config, EvaluateConfig
 from pipeline.errors import InputError, VectorInputError
-from pipeline.evaluate import evaluate
 from pipeline.io import read_vector, split_layer
+from pipeline.stages.batch import build_batch, read_zones
+from pipeline.stages.evaluate import evaluate
 
 flight = test_batch.flight  # the fixture: two overlapping vectorized scenes, batch built once
 

@@ -144,7 +144,7 @@ def test_truncated_tiff_says_so(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     from pipeline.config import TileConfig
-    from pipeline.tile import tile_scene
+    from pipeline.stages.tile import tile_scene
     with pytest.raises(InputError, match="t.tif: .*truncated or corrupt"):
         tile_scene(path, tmp_path / "chips", cfg=TileConfig(chip_size=64, overlap=0))
 

@@ -95,7 +95,7 @@ def _strays(folder: Path) -> list[Path]:
 
 
 def test_two_tiles_at_once_give_one_runs_chips(tmp_path):
-    from pipeline.tile import tile_scene
+    from pipeline.stages.tile import tile_scene
 
     images = _scenes(tmp_path / "images", 3, 256)
     reference = tmp_path / "reference"
@@ -130,7 +130,7 @@ def test_two_predicts_at_once_give_one_runs_rasters(tmp_path):
     import keras
 
     from pipeline.bundle import save_bundle
-    from pipeline.predict import predict_scene
+    from pipeline.stages.predict import predict_scene
 
     # One 3x3 convolution: a real bundle, loaded and run by the real predict.
     keras.utils.set_random_seed(3)

@@ -17,7 +17,7 @@ def test_a_sliver_scene_is_predicted(tmp_path, shape):
     import keras
 
     from pipeline.bundle import save_bundle
-    from pipeline.predict import predict_scene
+    from pipeline.stages.predict import predict_scene
 
     keras.utils.set_random_seed(3)
     inputs = keras.Input((None, None, 3))

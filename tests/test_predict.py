@@ -22,7 +22,7 @@ from pipeline.config import PredictConfig
 from pipeline.engines import resolve_precision
 from pipeline.errors import InputError
 from pipeline.model import build_unet, receptive_field
-from pipeline.predict import (
+from pipeline.stages.predict import (
     CONTEXT_SHARE,
     Geometry,
     _frame_axis,
@@ -369,7 +369,7 @@ def test_extra_bands_are_named_in_the_log(tmp_path, rng, identity_model, caplog)
     with rasterio.open(scene, "w", driver="GTiff", width=40, height=40, count=4, dtype="uint8",
                        crs=UTM, transform=TRANSFORM, photometric="RGB") as dst:
         dst.write(data)
-    with caplog.at_level("INFO", logger="pipeline.predict"):
+    with caplog.at_level("INFO", logger="pipeline.stages.predict"):
         prob_path, _ = predict_scene(scene, identity_model, tmp_path / "out",
                                      cfg=PredictConfig(**PINNED, window=32, overlap=8))
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -382,7 +382,7 @@ def test_extra_bands_are_named_in_the_log(tmp_path, rng, identity_model, caplog)
     with rasterio.open(rgba, "w", driver="GTiff", width=40, height=40, count=4, dtype="uint8",
                        crs=UTM, transform=TRANSFORM, photometric="RGB", alpha="YES") as dst:
         dst.write(np.concatenate([data[:3], np.full((1, 40, 40), 255, np.uint8)]))
-    with caplog.at_level("INFO", logger="pipeline.predict"):
+    with caplog.at_level("INFO", logger="pipeline.stages.predict"):
         predict_scene(rgba, identity_model, tmp_path / "out2",
                       cfg=PredictConfig(**PINNED, window=32, overlap=8))
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
@@ -530,7 +530,7 @@ def _describe(monkeypatch, flags, *, gpu=False, openvino=True, backend="tensorfl
     import importlib.util
 
     import pipeline.engines as model
-    import pipeline.train as train
+    import pipeline.stages.train as train
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(model, "_cpu_flags", lambda: flags)
@@ -568,7 +568,7 @@ def test_auto_follows_the_described_cpu(monkeypatch, described, expected):
     installed; else ONNX Runtime on a CPU without AVX-512 (TensorFlow's PyPI build is ~3x slower
     there, bench.engines); else Keras float32. A GPU keeps Keras."""
     from pipeline.engines import cpu_lacks_avx512, resolve_engine
-    from pipeline.train import training_policy
+    from pipeline.stages.train import training_policy
 
     flags, gpu, openvino, backend = described
     _describe(monkeypatch, flags, gpu=gpu, openvino=openvino, backend=backend)
@@ -628,7 +628,7 @@ def test_an_engine_that_fails_falls_back_to_keras_with_a_warning(small_unet, tmp
     import logging
 
     import pipeline.engines as model
-    from pipeline.predict import _cached_bundle
+    from pipeline.stages.predict import _cached_bundle
 
     def broken_export(_model, _path, name, filename):
         bad = tmp_path / "broken" / filename
@@ -638,7 +638,7 @@ def test_an_engine_that_fails_falls_back_to_keras_with_a_warning(small_unet, tmp
 
     monkeypatch.setattr(model, "cached_export", broken_export)
     _cached_bundle.cache_clear()
-    caplog.set_level(logging.WARNING, logger="pipeline.predict")
+    caplog.set_level(logging.WARNING, logger="pipeline.stages.predict")
     try:
         bundle = get_bundle(small_unet, "float32", engine)
         scene = write_scene(tmp_path / "s.tif", _scene(rng, 40, 40), nodata=None)
@@ -714,7 +714,7 @@ def test_onnxruntime_predicts_like_keras_float32(ort_unet, tmp_path, rng):
 
 def test_onnxruntime_export_is_cached_per_model(ort_unet, tmp_path, rng):
     from pipeline.bundle import read_metadata
-    from pipeline.predict import _cached_bundle
+    from pipeline.stages.predict import _cached_bundle
 
     cached = _onnx_export(ort_unet)
     built = cached.stat().st_mtime_ns
@@ -793,7 +793,7 @@ def test_another_models_export_planted_in_the_cache_is_rebuilt(ort_unet, tmp_pat
     assert _runs_like(bundle, model, rng)
     caplog.clear()
     planted.with_name("export.json").unlink()  # no record at all: rebuilt too
-    from pipeline.predict import _cached_bundle
+    from pipeline.stages.predict import _cached_bundle
 
     _cached_bundle.cache_clear()
     with caplog.at_level("WARNING"):
@@ -894,11 +894,11 @@ def test_onnxruntime_missing_falls_back_to_keras_with_a_log_line(ort_unet, tmp_p
     import logging
     import sys
 
-    from pipeline.predict import _cached_bundle
+    from pipeline.stages.predict import _cached_bundle
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
     _cached_bundle.cache_clear()
-    caplog.set_level(logging.INFO, logger="pipeline.predict")
+    caplog.set_level(logging.INFO, logger="pipeline.stages.predict")
     scene = write_scene(tmp_path / "s.tif", _scene(rng, 40, 40), nodata=None)
     prob_path, _ = predict_scene(scene, ort_unet, tmp_path / "o",
                                  cfg=PredictConfig(engine="onnxruntime", precision="float32"))
@@ -938,7 +938,7 @@ def test_onnxruntime_with_bfloat16_is_a_one_line_settings_error(ort_unet):
 def test_normalize_into_equals_the_bundle_normalisation(rng):
     """Predict normalises windows in place; the values must be training's, bit for bit."""
     from pipeline.model import normalize
-    from pipeline.predict import normalize_into
+    from pipeline.stages.predict import normalize_into
 
     norm = {"mean": [90.5, 101.25, 77.0], "std": [40.1, 38.7, 52.3]}
     strip = rng.integers(0, 256, (3, 40, 70), dtype=np.uint8)
@@ -1030,7 +1030,7 @@ def test_memory_is_flat_in_the_scene_width(tmp_path, rng, identity_model):
 def test_reflected_columns_as_slices_equal_the_gather():
     """``_runs`` (the strip reader's reflected columns as slices) picks what fancy indexing
     picks, for scenes narrower than, as wide as and wider than the frame, at every offset."""
-    from pipeline.predict import _runs
+    from pipeline.stages.predict import _runs
 
     rng = np.random.default_rng(0)
     for width in (1, 2, 3, 5, 17, 100):

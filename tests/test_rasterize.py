@@ -17,8 +17,8 @@ from shapely.geometry import LineString, Point, Polygon, box
 
 from pipeline.config import LabelConfig, TileConfig
 from pipeline.errors import InputError
-from pipeline.rasterize import gap_weights, load_labels, rasterize_scene
-from pipeline.tile import build_index, tile_scene
+from pipeline.stages.rasterize import gap_weights, load_labels, rasterize_scene
+from pipeline.stages.tile import build_index, tile_scene
 
 X0, Y0 = ORIGIN
 
@@ -298,7 +298,7 @@ def test_scene_in_us_feet_uses_metre_settings_in_metres(tmp_path, rng):
 # === Box labels ===
 
 def test_label_boxes_are_envelopes_on_the_scene_grid(tmp_path):
-    from pipeline.rasterize import label_boxes
+    from pipeline.stages.rasterize import label_boxes
 
     car = affinity.rotate(box(X0 + 10, Y0 - 12.25, X0 + 11.9, Y0 - 7.75), -30)
     pt = Point(X0 + 30, Y0 - 30)

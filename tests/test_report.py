@@ -17,9 +17,9 @@ from conftest import GSD, ORIGIN, TRANSFORM, UTM, write_scene
 from shapely.geometry import box
 
 from pipeline.config import EvaluateConfig, ReportConfig, VectorConfig
-from pipeline.evaluate import evaluate
-from pipeline.report import build_report, scene_path
-from pipeline.vectorize import vectorize_scene, write_summary
+from pipeline.stages.evaluate import evaluate
+from pipeline.stages.report import build_report, scene_path
+from pipeline.stages.vectorize import vectorize_scene, write_summary
 
 CHROMIUM = shutil.which("chromium") or (
     "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
@@ -86,7 +86,7 @@ def test_report_has_every_piece(tmp_path, run_dirs):
     for src in sources:
         assert (dst / src).stat().st_size > 1000
     assert "could not draw" not in text
-    # pipeline.sample is the project's own: the training-scene figure is always drawn.
+    # pipeline.stages.sample is the project's own: the training-scene figure is always drawn.
     assert "fig_training_scene.png" in sources
     assert "is not available" not in text
     assert "no evaluation" not in text.lower()
@@ -181,8 +181,8 @@ def test_report_batch_section(tmp_path, with_zones):
         write_model,
     )
 
-    from pipeline.batch import build_batch
     from pipeline.config import Config
+    from pipeline.stages.batch import build_batch
 
     truth = burn(flight_cars(np.random.default_rng(5)), (HEIGHT, WIDTH), FLIGHT)
     write_identity_scene(tmp_path, "north", truth, 0)

@@ -21,7 +21,7 @@ from shapely.geometry import Polygon, box
 
 from pipeline.config import SampleConfig
 from pipeline.errors import InputError
-from pipeline.sample import (
+from pipeline.stages.sample import (
     CAR_COLOURS,
     generate,
     make_sample,
@@ -29,9 +29,9 @@ from pipeline.sample import (
     render_scene,
     scene_specs,
 )
-from pipeline.sample.objects import VEHICLES, Car
-from pipeline.sample.plan import MAX_UNDER_TREE
-from pipeline.sample.writer import sparse_scenes
+from pipeline.stages.sample.objects import VEHICLES, Car
+from pipeline.stages.sample.plan import MAX_UNDER_TREE
+from pipeline.stages.sample.writer import sparse_scenes
 
 # Small scenes (48 x 39 m) keep the suite fast; still several parking rows each.
 CFG = SampleConfig(seed=7, train_scenes=3, incoming_scenes=2, width=320, height=260)
@@ -323,10 +323,10 @@ def test_the_package_parts_import_on_their_own():
     """A newcomer reads the sample part by part: each module imports by itself."""
     import importlib
 
-    import pipeline.sample as pkg
+    import pipeline.stages.sample as pkg
 
     for part in ("objects", "shapes", "plan", "render", "labels", "writer", "plot"):
-        importlib.import_module(f"pipeline.sample.{part}")
+        importlib.import_module(f"pipeline.stages.sample.{part}")
     for name in pkg.__all__:
         assert getattr(pkg, name) is not None, name
     assert pkg.GENERATOR_VERSION >= 2

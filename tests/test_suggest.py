@@ -62,7 +62,7 @@ def _known_batch(tmp_path):
 
 def test_known_answer_ranking(tmp_path):
     from pipeline.config import load_config
-    from pipeline.suggest import Sources, build_suggestions
+    from pipeline.stages.suggest import Sources, build_suggestions
 
     image, prob, model = _known_batch(tmp_path)
     cfg = load_config(None, ["suggest.flip=false", "suggest.top_n=3"])
@@ -80,7 +80,7 @@ def test_known_answer_ranking(tmp_path):
 
 
 def test_training_share_keeps_the_batch_in(tmp_path):
-    from pipeline.suggest import _pick, _Square
+    from pipeline.stages.suggest import _pick, _Square
 
     def square(kind, score, i):
         return _Square(kind, tmp_path, kind, (i, 0, 64, 64), None, None, 1.0,

@@ -19,7 +19,7 @@ from rasterio.windows import Window
 from pipeline.config import TileConfig
 from pipeline.errors import InputError
 from pipeline.geo import grid_windows, pixel_size
-from pipeline.tile import build_index, tile_scene
+from pipeline.stages.tile import build_index, tile_scene
 
 
 def _chips(gpkg: Path) -> gpd.GeoDataFrame:
@@ -301,7 +301,7 @@ def _tree(folder: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("gsd", [None, GSD * 1.5])  # the scene itself, and a warped grid
 def test_worker_processes_write_what_one_process_writes(tmp_path, rng, monkeypatch, gsd):
     """Rows of chips cut by worker processes give the same chip bytes and the same records."""
-    import pipeline.tile as tile
+    import pipeline.stages.tile as tile
 
     data = rng.integers(1, 255, (3, 300, 260), dtype=np.uint8)
     data[:, :90, :70] = 0  # a nodata corner: chips with an internal mask, and skipped chips
@@ -327,7 +327,7 @@ def test_worker_processes_write_what_one_process_writes(tmp_path, rng, monkeypat
 def test_processes_stay_home_in_daemons_and_on_small_scenes(monkeypatch):
     import multiprocessing
 
-    import pipeline.tile as tile
+    import pipeline.stages.tile as tile
 
     assert tile._processes(2, 3) == 1  # 6 chips: a worker's start would cost more
     monkeypatch.setattr(multiprocessing.current_process(), "daemon", True, raising=False)
@@ -354,7 +354,7 @@ def _write_blocks(path: Path, data: np.ndarray, nodata, **layout) -> Path:
 @pytest.mark.parametrize("processes", [1, 3])
 def test_chips_equal_source_windows_for_any_block_layout(tmp_path, rng, monkeypatch, layout,
                                                          processes):
-    import pipeline.tile as tile
+    import pipeline.stages.tile as tile
 
     data = rng.integers(1, 255, (3, 230, 210), dtype=np.uint8)
     data[:, 100:140, :] = 0  # a nodata band across: masked chips
@@ -378,7 +378,7 @@ def test_chips_equal_source_windows_for_any_block_layout(tmp_path, rng, monkeypa
 
 
 def test_footprints_at_once_equal_window_footprint_exactly():
-    import pipeline.tile as tile
+    import pipeline.stages.tile as tile
     from pipeline.geo import window_footprint
 
     rotated = Affine(0.15 * np.cos(0.3), -0.15 * np.sin(0.3), 500000.123,

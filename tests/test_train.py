@@ -22,7 +22,7 @@ from pipeline.config import Config
 from pipeline.dataset import ChipDataset, read_index, read_stats
 from pipeline.errors import InputError
 from pipeline.model import build_unet
-from pipeline.train import (
+from pipeline.stages.train import (
     FINAL_LR_SHARE,
     LearningRate,
     _resume_settings,
@@ -225,7 +225,7 @@ def test_training_runs_on_jax(chips, tmp_path):
         from pathlib import Path
         from pipeline.config import Config
         from pipeline.model import load_bundle
-        from pipeline.train import train
+        from pipeline.stages.train import train
         cfg = Config.model_validate({{"tile": {{"chip_size": 64}}, "train": {TINY!r}}})
         cfg.train.epochs = 2
         out = Path({str(tmp_path / "model")!r})
@@ -268,7 +268,7 @@ def test_budget_drives_the_schedule_not_the_epochs():
 
 
 class _SlowForwardClock:
-    """``time`` as pipeline.train sees it, but each perf_counter() call 10 s after the last: the
+    """``time`` as pipeline.stages.train sees it, but each perf_counter() call 10 s after the last: the
     timed forward pass of ``_auto_steps`` takes 10 s whatever the machine's load."""
 
     def __init__(self):
@@ -289,7 +289,7 @@ def test_validation_runs_by_steps_within_a_budget(chips, tmp_path, monkeypatch):
     that validation runs ``validations`` times in the budget. The measurement is fixed (a 10 s
     forward pass), so the size is known, and the budget is far past what the run takes: no
     epoch count depends on the machine's speed."""
-    import pipeline.train as train_mod
+    import pipeline.stages.train as train_mod
 
     monkeypatch.setattr(train_mod, "time", _SlowForwardClock())
     model_dir = tmp_path / "model"

@@ -20,7 +20,7 @@ from shapely.geometry import box
 
 from pipeline.config import VectorConfig
 from pipeline.io import read_vector
-from pipeline.vectorize import COLUMNS, rectangle_attributes, vectorize_scene, write_summary
+from pipeline.stages.vectorize import COLUMNS, rectangle_attributes, vectorize_scene, write_summary
 
 
 def car(cx_px: float, cy_px: float, *, length_m=4.5, width_m=1.9, heading_deg=0.0):

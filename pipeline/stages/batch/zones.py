@@ -12,8 +12,6 @@ import shapely
 from affine import Affine
 from rasterio.crs import CRS
 
-from pipeline.batch.mosaics import _by_crs
-from pipeline.batch.sources import DENSITY_NODATA, MIN_COVERAGE, SceneInfo
 from pipeline.calibration import count_interval
 from pipeline.errors import InputError
 from pipeline.files import (
@@ -22,6 +20,8 @@ from pipeline.files import (
 )
 from pipeline.geo import areal_part, metres_per_unit
 from pipeline.io import read_vector, write_vector
+from pipeline.stages.batch.mosaics import _by_crs
+from pipeline.stages.batch.sources import DENSITY_NODATA, MIN_COVERAGE, SceneInfo
 from pipeline.styles import (
     density_qml,
     quiet_style_table,

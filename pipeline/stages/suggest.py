@@ -114,8 +114,8 @@ def build_suggestions(target: Path, sources: Sources, *, model_dir: Path, cfg: C
 def _score_training(sources: Sources, scratch_parent: Path, model_dir: Path, ctx: _Context
                     ) -> list[_Square]:
     """Predict each training scene once into scratch and score its squares against labels."""
-    from pipeline.predict import predict_scene
-    from pipeline.rasterize import load_labels
+    from pipeline.stages.predict import predict_scene
+    from pipeline.stages.rasterize import load_labels
 
     cfg = ctx.cfg
     labels = load_labels(list(sources.labels), cfg=cfg.labels) if sources.labels else None
@@ -173,7 +173,7 @@ def _score_scene(image: Path, prob_tif: Path, kind: str, labels, ctx: _Context
 
 
 def _labels_near(labels, src, cfg: Config):
-    from pipeline.rasterize import scene_labels
+    from pipeline.stages.rasterize import scene_labels
 
     return scene_labels(labels, src.bounds, src.crs, cfg.labels)
 
@@ -202,7 +202,7 @@ def _score(sq: _Square) -> float:
 
 def _add_flip(squares: list[_Square], model_dir: Path, threshold: float, cfg: Config) -> None:
     """The flip share of the best squares so far (two forward passes each)."""
-    from pipeline.predict import get_bundle
+    from pipeline.stages.predict import get_bundle
 
     bundle = get_bundle(model_dir, "float32", "keras")
     n = cfg.suggest.top_n * cfg.suggest.flip_candidates

@@ -11,13 +11,13 @@ import rasterio
 import shapely
 from rasterio.crs import CRS
 
-from pipeline.batch.sources import CATALOG, VERSION_PACKAGES, SceneInfo, _to_crs
 from pipeline.bundle import METADATA_FILE, MODEL_FILE
 from pipeline.config import Config
 from pipeline.files import (
     file_sha256,
     write_json,
 )
+from pipeline.stages.batch.sources import CATALOG, VERSION_PACKAGES, SceneInfo, _to_crs
 
 log = logging.getLogger(__name__)
 

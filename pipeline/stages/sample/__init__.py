@@ -25,10 +25,18 @@ Read it part by part:
 - ``plot``: a scene with its labels outlined, as a PNG.
 """
 
-from pipeline.sample.objects import CAR_COLOURS, CAR_KINDS, STYLES, Box, Car, SceneRender, Style
-from pipeline.sample.plot import plot_scene_with_labels
-from pipeline.sample.render import render_scene
-from pipeline.sample.writer import GENERATOR_VERSION, generate, make_sample, scene_specs
+from pipeline.stages.sample.objects import (
+    CAR_COLOURS,
+    CAR_KINDS,
+    STYLES,
+    Box,
+    Car,
+    SceneRender,
+    Style,
+)
+from pipeline.stages.sample.plot import plot_scene_with_labels
+from pipeline.stages.sample.render import render_scene
+from pipeline.stages.sample.writer import GENERATOR_VERSION, generate, make_sample, scene_specs
 
 __all__ = [
     "CAR_COLOURS",

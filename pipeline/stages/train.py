@@ -661,7 +661,7 @@ def _run(chips_dir, model_dir, cfg, records, train_recs, val_recs, stats, normal
             log.info("resuming from epoch %d (best val IoU %.4f)", initial_epoch,
                      state["best_iou"])
         else:
-            from pipeline.base import start_weights
+            from pipeline.stages.base import start_weights
 
             # Fine-tuning from the base (or another bundle) when the U-Net has its shape;
             # kept in the checkpoint state so a resumed run records the same start.

@@ -15,9 +15,9 @@ from rasterio import features
 from rasterio.crs import CRS
 from scipy import ndimage
 
-from pipeline.sample.objects import CAR_KINDS, STYLES, VEHICLES, Box, Car, SceneRender, Style
-from pipeline.sample.plan import _Frame, _Layout, _place_cars, _plan, footprint_mean
-from pipeline.sample.shapes import (
+from pipeline.stages.sample.objects import CAR_KINDS, STYLES, VEHICLES, Box, Car, SceneRender, Style
+from pipeline.stages.sample.plan import _Frame, _Layout, _place_cars, _plan, footprint_mean
+from pipeline.stages.sample.shapes import (
     SS,
     _band,
     _box_sdf,

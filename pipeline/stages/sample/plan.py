@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.sample.objects import CAR_COLOURS, CAR_KINDS, Box, Car
-from pipeline.sample.shapes import _patch, _pick
+from pipeline.stages.sample.objects import CAR_COLOURS, CAR_KINDS, Box, Car
+from pipeline.stages.sample.shapes import _patch, _pick
 
 
 @dataclass

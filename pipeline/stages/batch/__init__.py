@@ -32,31 +32,6 @@ from pathlib import Path
 
 import shapely
 
-from pipeline.batch.catalog import provenance, write_catalog
-from pipeline.batch.merge import merge_cars, seam_table
-from pipeline.batch.mosaics import write_mosaics
-
-# The parts the stage uses; callers also reach these as pipeline.batch.<name>.
-from pipeline.batch.sources import (  # noqa: E402,F401
-    BATCH_DIR,
-    CATALOG,
-    DENSITY_NODATA,
-    MANIFEST,
-    SceneInfo,
-    _batch_crs,
-    _map,
-    _read_cars,
-    _scene_info,
-    _to_crs,
-)
-from pipeline.batch.zones import (  # noqa: E402,F401
-    density_grid,
-    read_zones,
-    write_densities,
-    write_density,
-    write_zones,
-    zone_counts,
-)
 from pipeline.bundle import METADATA_FILE, MODEL_FILE, read_metadata
 from pipeline.calibration import apply_calibration
 from pipeline.cars import BATCH_COLUMNS, empty_cars, write_cars
@@ -72,6 +47,31 @@ from pipeline.files import (
 from pipeline.io import vector_file, write_vector
 from pipeline.layout import Layout
 from pipeline.scenes import list_scenes, scene_name
+from pipeline.stages.batch.catalog import provenance, write_catalog
+from pipeline.stages.batch.merge import merge_cars, seam_table
+from pipeline.stages.batch.mosaics import write_mosaics
+
+# The parts the stage uses; callers also reach these as pipeline.stages.batch.<name>.
+from pipeline.stages.batch.sources import (  # noqa: E402,F401
+    BATCH_DIR,
+    CATALOG,
+    DENSITY_NODATA,
+    MANIFEST,
+    SceneInfo,
+    _batch_crs,
+    _map,
+    _read_cars,
+    _scene_info,
+    _to_crs,
+)
+from pipeline.stages.batch.zones import (  # noqa: E402,F401
+    density_grid,
+    read_zones,
+    write_densities,
+    write_density,
+    write_zones,
+    zone_counts,
+)
 from pipeline.styles import (
     mask_qml,
     probability_qml,

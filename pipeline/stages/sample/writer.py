@@ -18,11 +18,11 @@ from pipeline.config import SampleConfig
 from pipeline.errors import InputError
 from pipeline.files import atomic_path, temp_dir, write_json
 from pipeline.io import write_vector
-from pipeline.sample.labels import _car_frame
-from pipeline.sample.objects import VEHICLES, SceneRender
-from pipeline.sample.render import render_scene
+from pipeline.stages.sample.labels import _car_frame
+from pipeline.stages.sample.objects import VEHICLES, SceneRender
+from pipeline.stages.sample.render import render_scene
 
-log = logging.getLogger("pipeline.sample")
+log = logging.getLogger("pipeline.stages.sample")
 
 GENERATOR_VERSION = 2  # 2: edge-cut cars, long vehicles, street parking, sparse scenes
 # GeoPackage embeds the time of writing; GDAL uses this instead, so files are byte-identical.
@@ -182,7 +182,7 @@ def make_sample(data_dir: Path, *, cfg: SampleConfig, force: bool = False) -> Pa
             write_vector(truth, stage / "truth/cars.gpkg", layer="cars")
             files.append("truth/cars.gpkg")
         manifest = {
-            "generator": "pipeline.sample", "version": GENERATOR_VERSION,
+            "generator": "pipeline.stages.sample", "version": GENERATOR_VERSION,
             "settings": cfg.model_dump(mode="json"),
             "files": {rel: {"sha256": _sha256(stage / rel), "bytes": (stage / rel).stat().st_size}
                       for rel in files},

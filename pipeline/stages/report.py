@@ -288,15 +288,15 @@ def plot_crops(scene: str, *, out_dir: Path, data_dir: Path | None, truth, objec
 
 
 def plot_training_scene(data_dir: Path, dst_dir: Path) -> tuple[str | None, str]:
-    """One training scene with its label footprints, drawn by ``pipeline.sample``."""
+    """One training scene with its label footprints, drawn by ``pipeline.stages.sample``."""
     images = list_scenes(Path(data_dir) / "raw" / "images")
     labels = list_vectors(Path(data_dir) / "raw" / "labels")
     if not images or not labels:
         return None, "no training scenes with labels in DATA/raw"
     try:
-        from pipeline.sample import plot_scene_with_labels
+        from pipeline.stages.sample import plot_scene_with_labels
     except ImportError:
-        return None, "pipeline.sample.plot_scene_with_labels is not available"
+        return None, "pipeline.stages.sample.plot_scene_with_labels is not available"
     import pandas as pd
 
     frames = [read_vector(p, role="labels") for p in labels]

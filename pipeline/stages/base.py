@@ -28,7 +28,7 @@ from pipeline.io import write_vector
 
 log = logging.getLogger(__name__)
 
-BASE_BUNDLE = Path(__file__).parent / "base_model"
+BASE_BUNDLE = Path(__file__).parents[1] / "base_model"  # pipeline/base_model, package data
 BASE_MANIFEST = "base-manifest.json"
 PROVENANCE_FILE = "PROVENANCE.json"
 FIRST_ZONE = 32630  # variant k is written in EPSG 32630 + k (WGS 84 / UTM north)
@@ -55,7 +55,7 @@ def make_base_sample(data_dir: Path, cfg: Config) -> Path:
     listing with each variant's settings goes to ``base-manifest.json`` (written last: its
     presence means the set is whole).
     """
-    from pipeline.sample.writer import _car_frame, _write_scene, generate
+    from pipeline.stages.sample.writer import _car_frame, _write_scene, generate
 
     data_dir = Path(data_dir)
     variants = variant_settings(cfg.base, cfg.sample)

@@ -14,11 +14,11 @@ import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 
-from pipeline.batch.sources import SceneInfo
 from pipeline.files import (
     atomic_path,
 )
 from pipeline.geo import NODATA
+from pipeline.stages.batch.sources import SceneInfo
 from pipeline.styles import (
     mask_qml,
     probability_qml,

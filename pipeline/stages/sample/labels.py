@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from pipeline.sample.objects import SceneRender
+from pipeline.stages.sample.objects import SceneRender
 
 
 def _car_frame(scene: SceneRender, name: str):

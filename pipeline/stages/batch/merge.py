@@ -7,8 +7,8 @@ import logging
 import numpy as np
 import shapely
 
-from pipeline.batch.sources import CONTAINED
 from pipeline.cars import edge_distances
+from pipeline.stages.batch.sources import CONTAINED
 
 log = logging.getLogger(__name__)
 
