@@ -121,7 +121,7 @@ def predict_throughput(workdir: Path, *, scene_size: int, depth: int, base_filte
                        chip_size: int, repeats: int) -> dict:
     """MPix/s of ``predict_scene`` end to end and of the bare forward pass on its windows."""
     from bench.harness import make_bundle, make_scene
-    from pipeline import predict
+    from pipeline.stages import predict
     from pipeline.bundle import read_metadata
     from pipeline.config import PredictConfig
     model_dir = workdir / "model"

@@ -2,7 +2,8 @@
 
 import math
 
-from pipeline import evaluate, postprocess, train
+from pipeline import postprocess
+from pipeline.stages import evaluate, train
 from pipeline.scores import for_ranking, prf
 
 
