@@ -121,9 +121,9 @@ def predict_throughput(workdir: Path, *, scene_size: int, depth: int, base_filte
                        chip_size: int, repeats: int) -> dict:
     """MPix/s of ``predict_scene`` end to end and of the bare forward pass on its windows."""
     from bench.harness import make_bundle, make_scene
-    from pipeline.stages import predict
     from pipeline.bundle import read_metadata
     from pipeline.config import PredictConfig
+    from pipeline.stages import predict
     model_dir = workdir / "model"
     make_bundle(model_dir, depth=depth, base_filters=base_filters, chip_size=chip_size)
     scene = make_scene(workdir / "scene.tif", scene_size, seed=1)

@@ -3,8 +3,8 @@
 import math
 
 from pipeline import postprocess
-from pipeline.stages import evaluate, train
 from pipeline.scores import for_ranking, prf
+from pipeline.stages import evaluate, train
 
 
 def test_every_stage_scores_counts_alike():
