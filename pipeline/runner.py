@@ -61,6 +61,7 @@ from pipeline.stamps import (
     prune_empty,
     record,
     relative,
+    remove_path,
 )
 
 log = logging.getLogger("pipeline")
@@ -204,7 +205,7 @@ def _run_stale(stage: Stage, job: Job, plan: dict[str, Item], stale: list[str],
         manifest.items[key] = Made(new, identities[key])
         for rel in set(old) - set(new):  # e.g. cars.gpkg after vectors.format=parquet
             if rel not in manifest.owned():
-                _remove_output(folder / rel)
+                remove_path(folder / rel)
     for key, kept in outcome.failed.items():
         # A failed scene keeps no outputs of an earlier run: later stages must not use
         # results that no longer match its input. Its log stays for the summary.
@@ -212,17 +213,11 @@ def _run_stale(stage: Stage, job: Job, plan: dict[str, Item], stale: list[str],
         made = manifest.items.pop(key)
         for rel in made.outputs:
             if rel not in keep:
-                _remove_output(folder / rel)
+                remove_path(folder / rel)
         manifest.items[key] = Made(sorted(keep), None)
     if not outcome.failed:
         return 0
     return EXIT_PARTIAL if outcome.done or len(outcome.failed) < len(plan) else 2
-
-
-def _remove_output(path: Path) -> None:
-    from pipeline.stamps import remove_path
-
-    remove_path(path)
 
 
 # === Batch stages over scenes ===
@@ -877,8 +872,6 @@ def clean(layout: Layout) -> list[Path]:
                 manifest.save()
                 for path in removed:
                     prune_empty(path.parent, folder)
-            from pipeline.stamps import remove_path
-
             remove_path(folder / TEMP_DIR)
         (folder / LOCK_FILE).unlink(missing_ok=True)
         prune_empty(folder, folder.parent)

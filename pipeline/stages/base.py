@@ -55,6 +55,8 @@ def make_base_sample(data_dir: Path, cfg: Config) -> Path:
     listing with each variant's settings goes to ``base-manifest.json`` (written last: its
     presence means the set is whole).
     """
+    import pandas as pd
+
     from pipeline.stages.sample.writer import _car_frame, _write_scene, generate
 
     data_dir = Path(data_dir)
@@ -67,8 +69,6 @@ def make_base_sample(data_dir: Path, cfg: Config) -> Path:
             for name in train:
                 _write_scene(stage / "raw" / "images" / f"v{k:02d}_{name}.tif", scenes[name])
             frames = [_car_frame(scenes[n], f"v{k:02d}_{n}") for n in train]
-            import pandas as pd
-
             write_vector(pd.concat(frames, ignore_index=True),
                          stage / "raw" / "labels" / f"v{k:02d}.gpkg", layer="cars")
             listing.append({"variant": k, "settings": sample.model_dump(mode="json"),
