@@ -245,7 +245,7 @@ def test_train_lock_waits_for_its_holder_and_is_never_stale(tmp_path, caplog):
 
     from pipeline.bundle import train_lock
 
-    hold = ("import sys\nfrom pipeline.model import train_lock\n"
+    hold = ("import sys\nfrom pipeline.bundle import train_lock\n"
             "with train_lock(sys.argv[1]):\n    sys.stdin.readline()\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 

@@ -224,7 +224,7 @@ def test_training_runs_on_jax(chips, tmp_path):
         import json, sys
         from pathlib import Path
         from pipeline.config import Config
-        from pipeline.model import load_bundle
+        from pipeline.bundle import load_bundle
         from pipeline.stages.train import train
         cfg = Config.model_validate({{"tile": {{"chip_size": 64}}, "train": {TINY!r}}})
         cfg.train.epochs = 2
