@@ -111,7 +111,8 @@ def write_summary(out_dir: Path, paths: list[Path]) -> Path:
     lines = [
         "# Benchmarks",
         "",
-        f"Measured {machine['date']} on {machine['platform']}, {machine['cpu_count']} CPUs, "
+        f"Measured {machine['date']} on {machine['platform']}, {machine['cpu_model']} "
+        f"({' '.join(machine['cpu_flags']) or 'no AVX'}), {machine['cpu_count']} CPUs, "
         f"{machine['memory_gb']} GB RAM, Keras backend {machine['keras_backend']}.",
         "",
         f"Versions: {versions}.",

@@ -81,11 +81,17 @@ def library_versions() -> dict[str, str]:
 
 def machine_info() -> dict[str, Any]:
     """The machine a result was measured on: platform, CPUs, memory, date, library versions."""
+    from pipeline.engine_choice import cpu_identity
+    from pipeline.engines import cpu_flags
+
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        # The CPU kind decides which engine is fastest (AMX, AVX-512 BF16, AVX2): name it.
+        "cpu_model": cpu_identity()["model"],
+        "cpu_flags": [f for f in sorted(cpu_flags() or ()) if f.startswith(("avx", "amx"))],
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "keras_backend": os.environ.get("KERAS_BACKEND", "tensorflow"),
         "versions": library_versions(),

@@ -71,7 +71,8 @@ def run(model_dir: Path, images: Path, *, truth: Path | None = None, repeats: in
     from pipeline.stages.predict import predict_scene
 
     scenes = list_scenes(images)
-    variants = _variants()
+    # The defaults (auto: measured once here, then the chosen engine) against each by name.
+    variants = {**_variants(), "default_auto": ("auto", "auto")}
     cfgs = {n: PredictConfig(engine=e, precision=p) for n, (e, p) in variants.items()}
     result: dict = {"model": str(model_dir), "images": str(images),
                     "cpu_bf16_flags": cpu_bf16_flags(), "reference": "keras_float32",

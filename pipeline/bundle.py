@@ -31,8 +31,11 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
+# A few validation chips (raw pixels, as tiled): what ``predict.engine: auto`` checks a fast
+# engine's faithfulness on (pipeline.engine_choice). Data, not weights: not in the sha256 pair.
+VALIDATION_FILE = "validation.npz"
 BUNDLE_VERSION = 1
-BUNDLE_FILES = (MODEL_FILE, METADATA_FILE)
+BUNDLE_FILES = (MODEL_FILE, METADATA_FILE, VALIDATION_FILE)  # what save_bundle writes
 # A complete new bundle waiting to be moved into place; its existence is the commit point.
 COMMIT_DIR = ".bundle-commit"
 PREVIOUS_DIR = "previous"  # the bundle a retraining replaced, kept so nothing is lost
@@ -134,8 +137,13 @@ def check_metadata(metadata: Any, path: Path) -> None:
         raise InputError(f"{path}: {field}: {text}") from None
 
 
-def save_bundle(model, metadata: dict, model_dir: Path | str) -> Path:
+def save_bundle(model, metadata: dict, model_dir: Path | str,
+                validation: np.ndarray | None = None) -> Path:
     """Replace the bundle (``model.keras`` + ``metadata.json``) as one unit; returns the model.
+
+    ``validation``: (chips, rows, cols, bands) raw validation chips kept beside the model in
+    :data:`VALIDATION_FILE` (none: an empty set, so a retraining never leaves the previous
+    model's chips behind).
 
     Both files are written into a staging folder, which is then renamed to ``.bundle-commit``
     (the commit point) and its files moved into place, the replaced ones into ``previous/``.
@@ -152,6 +160,8 @@ def save_bundle(model, metadata: dict, model_dir: Path | str) -> Path:
         staged = scratch / "bundle"
         staged.mkdir()
         model.save(staged / MODEL_FILE)
+        np.savez_compressed(staged / VALIDATION_FILE, images=np.zeros((0, 0, 0, 0), np.uint8)
+                            if validation is None else np.asarray(validation))
         # The metadata names its weights, so a mismatched pair is caught on load.
         metadata = {"bundle_version": BUNDLE_VERSION, **metadata,
                     "model_sha256": file_sha256(staged / MODEL_FILE)}
@@ -182,7 +192,7 @@ def recover_bundle(model_dir: Path | str) -> None:
         return
     previous = model_dir / PREVIOUS_DIR
     # Metadata first, model last: the model's mtime marks a complete bundle for Make.
-    for name in (METADATA_FILE, MODEL_FILE):
+    for name in (VALIDATION_FILE, METADATA_FILE, MODEL_FILE):
         new = commit / name
         if not new.exists():
             continue  # already moved before the crash
@@ -191,6 +201,22 @@ def recover_bundle(model_dir: Path | str) -> None:
             os.replace(model_dir / name, previous / name)
         os.replace(new, model_dir / name)
     commit.rmdir()
+
+
+def load_validation(model_dir: Path | str) -> np.ndarray | None:
+    """The bundle's validation chips, (chips, rows, cols, bands); None where it has none (a
+    bundle from before they were kept, or a training without validation chips) or the file
+    cannot be read."""
+    path = Path(model_dir) / VALIDATION_FILE
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            images = data["images"]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        if path.exists():
+            log.warning("%s: unreadable (%s); the bundle's validation chips are not used",
+                        path, first_line(exc))
+        return None
+    return images if images.ndim == 4 and len(images) else None
 
 
 def read_metadata(model_dir: Path | str) -> dict:

@@ -1,5 +1,6 @@
 """Engines and precisions that run a trained U-Net: Keras float32/bfloat16, OpenVINO and ONNX
-Runtime, chosen from the CPU's flags (``auto``), with verified exported graphs cached per model."""
+Runtime, with verified exported graphs cached per model (``auto`` is chosen by measurement in
+:mod:`pipeline.engine_choice`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import shutil
 import stat
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +35,7 @@ FIRST_LAYER_FLOAT32 = True  # /proc/cpuinfo flags of CPUs with bf16 arithmetic
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str] | None:
+def cpu_flags() -> frozenset[str] | None:
     """The instruction-set flags /proc/cpuinfo reports; None where that cannot be read.
 
     Read once per process: every scene's ``get_bundle`` asks, and the CPU does not change.
@@ -50,36 +52,15 @@ def _cpu_flags() -> frozenset[str] | None:
 
 def cpu_bf16_flags() -> list[str]:
     """The bf16 instruction sets (AVX-512 BF16, AMX) this CPU reports; [] if none or unknown."""
-    flags = _cpu_flags() or frozenset()
+    flags = cpu_flags() or frozenset()
     return [f for f in BF16_FLAGS if f in flags]
 
 
-def cpu_lacks_avx512() -> bool:
-    """Whether this CPU is known to have no AVX-512 (most laptops and many cloud CPUs).
-
-    TensorFlow's PyPI build runs a U-Net about 3x slower there than ONNX Runtime or OpenVINO
-    (``bench.engines`` on an AVX2 EPYC: 8.0 s vs 2.6-3.1 s per 2048^2 window), while with
-    AVX-512 its oneDNN kernels are within 1.2x of them. Unknown (not Linux) counts as having it.
-    """
-    flags = _cpu_flags()
-    return flags is not None and "avx512f" not in flags
-
-
-def resolve_precision(precision: str) -> str:
-    """The precision predict runs at: 'float32' or 'bfloat16'.
-
-    ``auto`` picks bfloat16 where it pays and stays faithful: the TensorFlow backend on a CPU
-    with bf16 instructions and no GPU (measured in ``bench.precision`` with the trained demo
-    model: about 1.5x the float32 speed end to end, probabilities within 2/254 at 99.9% of
-    pixels, object F1 within 0.005). Elsewhere, and whenever that cannot be established,
-    float32. An explicit ``bfloat16`` is honoured anywhere (without the instructions it is
-    emulated and slow).
-    """
-    if precision != "auto":
-        return precision
-    if keras_backend() != "tensorflow" or not cpu_bf16_flags() or _tensorflow_gpu():
-        return "float32"
-    return "bfloat16"
+def cpu_runs_bf16() -> bool:
+    """Whether bf16 arithmetic is native here for training: the TensorFlow backend on a CPU
+    with AVX-512 BF16 or AMX and no GPU (``train.mixed_precision: auto``). Prediction does not
+    ask: it measures (:mod:`pipeline.engine_choice`)."""
+    return keras_backend() == "tensorflow" and bool(cpu_bf16_flags()) and not tensorflow_gpu()
 
 
 def with_precision(model, precision: str):
@@ -119,36 +100,6 @@ def with_precision(model, precision: str):
 ENGINE_CACHE = ".engine-cache"  # beside model.keras; one folder per engine and model digest
 
 
-def resolve_engine(engine: str, precision: str = "float32") -> str:
-    """The engine predict runs for a resolved ``precision``; an explicit engine as it is.
-
-    ``auto``, measured with ``bench.engines`` on 2-core EPYCs (ms per 2048^2 window):
-
-    - bfloat16: Keras. It keeps the first layer and the head in float32, which keeps
-      probabilities within 2/254 at 99.9% of pixels; OpenVINO's bf16 hint rounds the whole graph
-      and missed that (``bench.precision``).
-    - a GPU that TensorFlow sees: Keras (the exported engines here run on the CPU).
-    - OpenVINO where its package is installed: float32 matches Keras to 1e-6 and runs 1.4x
-      Keras on an AVX-512 CPU (2147 vs 2973 ms), 3.1x on an AVX2 one (2629 vs 8027 ms).
-    - ONNX Runtime (a core dependency) on a CPU without AVX-512: exact too, 2.6x Keras there
-      (3108 vs 8027 ms). With AVX-512 it is only 0.75-1.2x Keras (slower under load), so
-      Keras float32 stays.
-    """
-    if engine != "auto":
-        return engine
-    if precision == "bfloat16" or _tensorflow_gpu():
-        return "keras"
-    import importlib.util
-
-    if importlib.util.find_spec("openvino"):
-        return "openvino"
-    # On TensorFlow only: the numbers above are TensorFlow's; JAX's XLA compiles for the CPU.
-    if (cpu_lacks_avx512() and keras_backend() == "tensorflow"
-            and importlib.util.find_spec("onnxruntime")):
-        return "onnxruntime"
-    return "keras"
-
-
 def keras_backend() -> str:
     """The Keras backend of this process ('tensorflow', 'jax', 'torch')."""
     import keras
@@ -156,7 +107,7 @@ def keras_backend() -> str:
     return keras.backend.backend()
 
 
-def _tensorflow_gpu() -> bool:
+def tensorflow_gpu() -> bool:
     """Whether Keras runs on TensorFlow with a GPU it can see."""
     if keras_backend() != "tensorflow":
         return False
@@ -199,11 +150,7 @@ def cached_export(model, model_path: Path, engine: str, filename: str) -> Path:
     there, or a truncated file, is rebuilt with a warning, never run.
     """
     model_sha = file_sha256(model_path)
-    roots = [Path(model_path).parent / ENGINE_CACHE]
-    fallback = Path(tempfile.gettempdir()) / FALLBACK_CACHE
-    for root in roots + [fallback]:
-        if root == fallback and not _private_folder(root):
-            continue
+    for root in cache_roots(model_path):
         target = root / f"{engine}-{model_sha[:16]}"
         if _export_ok(target, filename, model_sha, engine):
             return target / filename
@@ -212,11 +159,28 @@ def cached_export(model, model_path: Path, engine: str, filename: str) -> Path:
         except OSError:  # a read-only bundle folder: the next root
             continue
         return target / filename
-    root = Path(tempfile.mkdtemp(prefix="carseg-engine-"))  # 0700, this process's alone
-    atexit.register(shutil.rmtree, root, True)
+    root = process_cache()
     target = root / f"{engine}-{model_sha[:16]}"
     _build_export(model, root, target, engine, filename, model_sha)
     return target / filename
+
+
+def cache_roots(model_path: Path) -> Iterator[Path]:
+    """Where a model's engine cache may live, best first: ``.engine-cache`` beside the model,
+    then ``$TMPDIR/carseg-engine-cache`` while it is private to this user. A caller that
+    cannot write one (OSError) tries the next, and after them :func:`process_cache`."""
+    yield Path(model_path).parent / ENGINE_CACHE
+    fallback = Path(tempfile.gettempdir()) / FALLBACK_CACHE
+    if _private_folder(fallback):
+        yield fallback
+
+
+@functools.cache
+def process_cache() -> Path:
+    """A private (0700) folder of this process alone, removed when it ends."""
+    root = Path(tempfile.mkdtemp(prefix="carseg-engine-"))
+    atexit.register(shutil.rmtree, root, True)
+    return root
 
 
 def _private_folder(root: Path) -> bool:
@@ -354,3 +318,18 @@ def onnxruntime_model(model, model_path: Path, precision: str) -> ONNXRuntimeMod
     session = ort.InferenceSession(str(path), sess_options=options,
                                    providers=["CPUExecutionProvider"])
     return ONNXRuntimeModel(session)
+
+
+# predict.engine value -> (name for the log, builder of a model with ``predict_on_batch``).
+EXPORTED_ENGINES = {"openvino": ("OpenVINO", openvino_model),
+                    "onnxruntime": ("ONNX Runtime", onnxruntime_model)}
+
+
+def engine_model(model, model_path: Path, engine: str, precision: str):
+    """``model`` (Keras float32, loaded from ``model_path``) ready to run on ``engine`` at
+    ``precision``; raises whatever the engine raises when it cannot."""
+    if engine in EXPORTED_ENGINES:
+        return EXPORTED_ENGINES[engine][1](model, model_path, precision)
+    if engine != "keras":
+        raise ValueError(f"unknown engine {engine!r}")
+    return with_precision(model, precision)

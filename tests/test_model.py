@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from pipeline.bundle import (
+    BUNDLE_FILES,
     COMMIT_DIR,
     METADATA_FILE,
     MODEL_FILE,
@@ -52,7 +53,7 @@ def test_failed_save_leaves_the_old_bundle_whole(tmp_path, models):
     assert (tmp_path / MODEL_FILE).read_bytes() == before
     assert json.loads((tmp_path / METADATA_FILE).read_text())["threshold"] == 0.3
     check_bundle(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [METADATA_FILE, MODEL_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(BUNDLE_FILES)
 
 
 def test_crash_after_the_commit_point_is_finished_by_the_next_reader(tmp_path, models):

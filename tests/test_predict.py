@@ -19,7 +19,6 @@ from rio_cogeo.cogeo import cog_validate
 
 from pipeline.bundle import save_bundle
 from pipeline.config import PredictConfig
-from pipeline.engines import resolve_precision
 from pipeline.errors import InputError
 from pipeline.model import build_unet, receptive_field
 from pipeline.stages.predict import (
@@ -520,86 +519,48 @@ def test_each_engine_runs_as_asked_and_predicts_like_keras_float32(small_unet, t
 
 
 # CPU descriptions as /proc/cpuinfo's flags line gives them (None: no flags line, not Linux).
+# Which engine predict's auto takes is measured (tests/test_engine_choice.py); training's
+# mixed precision still follows the CPU's description.
 SAPPHIRE_RAPIDS = frozenset({"sse4_2", "avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"})
 ICE_LAKE = frozenset({"sse4_2", "avx2", "fma", "avx512f"})
 ZEN3 = frozenset({"sse4_2", "avx2", "fma"})
 
 
-def _describe(monkeypatch, flags, *, gpu=False, openvino=True, backend="tensorflow"):
-    """Make pipeline.engines see this CPU, GPU, Keras backend and OpenVINO installation."""
-    import importlib.util
-
+def _describe(monkeypatch, flags, *, gpu=False, backend="tensorflow"):
+    """Make pipeline.engines see this CPU, GPU and Keras backend."""
     import pipeline.engines as model
     import pipeline.stages.train as train
 
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(model, "_cpu_flags", lambda: flags)
-    monkeypatch.setattr(model, "_tensorflow_gpu", lambda: gpu and backend == "tensorflow")
+    monkeypatch.setattr(model, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(model, "tensorflow_gpu", lambda: gpu and backend == "tensorflow")
     monkeypatch.setattr(model, "keras_backend", lambda: backend)
     monkeypatch.setattr(train, "gpu_visible", lambda: gpu)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
-        None if name == "openvino" and not openvino else find_spec(name, *a)))
 
 
-# (description, gpu, openvino installed, backend) -> (auto precision, auto engine for it,
-# auto engine for float32, train.mixed_precision auto). Written out, not recomputed.
-AUTO = [
-    ((SAPPHIRE_RAPIDS, False, True, "tensorflow"), ("bfloat16", "keras", "openvino",
-                                                    "mixed_bfloat16")),
-    ((SAPPHIRE_RAPIDS, False, False, "tensorflow"), ("bfloat16", "keras", "keras",
-                                                     "mixed_bfloat16")),
-    ((SAPPHIRE_RAPIDS, True, True, "tensorflow"), ("float32", "keras", "keras",
-                                                   "mixed_float16")),
-    ((SAPPHIRE_RAPIDS, False, False, "jax"), ("float32", "keras", "keras", None)),
-    ((ICE_LAKE, False, True, "tensorflow"), ("float32", "openvino", "openvino", None)),
-    ((ICE_LAKE, False, False, "tensorflow"), ("float32", "keras", "keras", None)),
-    ((ZEN3, False, True, "tensorflow"), ("float32", "openvino", "openvino", None)),
-    ((ZEN3, False, False, "tensorflow"), ("float32", "onnxruntime", "onnxruntime", None)),
-    ((ZEN3, False, False, "jax"), ("float32", "keras", "keras", None)),
-    ((ZEN3, True, False, "tensorflow"), ("float32", "keras", "keras", "mixed_float16")),
-    ((None, False, False, "tensorflow"), ("float32", "keras", "keras", None)),
-    ((None, False, True, "tensorflow"), ("float32", "openvino", "openvino", None)),
+# (description, gpu, backend) -> train.mixed_precision auto. Written out, not recomputed.
+AUTO_TRAINING = [
+    ((SAPPHIRE_RAPIDS, False, "tensorflow"), "mixed_bfloat16"),
+    ((SAPPHIRE_RAPIDS, True, "tensorflow"), "mixed_float16"),
+    ((SAPPHIRE_RAPIDS, False, "jax"), None),
+    ((ICE_LAKE, False, "tensorflow"), None),
+    ((ZEN3, False, "tensorflow"), None),
+    ((ZEN3, True, "tensorflow"), "mixed_float16"),
+    ((None, False, "tensorflow"), None),
 ]
 
 
-@pytest.mark.parametrize(("described", "expected"), AUTO)
-def test_auto_follows_the_described_cpu(monkeypatch, described, expected):
-    """auto: bfloat16 on Keras where the CPU has bf16 (TensorFlow, no GPU); else OpenVINO where
-    installed; else ONNX Runtime on a CPU without AVX-512 (TensorFlow's PyPI build is ~3x slower
-    there, bench.engines); else Keras float32. A GPU keeps Keras."""
-    from pipeline.engines import cpu_lacks_avx512, resolve_engine
+@pytest.mark.parametrize(("described", "expected"), AUTO_TRAINING)
+def test_training_precision_follows_the_described_cpu(monkeypatch, described, expected):
+    """train.mixed_precision auto: float16 on a GPU, bfloat16 on a CPU with bf16 instructions
+    (TensorFlow), else float32; explicit settings as they are."""
     from pipeline.stages.train import training_policy
 
-    flags, gpu, openvino, backend = described
-    _describe(monkeypatch, flags, gpu=gpu, openvino=openvino, backend=backend)
-    precision, engine, engine_f32, policy = expected
-    assert resolve_precision("auto") == precision
-    assert resolve_engine("auto", resolve_precision("auto")) == engine
-    assert resolve_engine("auto", "float32") == engine_f32
-    assert training_policy("auto") == policy
-    # Explicit settings are taken as they are, whatever the CPU.
-    assert resolve_precision("float32") == "float32"
-    assert resolve_precision("bfloat16") == "bfloat16"
-    assert resolve_engine("keras", "float32") == "keras"
-    assert resolve_engine("onnxruntime", "float32") == "onnxruntime"
+    flags, gpu, backend = described
+    _describe(monkeypatch, flags, gpu=gpu, backend=backend)
+    assert training_policy("auto") == expected
     assert training_policy("off") is None
     assert training_policy("bf16") == "mixed_bfloat16"
     assert training_policy("on") == "mixed_float16"
-    assert cpu_lacks_avx512() == (flags is ZEN3)
-
-
-@pytest.mark.parametrize(("flags", "openvino", "expected"), [
-    (SAPPHIRE_RAPIDS, True, ("keras", "bfloat16")),
-    (ZEN3, False, ("onnxruntime", "float32")),
-    (ZEN3, True, ("openvino", "float32")),  # OpenVINO's bf16 is opt-in: auto is float32 there
-    (ICE_LAKE, False, ("keras", "float32")),
-])
-def test_auto_bundle_runs_what_the_described_cpu_gets(small_unet, monkeypatch, flags, openvino,
-                                                      expected):
-    _describe(monkeypatch, flags, openvino=openvino)
-    bundle = get_bundle(small_unet, "auto", "auto")
-    assert (bundle.metadata["inference_engine"], bundle.metadata["inference_precision"]) == (
-        expected)
 
 
 def test_cpu_flags_are_read_from_the_flags_line(monkeypatch):
@@ -611,12 +572,12 @@ def test_cpu_flags_are_read_from_the_flags_line(monkeypatch):
              "arm": "processor\t: 0\nFeatures\t: fp asimd\n"}
     for kind, expected in (("x86", {"fpu", "avx2", "avx512f", "avx512_bf16"}), ("arm", None)):
         monkeypatch.setattr(Path, "read_text", lambda self, *a, _t=texts[kind], **k: _t)
-        model._cpu_flags.cache_clear()
+        model.cpu_flags.cache_clear()
         try:
-            assert model._cpu_flags() == (frozenset(expected) if expected else None)
+            assert model.cpu_flags() == (frozenset(expected) if expected else None)
         finally:
             monkeypatch.undo()
-            model._cpu_flags.cache_clear()
+            model.cpu_flags.cache_clear()
 
 
 @pytest.mark.engine_fallback

@@ -102,7 +102,14 @@ def provenance(data_dir: Path, cfg: Config) -> dict:
 def ship(model_dir: Path, target: Path, prov: dict) -> Path:
     """Copy the trained bundle to ``target`` (the package's base_model folder) as one unit,
     with its provenance in the metadata and beside it."""
-    from pipeline.bundle import METADATA_FILE, MODEL_FILE, check_bundle, load_bundle, save_bundle
+    from pipeline.bundle import (
+        METADATA_FILE,
+        MODEL_FILE,
+        check_bundle,
+        load_bundle,
+        load_validation,
+        save_bundle,
+    )
     from pipeline.files import read_json_if_any
 
     trained = check_bundle(model_dir)  # model and metadata belong together (no Keras yet)
@@ -115,7 +122,7 @@ def ship(model_dir: Path, target: Path, prov: dict) -> Path:
     metadata = {k: v for k, v in bundle.metadata.items() if k != "model_sha256"}
     metadata["base"] = prov
     metadata["gsd_range"] = prov["gsd_range"]  # predict keeps a scene's GSD inside it
-    save_bundle(bundle.model, metadata, target)
+    save_bundle(bundle.model, metadata, target, validation=load_validation(model_dir))
     write_json(Path(target) / PROVENANCE_FILE, prov)
     log.info("base: shipped %s (%d variants, %d cars, GSD %.2f-%.2f m)", target,
              prov["variants"], prov["cars"], *prov["gsd_range"])

@@ -40,13 +40,8 @@ from rasterio.windows import transform as window_transform
 
 from pipeline.bundle import METADATA_FILE, MODEL_FILE, Bundle, load_bundle, read_metadata
 from pipeline.config import ONNX_FLOAT32_ONLY, PredictConfig
-from pipeline.engines import (
-    onnxruntime_model,
-    openvino_model,
-    resolve_engine,
-    resolve_precision,
-    with_precision,
-)
+from pipeline.engine_choice import REFERENCE, Choice, choose_engine
+from pipeline.engines import EXPORTED_ENGINES, engine_model, with_precision
 from pipeline.errors import InputError, first_line
 from pipeline.files import atomic_path, progress_bar, temp_dir
 from pipeline.geo import NODATA, PROB_SCALE, axis_windows, gsd_m, valid_mask
@@ -83,48 +78,58 @@ _GDAL_ENV = {"GDAL_CACHEMAX": 32 * 2**20, "GDAL_TIFF_INTERNAL_MASK": True}
 
 # === Model bundle, cached per process ===
 
-# The engines other than Keras: predict.engine value -> (name for the log, model builder).
-_ENGINES = {"openvino": ("OpenVINO", openvino_model),
-            "onnxruntime": ("ONNX Runtime", onnxruntime_model)}
-
-
 @functools.lru_cache(maxsize=4)
-def _cached_bundle(model_dir: str, stamp: tuple[int, int], precision: str, engine: str) -> Bundle:
+def _cached_bundle(model_dir: str, stamp: tuple[int, int], precision: str, engine: str,
+                   choice: str = "") -> Bundle:
     """The bundle with its model ready to run on ``engine`` at ``precision``.
 
     Whatever cannot be had (the engine's package, an export, a bf16 rebuild) falls back,
     with a warning, to Keras and then to float32: predicting slower is better than not
     predicting, and the warning says which engine ran (tests fail on it unless they expect it).
+    ``choice``: how ``auto`` came to this engine, for the COG tags ("" = set by the user).
     """
-    log.info("loading model %s", model_dir)
-    bundle = load_bundle(model_dir)
-    field = bundle.receptive_field  # measured on the Keras graph, before any engine swap
-    model = bundle.model
-    if engine in _ENGINES:
-        name, build = _ENGINES[engine]
+    if (engine, precision) == REFERENCE and not choice:
+        log.info("loading model %s", model_dir)
+        bundle = load_bundle(model_dir)
+        return dataclasses.replace(bundle, metadata={
+            **bundle.metadata, "inference_precision": precision, "inference_engine": engine,
+            "engine_choice": "", "receptive_field": bundle.receptive_field})
+    exact = _cached_bundle(model_dir, stamp, "float32", "keras")
+    model = exact.model
+    if engine in EXPORTED_ENGINES:
         try:
-            model = build(bundle.model, Path(model_dir) / MODEL_FILE, precision)
+            model = engine_model(exact.model, Path(model_dir) / MODEL_FILE, engine, precision)
         except Exception as exc:  # noqa: BLE001 - any failure means: use Keras
-            log.warning("%s: %s unavailable (%s); using Keras", model_dir, name, first_line(exc))
+            log.warning("%s: %s unavailable (%s); using Keras", model_dir,
+                        EXPORTED_ENGINES[engine][0], first_line(exc))
             engine = "keras"
     if engine == "keras" and precision != "float32":
         try:
-            model = with_precision(bundle.model, precision)
+            model = with_precision(exact.model, precision)
         except Exception as exc:  # noqa: BLE001 - a model that cannot be rebuilt stays exact
             log.warning("%s: staying float32 (%s cannot be rebuilt: %s)", model_dir, precision,
                         first_line(exc))
             precision = "float32"
-    metadata = {**bundle.metadata, "inference_precision": precision, "inference_engine": engine,
-                "receptive_field": field}
-    return dataclasses.replace(bundle, model=model, metadata=metadata)
+    metadata = {**exact.metadata, "inference_precision": precision, "inference_engine": engine,
+                "engine_choice": choice}
+    return dataclasses.replace(exact, model=model, metadata=metadata)
 
 
-def get_bundle(model_dir: Path | str, precision: str = "float32",
-               engine: str = "keras") -> Bundle:
+@functools.lru_cache(maxsize=4)
+def _auto(model_dir: str, stamp: tuple[int, int], engine: str, precision: str,
+          shape: tuple[int, int, int]) -> Choice:
+    """``auto`` resolved once per process, model and window shape (``choose_engine``)."""
+    return choose_engine(_cached_bundle(model_dir, stamp, "float32", "keras"), engine, precision,
+                         shape)
+
+
+def get_bundle(model_dir: Path | str, precision: str = "float32", engine: str = "keras", *,
+               cfg: PredictConfig | None = None) -> Bundle:
     """Load a model bundle once per process (a Dask worker reuses it for every scene).
 
-    ``precision`` and ``engine`` are ``predict.precision`` / ``predict.engine`` values (``auto``
-    is resolved here, per process, so a Dask worker decides on its own CPU). The cache key
+    ``precision`` and ``engine`` are ``predict.precision`` / ``predict.engine`` values; ``auto``
+    in either is chosen by measurement on windows of ``cfg`` (``predict.window`` and
+    ``batch_size``), per process, so a Dask worker decides on its own CPU. The cache key
     includes the model and metadata mtimes, so a retrained model is picked up.
     """
     model_dir = Path(model_dir).resolve()
@@ -132,14 +137,17 @@ def get_bundle(model_dir: Path | str, precision: str = "float32",
     model_path = model_dir / MODEL_FILE
     if not model_path.exists():
         raise InputError(f"{model_path}: model not found; run `make train` first")
-    stamp = (model_path.stat().st_mtime_ns, (model_dir / METADATA_FILE).stat().st_mtime_ns)
-    resolved = resolve_precision(precision)
-    engine = resolve_engine(engine, resolved)
-    if engine in _ENGINES and precision == "auto":
-        resolved = "float32"  # OpenVINO's bf16 is opt-in (it rounds the whole graph); ORT has none
-    if engine == "onnxruntime" and resolved != "float32":
+    if engine == "onnxruntime" and precision == "bfloat16":
         raise InputError(ONNX_FLOAT32_ONLY)
-    return _cached_bundle(str(model_dir), stamp, resolved, engine)
+    stamp = (model_path.stat().st_mtime_ns, (model_dir / METADATA_FILE).stat().st_mtime_ns)
+    if "auto" not in (engine, precision):
+        return _cached_bundle(str(model_dir), stamp, precision, engine)
+    cfg = cfg or PredictConfig()
+    exact = _cached_bundle(str(model_dir), stamp, "float32", "keras")
+    side = window_geometry(cfg, exact.metadata, exact.receptive_field).window
+    shape = (max(1, min(cfg.batch_size, MAX_BATCH_PIXELS // side**2)), side, side)
+    choice = _auto(str(model_dir), stamp, engine, precision, shape)
+    return _cached_bundle(str(model_dir), stamp, choice.precision, choice.engine, choice.summary)
 
 
 # === Window geometry and blending weights ===
@@ -639,7 +647,7 @@ def predict_scene(scene: Path, model_dir: Path, out_dir: Path, *,
         src = open_scene(scene)
         try:
             check_compatible(src, scene, metadata)
-            bundle = get_bundle(model_dir, cfg.precision, cfg.engine)
+            bundle = get_bundle(model_dir, cfg.precision, cfg.engine, cfg=cfg)
             geometry = window_geometry(cfg, bundle.metadata, bundle.receptive_field)
             threshold = cfg.threshold if cfg.threshold is not None else bundle.threshold
             tags = {"model": str(Path(model_dir).resolve() / MODEL_FILE),
@@ -649,6 +657,8 @@ def predict_scene(scene: Path, model_dir: Path, out_dir: Path, *,
                     "tta": str(cfg.tta), "prob_scale": str(PROB_SCALE),
                     "precision": bundle.metadata["inference_precision"],
                     "engine": bundle.metadata["inference_engine"]}
+            if bundle.metadata.get("engine_choice"):  # auto: what it measured, in one line
+                tags["engine_choice"] = bundle.metadata["engine_choice"]
             # The model's post-processing, chosen on validation: vectors reads it from here.
             chosen = bundle.metadata.get("postprocess", {})
             tags.update({k: f"{chosen[k]:g}" for k in ("min_area_m2", "min_mean_prob",

@@ -308,11 +308,11 @@ def training_policy(setting: str) -> str | None:
     on a GPU, bfloat16 on a CPU with bf16 instructions (AVX-512 BF16 / AMX, TensorFlow), else
     float32. The sigmoid head computes in float32 in every case (``build_unet``).
     """
-    from pipeline.engines import resolve_precision
+    from pipeline.engines import cpu_runs_bf16
 
     if setting == "on" or (setting == "auto" and gpu_visible()):
         return "mixed_float16"
-    if setting == "bf16" or (setting == "auto" and resolve_precision("auto") == "bfloat16"):
+    if setting == "bf16" or (setting == "auto" and cpu_runs_bf16()):
         return "mixed_bfloat16"
     return None
 
@@ -770,7 +770,30 @@ def _run(chips_dir, model_dir, cfg, records, train_recs, val_recs, stats, normal
         "keras_backend": _backend(),
     }
     # The bundle model carries no optimizer or loss: safe-mode loading needs no custom objects.
-    return save_bundle(_inference_model(model, bands, cfg), metadata, model_dir)
+    return save_bundle(_inference_model(model, bands, cfg), metadata, model_dir,
+                       validation=validation_images(val_recs))
+
+
+# Validation chips kept in the bundle for the engine choice's faithfulness check: enough cars
+# that "the same cars" means something, few enough to keep the bundle small (~1 MB at 256 px).
+VALIDATION_CHIPS = 16
+
+
+def validation_images(records: list[ChipRecord], limit: int = VALIDATION_CHIPS) -> np.ndarray:
+    """The raw pixels of the ``limit`` validation chips holding most car pixels (chips, rows,
+    cols, bands): where an engine's rounding could change a car, not empty asphalt."""
+    import rasterio
+    from rasterio.plot import reshape_as_image
+
+    chosen = sorted(records, key=lambda r: -r.car_pixels)[:limit]
+    shapes, images = set(), []
+    for record in chosen:
+        with rasterio.open(record.image) as src:
+            images.append(reshape_as_image(src.read()))
+        shapes.add(images[-1].shape)
+    if len(shapes) != 1:  # chips all share the chip size; anything else is not a probe set
+        return np.zeros((0, 0, 0, 0), np.uint8)
+    return np.stack(images)
 
 
 def scene_borders(chips_dir: Path, records: list[ChipRecord]) -> list[tuple[bool, ...]]:
