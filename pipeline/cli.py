@@ -367,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         # TensorFlow's C++ banner and Dask's worker start/stop narration are noise to a GIS
         # user; --debug keeps them. Dask reads this variable at import, in every worker too.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+        # "critical", not "error": a worker missing a heartbeat while the cluster stops logs
+        # its traceback at ERROR, and the task's own error reaches the user as its one line.
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
     try:
         return args.func(args)
     except InputError as exc:

@@ -88,8 +88,21 @@ def _client(cfg: DistributedConfig, n_items: int | None = None):
     # More workers than scenes would only start processes (each loading the model) that idle.
     workers = min(workers, n_items) if n_items else workers
     cluster = LocalCluster(n_workers=workers, threads_per_worker=cfg.threads_per_worker,
-                           processes=True, dashboard_address=None, env=worker_env(workers))
+                           processes=True, dashboard_address=None, env=worker_env(workers),
+                           silence_logs=_dask_log_level())
     return Client(cluster), cluster
+
+
+def _dask_log_level() -> int:
+    """The level Dask's config asks for (the CLI sets "critical" unless --debug).
+
+    A LocalCluster sets its nannies' and workers' loggers to this; its own default (WARNING)
+    would let a shutdown's heartbeat traceback through.
+    """
+    import dask
+
+    level = logging.getLevelName(str(dask.config.get("logging.distributed", "warning")).upper())
+    return level if isinstance(level, int) else logging.WARNING
 
 
 def worker_env(workers: int) -> dict[str, str]:
@@ -102,7 +115,7 @@ def worker_env(workers: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": threads, "TF_NUM_INTRAOP_THREADS": threads,
             "TF_NUM_INTEROP_THREADS": "1", "TF_FORCE_GPU_ALLOW_GROWTH": "true",
             "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
-            "DASK_LOGGING__DISTRIBUTED": os.environ.get("DASK_LOGGING__DISTRIBUTED", "error")}
+            "DASK_LOGGING__DISTRIBUTED": os.environ.get("DASK_LOGGING__DISTRIBUTED", "critical")}
 
 
 def run_batch(func: Callable, items: Sequence[Any], *, args: tuple = (), kwargs: dict | None = None,

@@ -168,3 +168,40 @@ def test_outputs_over_inputs_refused_before_any_work(tmp_path):
         "output folder apart from the inputs")
     assert (images / "scene.tif").read_bytes() == b"not touched"
     assert sorted(p.name for p in (tmp_path / "X").iterdir()) == ["masks"]
+
+
+@pytest.mark.slow
+def test_make_all_with_truth_outside_the_scenes(tiny_run, tmp_path):
+    """TRUTH that lies wholly outside the batch: evaluate fails (INTERFACE: non-zero on no truth
+    in the batch's footprint) with one line naming the truth file and the problem, no
+    traceback, and every product made before evaluate is complete."""
+    root = tmp_path / "run"
+    env = copy_run(tiny_run[0], root)
+    data = root / "data"
+    out = data / "processed"
+    shutil.rmtree(out)  # from nothing, so each product below was made by this command
+    scenes = sorted(p.stem for p in (data / "incoming").glob("*.tif"))
+    with rasterio.open(data / "incoming" / f"{scenes[0]}.tif") as src:
+        crs, bounds = src.crs, src.bounds
+    from shapely.geometry import box
+
+    far = box(bounds.left + 100_000, bounds.bottom, bounds.left + 100_004, bounds.bottom + 2)
+    truth = tmp_path / "far away truth.gpkg"
+    gpd.GeoDataFrame(geometry=[far], crs=crs).to_file(truth, layer="cars")
+
+    proc = make("all", env_vars={**env, "TRUTH": str(truth)}, status=2)
+    assert "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert str(truth) in errors[0] and "no truth car lies in the footprint" in errors[0], errors
+    for scene in scenes:
+        for kind in ("probability", "masks"):
+            valid, problems, _ = cog_validate(out / kind / f"{scene}.tif")
+            assert valid, problems
+        assert len(gpd.read_file(out / "cars" / f"{scene}.gpkg")) >= 0
+    with open(out / "cars" / "summary.csv") as fh:
+        assert sorted(r["scene"] for r in csv.DictReader(fh)) == scenes
+    for product in ("cars.gpkg", "cars.parquet", "catalog.json", "seams.csv"):
+        assert (out / "batch" / product).is_file(), product
+    assert (out / "suggest" / "label_next.gpkg").is_file()
+    assert not (out / "evaluation" / "metrics.json").exists()  # no metrics against no truth

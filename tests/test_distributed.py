@@ -215,3 +215,43 @@ def test_cluster_workers_keep_tensorflow_quiet(tmp_path, batch):
              if not line.startswith(("INFO ", "WARNING pipeline", "error:"))]
     assert noise == []
     assert len(list((tmp_path / "out" / "masks").glob("*.tif"))) == 3
+
+
+
+def test_cluster_shutdown_tracebacks_never_reach_the_user(tmp_path):
+    # A worker that misses a heartbeat while the cluster shuts down logs "Failed to communicate
+    # with scheduler during heartbeat" with a traceback, at ERROR (logger.exception); `make
+    # train` tiles on such a cluster. Run as the CLI runs (its logging set-up, then a real
+    # LocalCluster made by pipeline.distributed): neither the workers nor the CLI's own process
+    # (nannies, scheduler) may let an ERROR line out. Without --debug.
+    import logging
+    import subprocess
+
+    script = f"""
+import json, logging
+from pipeline import cli
+from pipeline.config import DistributedConfig
+import pipeline.distributed as d
+cli.main(["tile", {str(tmp_path / "none")!r}, {str(tmp_path / "chips")!r}])
+NAMES = ("distributed.worker", "distributed.nanny", "distributed.core", "distributed.scheduler",
+         "distributed.comm")
+def levels():
+    import logging
+    return min(logging.getLogger(n).getEffectiveLevel() for n in NAMES)
+client, cluster = d._client(DistributedConfig(workers=2), 2)
+try:
+    print(json.dumps({{"workers": list(client.run(levels).values()), "here": levels()}}))
+finally:
+    client.close()
+    cluster.close()
+"""
+    # As a user runs it: none of the test suite's own quieting variables.
+    env = {k: v for k, v in __import__("os").environ.items()
+           if not k.startswith(("TF_CPP", "DASK_LOGGING"))}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=False, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    levels = json.loads(proc.stdout.splitlines()[-1])
+    assert len(levels["workers"]) == 2, levels
+    assert all(level > logging.ERROR for level in [*levels["workers"], levels["here"]]), levels
+    assert "Traceback" not in proc.stderr, proc.stderr

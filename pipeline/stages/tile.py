@@ -17,6 +17,7 @@ import os
 import threading
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -319,13 +320,12 @@ def _cut_rows(grid, scene: Path, out: Path, cfg: TileConfig, rows: list[int],
     records: list[dict] = []
     workers = max(1, min(4, os.cpu_count() or 1))
     pending: deque[Future] = deque()
-    jobs: list[tuple] = []
+    cut = _Cut(size, fill, out, scene.stem, gsd, grid, cfg, jobs=[])
 
     def flush() -> None:
-        nonlocal jobs
-        if jobs:
-            pending.append(pool.submit(_write_chips, jobs, profile))
-            jobs = []
+        if cut.jobs:
+            pending.append(pool.submit(_write_chips, cut.jobs, profile))
+            cut.jobs = []
         # Bounded queue of writes: memory stays flat however many chips there are.
         while len(pending) > 2 * workers:
             pending.popleft().result()
@@ -343,13 +343,12 @@ def _cut_rows(grid, scene: Path, out: Path, cfg: TileConfig, rows: list[int],
                     data = grid.read(bands, window=win)
                 mask = grid.dataset_mask(window=win) if masked else None
                 valid = valid_mask(data, nodata, mask)
-                all_valid = bool(valid.all())
+                strip = _Strip(data, valid, bool(valid.all()), row, col0)
                 for col in group:
-                    rec = _chip(data, valid, all_valid, row, col, col0, size, fill, out,
-                                scene.stem, gsd, grid, cfg, jobs)
+                    rec = _chip(strip, col, cut)
                     if rec is not None:
                         records.append(rec)
-                    if len(jobs) >= WRITE_BATCH:
+                    if len(cut.jobs) >= WRITE_BATCH:
                         flush()
                 flush()
         while pending:
@@ -406,9 +405,38 @@ class _RowBuffer:
         return self.buf[:, start:start + need - row]
 
 
-def _chip(data, valid, all_valid_strip, row, col, col0, size, fill, out, scene, gsd, grid,
-          cfg, jobs) -> dict | None:
-    c = col - col0
+@dataclass
+class _Strip:
+    """One strip read from the grid: its pixels, their validity, and where it starts."""
+
+    data: np.ndarray
+    valid: np.ndarray
+    all_valid: bool
+    row: int
+    col0: int
+
+
+@dataclass
+class _Cut:
+    """What every chip of a scene is cut with, and ``jobs``, the writes queued so far."""
+
+    size: int
+    fill: float
+    out: Path
+    scene: str
+    gsd: float
+    grid: object
+    cfg: TileConfig
+    jobs: list
+
+
+def _chip(strip: _Strip, col: int, cut: _Cut) -> dict | None:
+    """Queue the chip at ``col`` of ``strip`` for writing; its index record, or None if too
+    little of it is valid."""
+    data, valid, all_valid_strip, row = strip.data, strip.valid, strip.all_valid, strip.row
+    size, fill, out, scene, gsd = cut.size, cut.fill, cut.out, cut.scene, cut.gsd
+    grid, cfg = cut.grid, cut.cfg
+    c = col - strip.col0
     sub = data[:, :, c:c + size]
     sub_valid = valid[:, c:c + size]
     inside = sub_valid.size
@@ -428,7 +456,7 @@ def _chip(data, valid, all_valid_strip, row, col, col0, size, fill, out, scene, 
     name = chip_name(scene, row, col)
     transform = window_transform(Window(col, row, size, size), grid.transform)
     # A copy, never a view: the strip's buffer is reused while the writer thread works.
-    jobs.append((out / f"{name}.tif", np.array(sub, order="C"),
+    cut.jobs.append((out / f"{name}.tif", np.array(sub, order="C"),
                  None if all_valid else sub_valid, transform))
     sample = sub[:, ::STAT_STEP, ::STAT_STEP]
     if all_valid:
