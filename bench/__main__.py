@@ -50,6 +50,13 @@ BENCHMARKS: dict[str, tuple[str, dict]] = {
                "chips": 8}),
     "checks": ("bench.bench_checks", {"minutes": 0.1, "repeats": 1, "windows": (256,),
                                        "width": 400, "height": 352}),
+    # Quick: two small scenes, a tiny U-Net for a few seconds; the full run is 3 x 1.5 minutes.
+    "label_efficiency": ("bench.label_efficiency",
+                         {"minutes": 0.1, "shares": (0.3, 1.0),
+                          "sample": {"train_scenes": 2, "incoming_scenes": 1, "width": 384,
+                                     "height": 384},
+                          "extra": ("train.depth=2", "train.base_filters=4",
+                                    "train.batch_size=4")}),
 }
 
 

@@ -327,6 +327,13 @@ class SuggestConfig(_Section):
         "rest from the batch; either spills over when the other has too few squares).")
     min_valid_fraction: float = Field(
         0.5, ge=0, le=1, description="Squares with less valid (non-nodata) area are skipped.")
+    spacing: float = Field(
+        1.5, ge=0, description="A square whose centre lies within this many square sides of a "
+        "better one of its scene is passed over (1.5: no neighbour, not even diagonally) "
+        "until the spread squares run out; 0 keeps neighbours.")
+    per_scene: float = Field(
+        0.5, ge=0, le=1, description="At most this share of top_n (rounded up) from one scene "
+        "while other scenes have squares left; 0 = no cap.")
 
 
 class ReportConfig(_Section):

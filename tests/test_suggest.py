@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import geopandas as gpd
+import numpy as np
 import pytest
 import rasterio
 from conftest import ROOT, copy_run, make
@@ -47,17 +48,84 @@ def _known_batch(tmp_path):
     stored[0, :64, 64:] = 250  # sure cars
     prob = write_scene(tmp_path / "out" / "probability" / "b.tif", stored, nodata=255)
     image = write_scene(tmp_path / "images" / "b.tif", np.full((3, 128, 128), 90, np.uint8))
+    return image, prob, _metadata_bundle(tmp_path)
+
+
+def _metadata_bundle(tmp_path):
+    """A bundle of metadata only: 64 px chips at 0.15 m, threshold 0.5 (no flip check)."""
     import hashlib
 
     model = tmp_path / "model"
-    model.mkdir()
+    model.mkdir(exist_ok=True)
     weights = b"stand-in weights: suggest reads only the metadata here"
     (model / "model.keras").write_bytes(weights)
     (model / "metadata.json").write_text(json.dumps({
         "bands": [1, 2, 3], "normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]},
         "chip_size": 64, "threshold": 0.5, "dtype": "uint8", "gsd": 0.15,
         "model_sha256": hashlib.sha256(weights).hexdigest()}))  # a bundle names its weights
-    return image, prob, model
+    return model
+
+
+def _batch_scene(tmp_path, name, stored):
+    """A batch scene and its probability raster (uint8, p = value / 254, 255 nodata)."""
+    from conftest import write_scene
+
+    _, rows, cols = stored.shape
+    prob = write_scene(tmp_path / "out" / "probability" / f"{name}.tif", stored, nodata=255)
+    image = write_scene(tmp_path / "images" / f"{name}.tif", np.full((3, rows, cols), 90,
+                                                                       np.uint8))
+    return image, prob
+
+
+def _suggest(tmp_path, batch, *sets):
+    from pipeline.config import load_config
+    from pipeline.stages.suggest import Sources, build_suggestions
+
+    model = _metadata_bundle(tmp_path)
+    cfg = load_config(None, ["suggest.flip=false", *sets])
+    target = tmp_path / "out" / "suggest" / "label_next.gpkg"
+    build_suggestions(target, Sources(batch=tuple(batch)), model_dir=model, cfg=cfg)
+    return gpd.read_file(target, layer="label_next")
+
+
+def test_picks_spread_over_both_clusters_of_uncertainty(tmp_path):
+    """One unsure patch across four squares (its neighbours are unsure too) and a weaker one
+    far away: the two squares to label are one of each cluster, not two neighbours."""
+    stored = np.full((1, 256, 256), 3, np.uint8)  # p ~ 0.01: sure background
+    stored[0, 32:96, 32:96] = 127  # p = 0.5 over the corners of squares (0,0)..(64,64)
+    stored[0, 0:32, 0:64] = 127  # more of it in (0,0): that square first
+    stored[0, 192:256, 192:200] = 127  # an eighth of square (192,192), far away
+    image, prob = _batch_scene(tmp_path, "b", stored)
+    gdf = _suggest(tmp_path, [(image, prob)], "suggest.top_n=2")
+    assert [(r.col_off, r.row_off) for r in gdf.itertuples()] == [(0, 0), (192, 192)]
+    assert list(gdf["uncertain"]) == pytest.approx([0.75, 0.125])
+    # With a third square to give, the best neighbour comes in (ranks stay by score).
+    three = _suggest(tmp_path, [(image, prob)], "suggest.top_n=3")
+    assert [(r.col_off, r.row_off) for r in three.itertuples()] == [(0, 0), (64, 0),
+                                                                    (192, 192)]
+    # Spreading off (spacing 0, no cap) ranks by score alone: two neighbours.
+    plain = _suggest(tmp_path, [(image, prob)], "suggest.top_n=2", "suggest.spacing=0",
+                     "suggest.per_scene=0")
+    assert [(r.col_off, r.row_off) for r in plain.itertuples()] == [(0, 0), (64, 0)]
+
+
+def test_picks_never_overlap_and_cover_the_scenes(tmp_path):
+    """Two scenes, the first unsure everywhere: no scene gives more than its share while the
+    other has squares, and no two picks of a scene overlap or touch."""
+    everywhere = np.full((1, 256, 256), 127, np.uint8)
+    weak = np.full((1, 256, 256), 3, np.uint8)
+    weak[0, 64:128, 64:96] = 127  # half a square of (64,64)
+    weak[0, 192:256, 0:16] = 127  # a quarter of (0,192)
+    batch = [_batch_scene(tmp_path, "a", everywhere), _batch_scene(tmp_path, "w", weak)]
+    gdf = _suggest(tmp_path, batch, "suggest.top_n=4")
+    assert list(gdf["scene"]).count("w") == 2  # per_scene 0.5 of 4 leaves w its two
+    assert set(zip(gdf.scene, gdf.col_off, gdf.row_off, strict=True)) >= {("w", 64, 64), ("w", 0, 192)}
+    for scene, picks in gdf.groupby("scene"):
+        geoms = list(picks.geometry)
+        for i, a in enumerate(geoms):
+            for b in geoms[i + 1:]:
+                assert not a.buffer(-1e-6).intersects(b), scene  # not even an edge shared
+                assert a.distance(b) > 0, scene
 
 
 def test_known_answer_ranking(tmp_path):

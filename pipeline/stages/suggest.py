@@ -108,7 +108,7 @@ def build_suggestions(target: Path, sources: Sources, *, model_dir: Path, cfg: C
                          "to rank (suggest.min_valid_fraction)")
     if cfg.suggest.flip:
         _add_flip(squares, model_dir, threshold, cfg)
-    return _write(squares, target, cfg.suggest.top_n, cfg.suggest.training_share)
+    return _write(squares, target, cfg)
 
 
 def _score_training(sources: Sources, scratch_parent: Path, model_dir: Path, ctx: _Context
@@ -206,7 +206,8 @@ def _add_flip(squares: list[_Square], model_dir: Path, threshold: float, cfg: Co
 
     bundle = get_bundle(model_dir, "float32", "keras")
     n = cfg.suggest.top_n * cfg.suggest.flip_candidates
-    best = _pick(squares, n, cfg.suggest.training_share)
+    best = _pick(squares, n, cfg.suggest.training_share, spacing=cfg.suggest.spacing,
+                 per_scene=cfg.suggest.per_scene)
     for sq in best:
         sq.shares["flip"] = _flip_share(sq, bundle, threshold)
 
@@ -244,17 +245,65 @@ def _ranked(squares: list[_Square]) -> list[_Square]:
     return sorted(squares, key=lambda sq: (-_score(sq), sq.scene, sq.window[1], sq.window[0]))
 
 
-def _pick(squares: list[_Square], top_n: int, share: float) -> list[_Square]:
+def _pick(squares: list[_Square], top_n: int, share: float, *, spacing: float = 0.0,
+          per_scene: float = 0.0) -> list[_Square]:
     """The best ``top_n``, ``share`` of them from the training scenes where both sets have
     enough (a training square's label disagreement adds to its score, so without a quota the
-    batch, where new labels help most, would never show); the rest spill over either way."""
-    training = _ranked([sq for sq in squares if sq.kind == "training"])
-    batch = _ranked([sq for sq in squares if sq.kind == "batch"])
+    batch, where new labels help most, would never show); the rest spill over either way.
+    Within each set the picks are spread (``_spread``)."""
+    training = _spread(_ranked([sq for sq in squares if sq.kind == "training"]), top_n,
+                       spacing, per_scene)
+    batch = _spread(_ranked([sq for sq in squares if sq.kind == "batch"]), top_n, spacing,
+                    per_scene)
     n_train = min(len(training), max(round(top_n * share), top_n - len(batch)))
     return _ranked(training[:n_train] + batch[:top_n - n_train])
 
 
-def _write(squares: list[_Square], target: Path, top_n: int, share: float) -> Path:
+def _spread(ranked: list[_Square], n: int, spacing: float, per_scene: float) -> list[_Square]:
+    """Up to ``n`` of the ranked squares, best first, spread out: a square whose centre lies
+    within ``spacing`` square sides of a square already picked in its scene is passed over
+    (one unsure car at a square's corner makes its neighbours unsure too; labelling one of
+    them is enough), and no scene gives more than ``per_scene`` of ``n`` (rounded up) until
+    every scene has had its turn; only then are the passed-over squares taken, best first
+    (a square with nothing unsure about it comes last, however far from the others)."""
+    if spacing <= 0 and per_scene <= 0:
+        return ranked[:n]
+    cap = math.ceil(n * per_scene) if per_scene > 0 else n
+    picked: list[_Square] = []
+    taken: set[int] = set()
+    for limit in (cap, n):  # the cap first; then fill up to n without it
+        count: dict[str, int] = {}
+        for sq in picked:
+            count[sq.scene] = count.get(sq.scene, 0) + 1
+        for i, sq in enumerate(ranked):
+            if len(picked) >= n:
+                break
+            if (i in taken or _score(sq) <= 0 or count.get(sq.scene, 0) >= limit
+                    or _near(sq, picked, spacing)):
+                continue
+            picked.append(sq)
+            taken.add(i)
+            count[sq.scene] = count.get(sq.scene, 0) + 1
+    rest = [sq for i, sq in enumerate(ranked) if i not in taken]
+    return _ranked(picked + rest[:n - len(picked)])
+
+
+def _near(sq: _Square, picked: list[_Square], spacing: float) -> bool:
+    """Whether ``sq``'s centre lies within ``spacing`` sides of a picked square's centre."""
+    col, row, width, height = sq.window
+    side = max(width, height)
+    for other in picked:
+        if other.scene != sq.scene or other.image != sq.image:
+            continue
+        oc, orow, ow, oh = other.window
+        dx = (col + width / 2) - (oc + ow / 2)
+        dy = (row + height / 2) - (orow + oh / 2)
+        if math.hypot(dx, dy) < spacing * side:
+            return True
+    return False
+
+
+def _write(squares: list[_Square], target: Path, cfg: Config) -> Path:
     """The top squares as one styled layer (one CRS: the one most squares are in)."""
     from collections import Counter
 
@@ -262,7 +311,8 @@ def _write(squares: list[_Square], target: Path, top_n: int, share: float) -> Pa
 
     from pipeline.styles import suggest_qml, write_qml
 
-    top = _pick(squares, top_n, share)
+    s = cfg.suggest
+    top = _pick(squares, s.top_n, s.training_share, spacing=s.spacing, per_scene=s.per_scene)
     crs = Counter(sq.crs.to_string() for sq in top).most_common(1)[0][0]
     frames = []
     for rank, sq in enumerate(top, start=1):
