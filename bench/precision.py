@@ -63,7 +63,8 @@ def _read_outputs(out: Path, scene: Path) -> tuple[np.ndarray, np.ndarray, dict]
     return prob, mask, tags
 
 
-def run(model_dir: Path, images: Path, *, truth: Path | None = None, repeats: int = 3) -> dict:
+def run(model_dir: Path, images: Path, *, truth: Path | None = None, repeats: int = 3,
+        window: int | None = None) -> dict:
     """Predict every scene of ``images`` with each engine and precision; compare (module doc)."""
     from pipeline.config import PredictConfig
     from pipeline.engines import cpu_bf16_flags
@@ -73,7 +74,8 @@ def run(model_dir: Path, images: Path, *, truth: Path | None = None, repeats: in
     scenes = list_scenes(images)
     # The defaults (auto: measured once here, then the chosen engine) against each by name.
     variants = {**_variants(), "default_auto": ("auto", "auto")}
-    cfgs = {n: PredictConfig(engine=e, precision=p) for n, (e, p) in variants.items()}
+    sizes = {"window": window} if window else {}  # default: predict.window's own
+    cfgs = {n: PredictConfig(engine=e, precision=p, **sizes) for n, (e, p) in variants.items()}
     result: dict = {"model": str(model_dir), "images": str(images),
                     "cpu_bf16_flags": cpu_bf16_flags(), "reference": "keras_float32",
                     "target_p999": TARGET_P999, "target_f1_diff": TARGET_F1,

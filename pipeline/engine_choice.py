@@ -258,7 +258,8 @@ def choose_engine(bundle, engine: str, precision: str, shape: tuple[int, int, in
     for root in [*cache_roots(model_path), process_cache()]:
         path = root / f"{name}.json"
         try:
-            with folder_lock(root, "engine choice", doing="measured into"):
+            # Dask workers starting together: one measures, the others wait for its record.
+            with folder_lock(root, "engine choice", doing="measured into", level=logging.INFO):
                 record = read_json_if_any(path) or {}
                 if record.get("key") != key or tuple(record.get("chosen", ())) not in (*allowed, REFERENCE):
                     record = _measure_record(bundle, allowed, probe, window, key, path)

@@ -168,7 +168,8 @@ LOCK_FILE = ".carseg.lock"
 
 
 @contextlib.contextmanager
-def folder_lock(folder: Path | str, stage: str, *, doing: str = "written") -> Iterator[Path]:
+def folder_lock(folder: Path | str, stage: str, *, doing: str = "written",
+                level: int = logging.WARNING) -> Iterator[Path]:
     """Hold ``folder/.carseg.lock``: one process writing into ``folder`` at a time.
 
     A second run of a stage on the same folder (two ``make all`` started together) waits for
@@ -186,6 +187,7 @@ def folder_lock(folder: Path | str, stage: str, *, doing: str = "written") -> It
         folder: the output folder (created if need be).
         stage: the stage's name, for the warning.
         doing: what the holder does to the folder, for the warning ("is being <doing> by").
+        level: of that line (INFO where waiting is the normal course, not an overlap to note).
     """
     import fcntl
 
@@ -197,8 +199,8 @@ def folder_lock(folder: Path | str, stage: str, *, doing: str = "written") -> It
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.warning("%s: %s is being %s by %s; waiting for it to finish", stage, folder,
-                        doing, _lock_holder(fd))
+            log.log(level, "%s: %s is being %s by %s; waiting for it to finish", stage, folder,
+                    doing, _lock_holder(fd))
             fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)

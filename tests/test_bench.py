@@ -83,6 +83,19 @@ def test_quick_suite_writes_every_result(tmp_path):
         assert train[key] > 0, key
     assert train["batch_size"] == 4 and train["chip_size"] == 64
 
+    # Each share of the labelled squares is its own trained, evaluated arm; the shares nest.
+    efficiency = json.loads((out / "label_efficiency.json").read_text())
+    arms = efficiency["arms"]
+    assert list(arms) == ["0.3", "1"]
+    small, full = arms["0.3"], arms["1"]
+    assert full["labelled_squares"] == efficiency["pool_squares"] == 18  # 2 scenes of 3 x 3
+    assert small["labelled_squares"] == 5
+    assert 0 < small["labelled_cars"] < full["labelled_cars"]
+    for arm in (small, full):
+        assert 0 <= arm["f1"] <= 1 and arm["seconds"] > 0
+        assert arm["tp"] + arm["fn"] == full["tp"] + full["fn"]  # the same truth for every arm
+    assert len(efficiency["load_avg"]) == 3
+
     checks = json.loads((out / "checks.json").read_text())  # seams + precision, trained model
     runs = checks["seams"]["runs"]
     assert [r["offset"] for r in runs] == [[128, 64], [100, 37]]  # (100, 37): off the lattice
@@ -98,26 +111,6 @@ def test_quick_suite_writes_every_result(tmp_path):
 
 
 @pytest.mark.slow
-def test_label_efficiency_quick_trains_one_arm_per_share(tmp_path):
-    """Each share of the labelled squares is its own trained, evaluated arm; the shares nest."""
-    from bench.__main__ import run_benchmark
-
-    path, ok = run_benchmark("label_efficiency", tmp_path, quick=True)
-    result = json.loads(path.read_text())
-    assert ok, result.get("error")
-    _check_machine(result)
-    arms = result["arms"]
-    assert list(arms) == ["0.3", "1"]
-    small, full = arms["0.3"], arms["1"]
-    assert full["labelled_squares"] == result["pool_squares"] == 18  # 2 scenes of 3 x 3 squares
-    assert small["labelled_squares"] == 5
-    assert 0 < small["labelled_cars"] < full["labelled_cars"]
-    for arm in (small, full):
-        assert 0 <= arm["f1"] <= 1 and arm["seconds"] > 0
-        assert arm["tp"] + arm["fn"] == full["tp"] + full["fn"]  # the same truth for every arm
-    assert len(result["load_avg"]) == 3
-
-
 def test_unknown_benchmark_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench", "--only", "nope", "--out",
                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
